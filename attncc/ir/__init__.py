@@ -1,0 +1,12 @@
+"""The attention IR: types, scalar expressions, ops, graphs, the printer and the verifier."""
+
+from attncc.ir.expr import FloorDiv, b, captured_symbol, h, kv_idx, q_idx, score
+from attncc.ir.graph import Graph, GraphBuilder, Node, verify
+from attncc.ir.ops import Alibi, Input, LogSumExp, Mask, Matmul, Op, Output, RepeatKV, Scale, ScoreMod, Softmax
+from attncc.ir.types import B, M, N, TensorType
+
+__all__ = [
+    "B", "M", "N", "Alibi", "FloorDiv", "Graph", "GraphBuilder", "Input", "LogSumExp", "Mask", "Matmul",
+    "Node", "Op", "Output", "RepeatKV", "Scale", "ScoreMod", "Softmax", "TensorType",
+    "b", "captured_symbol", "h", "kv_idx", "q_idx", "score", "verify",
+]

@@ -1,0 +1,78 @@
+"""Scalar expressions of the IR: sympy over the index symbols, the score and captured tensors.
+
+A score modification is an expression over ``score, b, h, q_idx, kv_idx`` (and the
+sequence lengths ``N``, ``M``); a mask is a sympy ``Boolean`` over the same symbols
+without ``score``. A captured tensor ``doc`` is a ``sympy.IndexedBase``; ``doc[q_idx]``
+is an ``Indexed``. Integer floor division is ``FloorDiv`` (sympy has none that prints as
+``//``); ``Mod`` keeps Python's sign convention, as ``torch.remainder`` does.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.logic.boolalg import Boolean
+
+from attncc.ir.types import FLOAT_DTYPES, M, N
+
+b, h, q_idx, kv_idx = sympy.symbols("b h q_idx kv_idx", integer=True, nonnegative=True)
+score = sympy.Symbol("score", real=True)
+
+INDEX_SYMBOLS = (b, h, q_idx, kv_idx)
+LENGTH_SYMBOLS = (N, M)
+SYMBOLS_BY_NAME = {str(s): s for s in (score, *INDEX_SYMBOLS, *LENGTH_SYMBOLS)}
+
+
+class FloorDiv(sympy.Function):
+    """``a // b`` with Python's (and torch's) flooring semantics."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, a, b):
+        if a.is_Number and b.is_Number and b != 0:
+            return sympy.floor(a / b)
+        if b == 1 and a.is_integer:
+            return a
+        return None
+
+    def _eval_is_integer(self):
+        return True if all(arg.is_integer for arg in self.args) else None
+
+
+def captured_symbol(name: str, dtype: str) -> sympy.IndexedBase:
+    """The symbol of a captured tensor; its elements are real for float dtypes, else integer.
+
+    Boolean tensors load as integers 0/1; the frontends compare them with 0.
+    """
+    if dtype in FLOAT_DTYPES:
+        return sympy.IndexedBase(name, real=True)
+    return sympy.IndexedBase(name, integer=True)
+
+
+def is_boolean(expr) -> bool:
+    """True for predicates (relations, And/Or/Not, true/false); sympy Symbols count as numbers here."""
+    return isinstance(expr, Boolean) and not isinstance(expr, sympy.Expr)
+
+
+def kind(expr) -> str:
+    """'bool', 'int' or 'float': the torch dtype class an expression evaluates to."""
+    if is_boolean(expr):
+        return "bool"
+    if expr.is_integer:
+        return "int"
+    return "float"
+
+
+def captured_names(expr) -> set[str]:
+    """Names of the captured tensors an expression reads."""
+    return {str(base.label) for base in expr.atoms(sympy.IndexedBase)}
+
+
+def free_symbol_names(expr) -> set[str]:
+    """Names of the free scalar symbols (index symbols, score, lengths), captured tensors excluded."""
+    names = set()
+    for sym in expr.free_symbols:
+        if isinstance(sym, (sympy.Indexed, sympy.IndexedBase)):
+            continue
+        names.add(str(sym))
+    return names - captured_names(expr)

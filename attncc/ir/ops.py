@@ -1,0 +1,211 @@
+"""The ops of the attention IR, declared as typed dataclasses.
+
+Each op names itself, holds typed attributes (never a free-form dict) and infers the
+type of its result from the types of its inputs, raising ``IRError`` when they do not
+fit. The unoptimized graph uses the textbook ops below; passes add fused region ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import sympy
+
+from attncc.errors import IRError
+from attncc.ir.expr import INDEX_SYMBOLS, LENGTH_SYMBOLS, captured_names, free_symbol_names, is_boolean, score
+from attncc.ir.types import TensorType
+
+ALIGNMENTS = ("bottom_right", "top_left")
+
+
+class Op:
+    """Base of all ops. Subclasses are frozen dataclasses whose fields are the attributes."""
+
+    name: ClassVar[str]
+
+    def attributes(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def infer_type(self, inputs: list[TensorType]) -> TensorType | None:
+        raise NotImplementedError(type(self).__name__)
+
+    def captured_inputs(self) -> set[str]:
+        """Names of the captured tensors this op reads (its inputs after the first)."""
+        return set()
+
+
+def _expect_arity(op: Op, inputs: list, count: int):
+    if len(inputs) != count:
+        raise IRError(f"{op.name} takes {count} inputs, got {len(inputs)}")
+
+
+def _expect_float_scores(op: Op, scores: TensorType):
+    if scores.rank != 4 or scores.dtype != "f32":
+        raise IRError(f"{op.name} expects f32 scores [B, H, N, M], got {scores}")
+
+
+def _check_expression(op: Op, expr, allowed: set[str]):
+    unknown = free_symbol_names(expr) - allowed
+    if unknown:
+        raise IRError(f"{op.name} expression {expr} uses unknown symbols {sorted(unknown)}")
+
+
+_INDEX_NAMES = {str(s) for s in (*INDEX_SYMBOLS, *LENGTH_SYMBOLS)}
+
+
+@dataclass(frozen=True)
+class Input(Op):
+    """A runtime input: the query, key, value, or a captured tensor of a mod."""
+
+    name: ClassVar[str] = "input"
+    label: str
+    role: str
+    type: TensorType
+
+    def __post_init__(self):
+        if self.role not in ("query", "key", "value", "captured"):
+            raise IRError(f"input role {self.role!r} is not query, key, value or captured")
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 0)
+        return self.type
+
+
+@dataclass(frozen=True)
+class RepeatKV(Op):
+    """Repeat each KV head ``groups`` times along the head axis (Llama's repeat_kv)."""
+
+    name: ClassVar[str] = "repeat_kv"
+    groups: int
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        (x,) = inputs
+        if x.rank != 4 or self.groups < 1:
+            raise IRError(f"repeat_kv expects a [B, Hkv, M, D] tensor and groups >= 1, got {x} and {self.groups}")
+        b, heads, m, d = x.shape
+        return x.with_shape((b, heads * self.groups, m, d))
+
+
+@dataclass(frozen=True)
+class Matmul(Op):
+    """Batched matrix product over the last two axes; accumulates in f32."""
+
+    name: ClassVar[str] = "matmul"
+    transpose_b: bool
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 2)
+        a, c = inputs
+        if a.rank != 4 or c.rank != 4 or a.shape[:2] != c.shape[:2]:
+            raise IRError(f"matmul expects [B, H, *, *] operands with equal batch and heads, got {a} and {c}")
+        rows, inner = a.shape[2], a.shape[3]
+        c_inner, cols = (c.shape[3], c.shape[2]) if self.transpose_b else (c.shape[2], c.shape[3])
+        if sympy.simplify(inner - c_inner) != 0:
+            raise IRError(f"matmul inner dimensions differ: {inner} and {c_inner}")
+        return TensorType((*a.shape[:2], rows, cols), "f32")
+
+
+@dataclass(frozen=True)
+class Scale(Op):
+    """Multiply the scores by a constant factor."""
+
+    name: ClassVar[str] = "scale"
+    factor: sympy.Expr
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        _expect_float_scores(self, inputs[0])
+        if not (self.factor.is_number and self.factor.is_real):
+            raise IRError(f"scale factor {self.factor} is not a real constant")
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class Alibi(Op):
+    """Add ALiBi's linear bias ``-slope(h) * |q_pos - kv_idx|``, q_pos aligned like causal."""
+
+    name: ClassVar[str] = "alibi"
+    slope: sympy.Expr
+    alignment: str
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        _expect_float_scores(self, inputs[0])
+        if self.alignment not in ALIGNMENTS:
+            raise IRError(f"alibi alignment {self.alignment!r} is not one of {ALIGNMENTS}")
+        _check_expression(self, self.slope, {"h"})
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class ScoreMod(Op):
+    """Replace each score by ``expr`` over score, b, h, q_idx, kv_idx and captured tensors."""
+
+    name: ClassVar[str] = "score_mod"
+    expr: sympy.Expr
+
+    def captured_inputs(self):
+        return captured_names(self.expr)
+
+    def infer_type(self, inputs):
+        _expect_float_scores(self, inputs[0])
+        if is_boolean(self.expr):
+            raise IRError(f"score_mod expression {self.expr} is boolean, not a number")
+        _check_expression(self, self.expr, _INDEX_NAMES | {str(score)})
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class Mask(Op):
+    """Set the scores where ``predicate`` is false to -inf."""
+
+    name: ClassVar[str] = "mask"
+    predicate: sympy.Basic
+
+    def captured_inputs(self):
+        return captured_names(self.predicate)
+
+    def infer_type(self, inputs):
+        _expect_float_scores(self, inputs[0])
+        if not is_boolean(self.predicate):
+            raise IRError(f"mask predicate {self.predicate} is not boolean")
+        _check_expression(self, self.predicate, _INDEX_NAMES)
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class Softmax(Op):
+    """Softmax over the key axis; a row without a finite score gives zeros."""
+
+    name: ClassVar[str] = "softmax"
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        _expect_float_scores(self, inputs[0])
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class LogSumExp(Op):
+    """Natural-log logsumexp over the key axis; -inf for a row without a finite score."""
+
+    name: ClassVar[str] = "logsumexp"
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        _expect_float_scores(self, inputs[0])
+        return inputs[0].with_shape(inputs[0].shape[:3])
+
+
+@dataclass(frozen=True)
+class Output(Op):
+    """The graph's results, named."""
+
+    name: ClassVar[str] = "output"
+    names: tuple[str, ...]
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, len(self.names))
+        return None

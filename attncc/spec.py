@@ -1,0 +1,136 @@
+"""AttentionSpec: what an attention layer computes, validated field by field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from attncc.errors import SpecError
+from attncc.frontend.mod import TracedMod
+
+CAUSAL_VALUES = (False, True, "bottom_right", "top_left")
+
+Mod = Union[Callable, TracedMod, None]
+
+
+def _positive_int(field: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise SpecError(f"{field}={value!r} is invalid: a positive integer is allowed")
+    return int(value)
+
+
+def _finite_float(field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise SpecError(f"{field}={value!r} is invalid: a finite number is allowed")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention layer.
+
+    ``causal``: False, True (= "bottom_right": query i sees key j iff j <= i + M - N),
+    or "top_left" (j <= i). ``window=(left, right)``: query i sees keys from
+    i + off - left to i + off + right, off = M - N (bottom-right) or 0 (top-left,
+    when causal="top_left"); None on a side means unbounded. ``softcap``: scores
+    become softcap * tanh(score / softcap) after ``score_mod``. ``alibi``: add
+    -slope(h) * |i + off - j| with the standard slopes for ``num_heads`` heads.
+    ``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)``
+    follow FlexAttention.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    v_head_dim: int | None = None
+    scale: float | None = None
+    causal: bool | str = False
+    window: tuple[int | None, int | None] | None = None
+    softcap: float | None = None
+    alibi: bool = False
+    score_mod: Mod = None
+    mask_mod: Mod = None
+
+    def __post_init__(self):
+        set_ = object.__setattr__.__get__(self)
+        set_("num_heads", _positive_int("num_heads", self.num_heads))
+        set_("head_dim", _positive_int("head_dim", self.head_dim))
+        kv_heads = self.num_heads if self.num_kv_heads is None else _positive_int("num_kv_heads", self.num_kv_heads)
+        if self.num_heads % kv_heads:
+            raise SpecError(
+                f"num_kv_heads={kv_heads} is invalid: num_heads={self.num_heads} must be a multiple of it "
+                f"(allowed: {', '.join(str(d) for d in _divisors(self.num_heads))})"
+            )
+        set_("num_kv_heads", kv_heads)
+        v_dim = self.head_dim if self.v_head_dim is None else _positive_int("v_head_dim", self.v_head_dim)
+        set_("v_head_dim", v_dim)
+        if self.scale is not None:
+            set_("scale", _finite_float("scale", self.scale))
+        if self.causal not in CAUSAL_VALUES or (isinstance(self.causal, int) and not isinstance(self.causal, bool)):
+            raise SpecError(f"causal={self.causal!r} is invalid: allowed are False, True, 'bottom_right', 'top_left'")
+        if self.window is not None:
+            set_("window", _window(self.window))
+        if self.softcap is not None:
+            cap = _finite_float("softcap", self.softcap)
+            if cap <= 0:
+                raise SpecError(f"softcap={self.softcap!r} is invalid: a positive number is allowed (or None)")
+            set_("softcap", cap)
+        if not isinstance(self.alibi, bool):
+            raise SpecError(f"alibi={self.alibi!r} is invalid: True or False is allowed")
+        for field in ("score_mod", "mask_mod"):
+            mod = getattr(self, field)
+            if mod is not None and not callable(mod) and not isinstance(mod, TracedMod):
+                raise SpecError(f"{field}={mod!r} is invalid: a callable, a TracedMod or None is allowed")
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def alignment(self) -> str:
+        """Where causal masks and windows align when N != M."""
+        return "top_left" if self.causal == "top_left" else "bottom_right"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "AttentionSpec") -> AttentionSpec:
+        """Build from a mapping, naming any unknown field and the allowed ones."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise SpecError(f"{where}: unknown field {unknown[0]!r}; allowed fields: {', '.join(cls.field_names())}")
+        if "num_heads" not in values or "head_dim" not in values:
+            missing = "num_heads" if "num_heads" not in values else "head_dim"
+            raise SpecError(f"{where}: field {missing!r} is required")
+        return cls(**values)
+
+    def replace(self, **changes) -> AttentionSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def _window(window) -> tuple[int | None, int | None]:
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise SpecError(f"window={window!r} is invalid: a pair (left, right) of non-negative integers or None")
+    sides = []
+    for side, value in zip(("left", "right"), window):
+        if value is None:
+            sides.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise SpecError(
+                f"window {side}={value!r} is invalid: a non-negative integer (or None for unbounded) is allowed"
+            )
+        sides.append(int(value))
+    if sides == [None, None]:
+        raise SpecError("window=(None, None) is invalid: bound at least one side, or leave window unset")
+    return tuple(sides)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,1 @@
+"""Backends that lower the IR to source code."""
