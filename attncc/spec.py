@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 from attncc.errors import SpecError
 from attncc.frontend.mod import TracedMod
 
 CAUSAL_VALUES = (False, True, "bottom_right", "top_left")
 
-Mod = Union[Callable, TracedMod, None]
+Mod = Callable | TracedMod | None
 
 
 def _positive_int(field: str, value) -> int:
@@ -55,35 +56,37 @@ class AttentionSpec:
     mask_mod: Mod = None
 
     def __post_init__(self):
-        set_ = object.__setattr__.__get__(self)
-        set_("num_heads", _positive_int("num_heads", self.num_heads))
-        set_("head_dim", _positive_int("head_dim", self.head_dim))
+        self._set("num_heads", _positive_int("num_heads", self.num_heads))
+        self._set("head_dim", _positive_int("head_dim", self.head_dim))
         kv_heads = self.num_heads if self.num_kv_heads is None else _positive_int("num_kv_heads", self.num_kv_heads)
         if self.num_heads % kv_heads:
             raise SpecError(
                 f"num_kv_heads={kv_heads} is invalid: num_heads={self.num_heads} must be a multiple of it "
                 f"(allowed: {', '.join(str(d) for d in _divisors(self.num_heads))})"
             )
-        set_("num_kv_heads", kv_heads)
+        self._set("num_kv_heads", kv_heads)
         v_dim = self.head_dim if self.v_head_dim is None else _positive_int("v_head_dim", self.v_head_dim)
-        set_("v_head_dim", v_dim)
+        self._set("v_head_dim", v_dim)
         if self.scale is not None:
-            set_("scale", _finite_float("scale", self.scale))
+            self._set("scale", _finite_float("scale", self.scale))
         if self.causal not in CAUSAL_VALUES or (isinstance(self.causal, int) and not isinstance(self.causal, bool)):
             raise SpecError(f"causal={self.causal!r} is invalid: allowed are False, True, 'bottom_right', 'top_left'")
         if self.window is not None:
-            set_("window", _window(self.window))
+            self._set("window", _window(self.window))
         if self.softcap is not None:
             cap = _finite_float("softcap", self.softcap)
             if cap <= 0:
                 raise SpecError(f"softcap={self.softcap!r} is invalid: a positive number is allowed (or None)")
-            set_("softcap", cap)
+            self._set("softcap", cap)
         if not isinstance(self.alibi, bool):
             raise SpecError(f"alibi={self.alibi!r} is invalid: True or False is allowed")
         for field in ("score_mod", "mask_mod"):
             mod = getattr(self, field)
             if mod is not None and not callable(mod) and not isinstance(mod, TracedMod):
                 raise SpecError(f"{field}={mod!r} is invalid: a callable, a TracedMod or None is allowed")
+
+    def _set(self, field: str, value) -> None:
+        object.__setattr__(self, field, value)  # the dataclass is frozen; normalise fields once
 
     @property
     def groups(self) -> int:

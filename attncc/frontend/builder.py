@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy
-from attncc.ir.expr import FloorDiv, is_boolean, kind
+
+from attncc.ir.expr import FloorDiv, is_boolean, kind, number
 
 
 class ExpressionError(Exception):
@@ -44,7 +45,7 @@ def constant(value):
             return -sympy.oo
         if value != value:
             raise ExpressionError("NaN is not a supported constant")
-        return sympy.Float(value)
+        return number(value)
     raise ExpressionError(f"constant {value!r} of type {type(value).__name__} is not a number or bool")
 
 

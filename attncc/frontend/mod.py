@@ -32,13 +32,15 @@ class Captured:
     """A tensor a mod reads: its IR dtype, its rank and, when known, its value.
 
     ``value`` is None for a tensor declared in a spec file without values: the
-    compiled program then takes it as a call argument.
+    compiled program then takes it as a call argument; ``shape`` is its declared
+    shape, if any (validate fills such tensors at random).
     """
 
     name: str
     dtype: str
     ndim: int
     value: object = field(default=None, compare=False, repr=False)
+    shape: tuple[int, ...] | None = field(default=None, compare=False)
 
     @property
     def is_float(self) -> bool:

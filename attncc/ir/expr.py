@@ -39,6 +39,20 @@ class FloorDiv(sympy.Function):
         return True if all(arg.is_integer for arg in self.args) else None
 
 
+def number(value: float | int) -> sympy.Expr:
+    """A Python number as an exact-looking sympy constant: 50.0 -> 50, 0.125 -> 1/8.
+
+    Short decimals become rationals (what the user wrote); other floats keep all
+    17 significant digits, so printing and reparsing gives the same double.
+    """
+    if isinstance(value, int) or float(value).is_integer():
+        return sympy.Integer(int(value))
+    text = repr(float(value))
+    if len(text) <= 8 and "e" not in text:
+        return sympy.Rational(text)
+    return sympy.Float(value, 17)
+
+
 def captured_symbol(name: str, dtype: str) -> sympy.IndexedBase:
     """The symbol of a captured tensor; its elements are real for float dtypes, else integer.
 
@@ -76,3 +90,16 @@ def free_symbol_names(expr) -> set[str]:
             continue
         names.add(str(sym))
     return names - captured_names(expr)
+
+
+def bare_index_uses(expr) -> set[tuple[str, int, str]]:
+    """(tensor, dim, symbol) for each captured-tensor index that is a bare index symbol.
+
+    ``doc[q_idx]`` gives ("doc", 0, "q_idx"): doc must then have at least N entries.
+    """
+    uses = set()
+    for indexed in expr.atoms(sympy.Indexed):
+        for dim, index in enumerate(indexed.indices):
+            if index in INDEX_SYMBOLS:
+                uses.add((str(indexed.base.label), dim, str(index)))
+    return uses

@@ -1,0 +1,81 @@
+"""The attncc command line: compile, inspect and validate TOML attention specs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import attncc
+from attncc.errors import AttnccError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _compile(args) -> int:
+    attn = attncc.compile(attncc.load_spec(args.spec), backend=args.backend)
+    if args.output is None:
+        sys.stdout.write(attn.source)
+        return 0
+    Path(args.output).write_text(attn.source, encoding="utf-8")
+    print(f"wrote {args.output}: attention(q, k, v{''.join(', ' + n for n in attn._captured_meta)}) -> (o, lse), "
+          f"backend {attn.backend}")  # fmt: skip
+    return 0
+
+
+def _inspect(args) -> int:
+    spec = attncc.load_spec(args.spec)
+    graph = attncc.compile(spec, backend="pytorch").graph
+    print(graph)
+    if args.dot:
+        Path(args.dot).write_text(graph.to_dot() + "\n", encoding="utf-8")
+        print(f"wrote {args.dot}")
+    return 0
+
+
+def _validate(args) -> int:
+    spec = attncc.load_spec(args.spec)
+    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else list(DTYPES.values())
+    report = attncc.validate(spec, backend=args.backend, dtypes=dtypes, seed=args.seed, verbose=True)
+    print("all outputs match the float64 reference" if report.ok else "MISMATCH against the float64 reference")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attncc", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"attncc {attncc.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compile_ = commands.add_parser("compile", help="generate the attention module for a spec")
+    compile_.add_argument("spec", help="a TOML spec file (see examples/)")
+    compile_.add_argument("--backend", default="pytorch")
+    compile_.add_argument("-o", "--output", help="write the standalone source here instead of printing it")
+    compile_.set_defaults(run=_compile)
+
+    inspect = commands.add_parser("inspect", help="print the IR of a spec")
+    inspect.add_argument("spec")
+    inspect.add_argument("--dot", help="also write the graph in Graphviz format to this file")
+    inspect.set_defaults(run=_inspect)
+
+    validate = commands.add_parser("validate", help="check the compiled program against the float64 reference")
+    validate.add_argument("spec")
+    validate.add_argument("--backend", default="pytorch")
+    validate.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: all")
+    validate.add_argument("--seed", type=int, default=0)
+    validate.set_defaults(run=_validate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except AttnccError as error:
+        print(f"attncc: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

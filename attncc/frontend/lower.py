@@ -1,0 +1,123 @@
+"""Lower an AttentionSpec to the unoptimized, textbook attention graph."""
+
+from __future__ import annotations
+
+import sympy
+
+from attncc.errors import ModError
+from attncc.frontend.mod import Captured, TracedMod
+from attncc.ir import ops
+from attncc.ir.expr import captured_names, h, kv_idx, number, q_idx, score
+from attncc.ir.graph import Graph, GraphBuilder
+from attncc.ir.types import B, M, N, TensorType
+from attncc.spec import AttentionSpec
+
+
+def trace_mods(spec: AttentionSpec) -> tuple[TracedMod | None, TracedMod | None]:
+    """The spec's score_mod and mask_mod as IR expressions (traced if they are callables)."""
+    from attncc.frontend.trace import trace_mask_mod, trace_score_mod
+
+    score_mod = None if spec.score_mod is None else trace_score_mod(spec.score_mod)
+    mask_mod = None if spec.mask_mod is None else trace_mask_mod(spec.mask_mod)
+    return score_mod, mask_mod
+
+
+def query_offset(spec: AttentionSpec) -> sympy.Expr:
+    """How far query i is shifted to line up with the keys: M - N bottom-right, 0 top-left."""
+    return sympy.Integer(0) if spec.alignment == "top_left" else M - N
+
+
+def alibi_slope(num_heads: int) -> sympy.Expr:
+    """ALiBi's head slopes (Press et al.) as an expression in h, any number of heads.
+
+    For a power of two n: 2^(-8(h+1)/n). Otherwise the first n = 2^floor(log2 H)
+    heads use those, and the rest take every other slope of the 2n sequence.
+    """
+    n = 2 ** (num_heads.bit_length() - 1)
+    base = sympy.Pow(2, -sympy.Rational(8, n) * (h + 1))
+    if n == num_heads:
+        return base
+    extra = sympy.Pow(2, -sympy.Rational(4, n) * (2 * (h - n) + 1))
+    return sympy.Piecewise((base, h < n), (extra, True))
+
+
+def mask_predicate(spec: AttentionSpec, mask_mod: TracedMod | None):
+    """The conjunction of causal, window and mask_mod; sympy.true if nothing is masked."""
+    position = q_idx + query_offset(spec)
+    terms = []
+    if spec.causal:
+        terms.append(sympy.Le(kv_idx, position))
+    if spec.window is not None:
+        left, right = spec.window
+        if left is not None:
+            terms.append(sympy.Ge(kv_idx, position - left))
+        if right is not None and not spec.causal:
+            terms.append(sympy.Le(kv_idx, position + right))
+    if mask_mod is not None:
+        terms.append(mask_mod.expr)
+    return sympy.And(*terms)
+
+
+def merged_captured(*mods: TracedMod | None) -> dict[str, Captured]:
+    """The captured tensors of all mods by name; one name must mean one tensor."""
+    merged: dict[str, Captured] = {}
+    for mod in mods:
+        for captured in mod.captured if mod is not None else ():
+            known = merged.get(captured.name)
+            if known is not None and (known.dtype, known.ndim) != (captured.dtype, captured.ndim):
+                raise ModError(
+                    f"captured tensor {captured.name!r} is {known.dtype} with {known.ndim} dims in one mod and "
+                    f"{captured.dtype} with {captured.ndim} dims in another; rename one of them"
+                )
+            if known is not None and known.value is not None and captured.value is not None:
+                if known.value is not captured.value:
+                    raise ModError(
+                        f"score_mod and mask_mod capture different tensors under the name {captured.name!r}; "
+                        "rename one of them"
+                    )
+            merged.setdefault(captured.name, captured)
+    return merged
+
+
+def captured_type(captured: Captured) -> TensorType:
+    shape = sympy.symbols(f"{captured.name}_d0:{captured.ndim}", integer=True, nonnegative=True)
+    return TensorType(tuple(shape), captured.dtype)
+
+
+def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None] | None = None) -> Graph:
+    """The textbook graph: repeat_kv, QK^T, scale, alibi, score_mod, softcap, mask, softmax, PV.
+
+    ``traced`` is the spec's (score_mod, mask_mod) from ``trace_mods`` (traced here if omitted).
+    """
+    score_mod, mask_mod = trace_mods(spec) if traced is None else traced
+    H, Hkv, D, Dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
+    g = GraphBuilder()
+    q = g.input("q", "query", TensorType((B, H, N, D), "T"))
+    k = g.input("k", "key", TensorType((B, Hkv, M, D), "T"))
+    v = g.input("v", "value", TensorType((B, Hkv, M, Dv), "T"))
+    captured = {name: g.input(name, "captured", captured_type(c)) for name, c in merged_captured(score_mod, mask_mod).items()}
+
+    if spec.groups > 1:
+        k = g.add(ops.RepeatKV(spec.groups), k)
+        v = g.add(ops.RepeatKV(spec.groups), v)
+    s = g.add(ops.Matmul(transpose_b=True), q, k)
+    factor = number(spec.scale) if spec.scale is not None else 1 / sympy.sqrt(D)
+    s = g.add(ops.Scale(factor), s)
+    if spec.alibi:
+        s = g.add(ops.Alibi(alibi_slope(H), spec.alignment), s)
+    if score_mod is not None:
+        s = g.add(ops.ScoreMod(score_mod.expr), s, *_captured_operands(score_mod.expr, captured))
+    if spec.softcap is not None:
+        cap = number(spec.softcap)
+        s = g.add(ops.ScoreMod(cap * sympy.tanh(score / cap)), s)
+    predicate = mask_predicate(spec, mask_mod)
+    if predicate is not sympy.true:
+        s = g.add(ops.Mask(predicate), s, *_captured_operands(predicate, captured))
+    p = g.add(ops.Softmax(), s)
+    lse = g.add(ops.LogSumExp(), s)
+    o = g.add(ops.Matmul(transpose_b=False), p, v)
+    return g.finish({"o": o, "lse": lse})
+
+
+def _captured_operands(expr, captured: dict) -> list:
+    return [captured[name] for name in sorted(captured_names(expr))]

@@ -1,0 +1,201 @@
+"""The reference interpreter: evaluates any graph densely in float64. It defines the meaning.
+
+It shares no code with the backends: expressions are evaluated by walking the sympy
+tree with torch operations, so a backend's printer is checked against an
+independent evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+
+from attncc.errors import InputError
+from attncc.ir import ops
+from attncc.ir.expr import FloorDiv, b, h, kv_idx, q_idx
+from attncc.ir.graph import Graph
+from attncc.ir.types import M, N
+
+REAL = torch.float64
+
+
+def _tensor(value):
+    """Python numbers become 0-d tensors: floats as float64 so nothing drops to float32."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool):
+        return torch.tensor(value)
+    if isinstance(value, int):
+        return torch.tensor(value, dtype=torch.int64)
+    return torch.tensor(value, dtype=REAL)
+
+
+def _real(value):
+    value = _tensor(value)
+    return value if value.is_floating_point() else value.to(REAL)
+
+
+def _unary(fn):
+    return lambda x: fn(_real(x))
+
+
+def _floor(x):
+    x = _tensor(x)
+    return x if not x.is_floating_point() else torch.floor(x).to(torch.int64)
+
+
+def _ceiling(x):
+    x = _tensor(x)
+    return x if not x.is_floating_point() else torch.ceil(x).to(torch.int64)
+
+
+def _pow(base, exponent):
+    base, exponent = _tensor(base), _tensor(exponent)
+    if not base.is_floating_point() and (exponent.is_floating_point() or bool((exponent < 0).any())):
+        base = base.to(REAL)
+    return torch.pow(base, exponent)
+
+
+def _reduce(fn, args):
+    result = _tensor(args[0])
+    for arg in args[1:]:
+        result = fn(result, _tensor(arg))
+    return result
+
+
+def _piecewise(pieces):
+    (value, _), *rest = pieces[::-1]
+    result = _tensor(value)
+    for value, condition in rest:
+        result = torch.where(_tensor(condition), _tensor(value), result)
+    return result
+
+
+_FUNCTIONS = {
+    sympy.exp: _unary(torch.exp),
+    sympy.log: _unary(torch.log),
+    sympy.tanh: _unary(torch.tanh),
+    sympy.Abs: lambda x: torch.abs(_tensor(x)),
+    sympy.floor: _floor,
+    sympy.ceiling: _ceiling,
+    FloorDiv: lambda x, y: torch.div(_tensor(x), _tensor(y), rounding_mode="floor"),
+    sympy.Mod: lambda x, y: torch.remainder(_tensor(x), _tensor(y)),
+}
+_RELATIONS = {
+    sympy.Lt: torch.lt, sympy.Le: torch.le, sympy.Gt: torch.gt,
+    sympy.Ge: torch.ge, sympy.Eq: torch.eq, sympy.Ne: torch.ne,
+}  # fmt: skip
+
+
+def evaluate(expr, env: dict, captured: dict):
+    """Evaluate an IR expression with torch; ``env`` maps symbol names to values (broadcastable)."""
+
+    def ev(e):
+        if e.is_Symbol:
+            return env[e.name]
+        if e.is_Integer:
+            return int(e)
+        if e is sympy.true or e is sympy.false:
+            return bool(e)
+        if e in (sympy.oo, -sympy.oo):
+            return float(e)
+        if e.is_Number or e.is_NumberSymbol:
+            return float(e)
+        if isinstance(e, sympy.Indexed):
+            indices = tuple(_tensor(ev(i)) for i in e.indices)
+            return captured[str(e.base.label)][indices]
+        if isinstance(e, sympy.Add):
+            return _reduce(torch.add, [ev(a) for a in e.args])
+        if isinstance(e, sympy.Mul):
+            return _reduce(torch.mul, [ev(a) for a in e.args])
+        if isinstance(e, sympy.Pow):
+            return _pow(ev(e.base), ev(e.exp))
+        if isinstance(e, sympy.Min):
+            return _reduce(torch.minimum, [ev(a) for a in e.args])
+        if isinstance(e, sympy.Max):
+            return _reduce(torch.maximum, [ev(a) for a in e.args])
+        if isinstance(e, sympy.Piecewise):
+            return _piecewise([(ev(value), ev(cond)) for value, cond in e.args])
+        if isinstance(e, sympy.And):
+            return _reduce(torch.logical_and, [ev(a) for a in e.args])
+        if isinstance(e, sympy.Or):
+            return _reduce(torch.logical_or, [ev(a) for a in e.args])
+        if isinstance(e, sympy.Xor):
+            return _reduce(torch.logical_xor, [ev(a) for a in e.args])
+        if isinstance(e, sympy.Not):
+            return torch.logical_not(_tensor(ev(e.args[0])))
+        if type(e) in _RELATIONS:
+            return _RELATIONS[type(e)](_tensor(ev(e.lhs)), _tensor(ev(e.rhs)))
+        if e.func in _FUNCTIONS:
+            return _FUNCTIONS[e.func](*[ev(a) for a in e.args])
+        raise NotImplementedError(f"the reference interpreter cannot evaluate {type(e).__name__}: {e}")
+
+    return ev(expr)
+
+
+def index_grids(batch: int, heads: int, n: int, m: int, device) -> dict:
+    """The index symbols as broadcastable [B, H, N, M] grids, and the lengths as ints."""
+    arange = lambda size: torch.arange(size, device=device)  # noqa: E731
+    return {
+        str(b): arange(batch).view(-1, 1, 1, 1),
+        str(h): arange(heads).view(1, -1, 1, 1),
+        str(q_idx): arange(n).view(1, 1, -1, 1),
+        str(kv_idx): arange(m).view(1, 1, 1, -1),
+        str(N): n,
+        str(M): m,
+    }
+
+
+def _softmax(scores):
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(row_max == -math.inf, 0.0, row_max)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(total == 0, 1.0, total)
+
+
+def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
+    """Evaluate the graph in float64; returns its outputs by name (``o`` and ``lse``)."""
+    captured = {
+        name: (t.to(REAL) if t.is_floating_point() else t) for name, t in (captured or {}).items()
+    }
+    for node in graph.captured:
+        if node.op.label not in captured:
+            raise InputError(f"captured tensor {node.op.label!r} has no value; pass it by name")
+    inputs = {"query": q.to(REAL), "key": k.to(REAL), "value": v.to(REAL)}
+    batch, heads, n, _ = q.shape
+    grids = index_grids(batch, heads, n, k.shape[2], q.device)
+    values = {}
+    for node in graph.nodes:
+        op, args = node.op, [values.get(i) for i in node.inputs]
+        if isinstance(op, ops.Input):
+            values[node] = inputs.get(op.role, captured.get(op.label))
+        elif isinstance(op, ops.RepeatKV):
+            values[node] = args[0].repeat_interleave(op.groups, dim=1)
+        elif isinstance(op, ops.Matmul):
+            other = args[1].transpose(-1, -2) if op.transpose_b else args[1]
+            values[node] = torch.matmul(args[0], other)
+        elif isinstance(op, ops.Scale):
+            values[node] = args[0] * float(op.factor)
+        elif isinstance(op, ops.Alibi):
+            offset = 0 if op.alignment == "top_left" else grids["M"] - grids["N"]
+            slope = _real(evaluate(op.slope, grids, captured))
+            distance = (grids["q_idx"] + offset - grids["kv_idx"]).abs()
+            values[node] = args[0] - slope * distance
+        elif isinstance(op, ops.ScoreMod):
+            result = _real(evaluate(op.expr, {**grids, "score": args[0]}, captured))
+            values[node] = result.expand_as(args[0])
+        elif isinstance(op, ops.Mask):
+            keep = _tensor(evaluate(op.predicate, grids, captured))
+            values[node] = torch.where(keep, args[0], -math.inf)
+        elif isinstance(op, ops.Softmax):
+            values[node] = _softmax(args[0])
+        elif isinstance(op, ops.LogSumExp):
+            values[node] = torch.logsumexp(args[0], dim=-1)
+        elif isinstance(op, ops.Output):
+            return dict(zip(op.names, args))
+        else:
+            raise NotImplementedError(f"the reference interpreter has no rule for {op.name}")
+    raise AssertionError("a verified graph ends with an output node")

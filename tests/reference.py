@@ -1,0 +1,79 @@
+"""An independent dense float64 attention written for the tests, straight from DESIGN.md.
+
+It calls the user's mods on broadcast index tensors (no tracing, no sympy), so it
+shares nothing with attncc's frontends, interpreter or backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """Press et al.'s slopes, including their rule for a head count that is not a power of two."""
+
+    def power_of_two(n):
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(heads))
+    slopes = power_of_two(closest)
+    if closest != heads:
+        slopes += power_of_two(2 * closest)[0::2][: heads - closest]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+def dense_attention(q, k, v, *, scale=None, score_mod=None, mask_mod=None, causal=False, top_left=False,
+                    window=None, softcap=None, alibi=False):  # fmt: skip
+    """o [B, H, N, Dv] and lse [B, H, N] in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, n, d = q.shape
+    m = k.shape[2]
+    groups = heads // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    b = torch.arange(batch).view(-1, 1, 1, 1)
+    h = torch.arange(heads).view(1, -1, 1, 1)
+    i = torch.arange(n).view(1, 1, -1, 1)
+    j = torch.arange(m).view(1, 1, 1, -1)
+    scores = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(d) if scale is None else scale)
+    position = i if top_left else i + (m - n)
+    if alibi:
+        scores = scores - alibi_slopes(heads).view(1, -1, 1, 1) * (position - j).abs()
+    if score_mod is not None:
+        scores = torch.broadcast_to(score_mod(scores, b, h, i, j), scores.shape).double()
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    keep = torch.ones(1, 1, n, m, dtype=torch.bool)
+    if causal:
+        keep = keep & (j <= position)
+    if window is not None:
+        left, right = window
+        keep = keep & (j >= position - left) & (j <= position + right)
+    if mask_mod is not None:
+        keep = keep & mask_mod(b, h, i, j)
+    scores = scores.masked_fill(~torch.broadcast_to(keep, scores.shape), -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs @ v, lse
+
+
+# |out - ref| <= atol + rtol * |ref| per input dtype, against the reference on the same
+# (already rounded) inputs. fp32 accumulates a few ulps of rounding; fp16 / bf16 outputs
+# are in addition rounded to 11 / 8 significant bits (relative error <= 2^-12 / 2^-9).
+OUTPUT_TOLERANCE = {
+    torch.float32: dict(atol=2e-6, rtol=2e-6),
+    torch.float16: dict(atol=1e-3, rtol=5e-4),
+    torch.bfloat16: dict(atol=8e-3, rtol=4e-3),
+}
+# lse is float32 whatever the input dtype.
+LSE_TOLERANCE = dict(atol=2e-6, rtol=2e-6)
+
+
+def assert_attention_matches(o, lse, reference_o, reference_lse, dtype):
+    """o in the input dtype within its tolerance; lse within fp32's, -inf exactly where the reference has it."""
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(o.double(), reference_o, **OUTPUT_TOLERANCE[dtype])
+    torch.testing.assert_close(lse.double(), reference_lse, **LSE_TOLERANCE)
