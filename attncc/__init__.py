@@ -23,7 +23,20 @@ from attncc.frontend.spec_file import load_spec  # noqa: E402
 from attncc.spec import AttentionSpec  # noqa: E402
 
 __all__ = [
-    "AttentionSpec", "AttnccError", "BackendError", "BlockMask", "CompiledAttention", "IRError", "InputError",
-    "ModError", "SpecError", "ValidationError", "ValidationReport", "compile", "create_block_mask",
-    "flex_attention", "load_spec", "validate",
+    "AttentionSpec",
+    "AttnccError",
+    "BackendError",
+    "BlockMask",
+    "CompiledAttention",
+    "IRError",
+    "InputError",
+    "ModError",
+    "SpecError",
+    "ValidationError",
+    "ValidationReport",
+    "compile",
+    "create_block_mask",
+    "flex_attention",
+    "load_spec",
+    "validate",
 ]

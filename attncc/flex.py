@@ -51,7 +51,9 @@ class BlockMask:
 
     def to_dense(self) -> torch.Tensor:
         """The block-level mask [B, H, query blocks, KV blocks]: True where a block is visited."""
-        return _blocks_of(self.kv_num_blocks, self.kv_indices) | _blocks_of(self.full_kv_num_blocks, self.full_kv_indices)
+        return _blocks_of(self.kv_num_blocks, self.kv_indices) | _blocks_of(
+            self.full_kv_num_blocks, self.full_kv_indices
+        )
 
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
@@ -91,9 +93,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device="cpu", BLO
         any_visible[:, :, first:done] = torch.nn.functional.pad(visible, pad, value=False).view(blocks).any(5).any(3)
         all_visible[:, :, first:done] = torch.nn.functional.pad(visible, pad, value=True).view(blocks).all(5).all(3)
     partial = any_visible & ~all_visible
-    return BlockMask(
-        traced, (Q_LEN, KV_LEN), (block_q, block_kv), *_block_lists(partial), *_block_lists(all_visible)
-    )
+    return BlockMask(traced, (Q_LEN, KV_LEN), (block_q, block_kv), *_block_lists(partial), *_block_lists(all_visible))
 
 
 def _blocks_of(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -128,11 +128,15 @@ def flex_attention(query, key, value, score_mod=None, block_mask: BlockMask | No
             raise ModError("pass mask_mod or block_mask, not both (a BlockMask carries its mask_mod)")
         expected = (query.shape[2], key.shape[2])
         if tuple(block_mask.seq_lengths) != expected:
-            raise InputError(f"block_mask was made for (Q_LEN, KV_LEN) = {block_mask.seq_lengths}, the inputs have {expected}")
+            raise InputError(
+                f"block_mask was made for (Q_LEN, KV_LEN) = {block_mask.seq_lengths}, the inputs have {expected}"
+            )
         mask_mod = block_mask.mask_mod
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads != kv_heads and not enable_gqa:
-        raise InputError(f"query has {heads} heads and key has {kv_heads}: pass enable_gqa=True for grouped-query attention")
+        raise InputError(
+            f"query has {heads} heads and key has {kv_heads}: pass enable_gqa=True for grouped-query attention"
+        )
     if heads % kv_heads:
         raise InputError(f"query has {heads} heads, not a multiple of key's {kv_heads} heads")
     score = None if score_mod is None else trace_score_mod(score_mod)

@@ -158,9 +158,7 @@ def _softmax(scores):
 
 def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
     """Evaluate the graph in float64; returns its outputs by name (``o`` and ``lse``)."""
-    captured = {
-        name: (t.to(REAL) if t.is_floating_point() else t) for name, t in (captured or {}).items()
-    }
+    captured = {name: (t.to(REAL) if t.is_floating_point() else t) for name, t in (captured or {}).items()}
     for node in graph.captured:
         if node.op.label not in captured:
             raise InputError(f"captured tensor {node.op.label!r} has no value; pass it by name")

@@ -7,7 +7,6 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
 
 from attncc.errors import SpecError
 from attncc.frontend.mod import TracedMod

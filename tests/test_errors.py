@@ -61,9 +61,17 @@ def qkv(q_shape=(1, 4, 5, 8), k_shape=(1, 2, 7, 8), v_shape=(1, 2, 7, 8), dtype=
 
 CALL_ERRORS = [
     (lambda: (torch.randn(4, 5, 8),) + qkv()[1:], attncc.InputError, "q has shape (4, 5, 8): a 4-D tensor"),
-    (lambda: qkv(q_shape=(1, 3, 5, 8)), attncc.InputError, "q has 3 heads (shape (1, 3, 5, 8)); the spec's num_heads is 4"),
+    (
+        lambda: qkv(q_shape=(1, 3, 5, 8)),
+        attncc.InputError,
+        "q has 3 heads (shape (1, 3, 5, 8)); the spec's num_heads is 4",
+    ),
     (lambda: qkv(k_shape=(1, 4, 7, 8), v_shape=(1, 4, 7, 8)), attncc.InputError, "k has 4 heads"),
-    (lambda: qkv(q_shape=(1, 4, 5, 16)), attncc.InputError, "q has 16 head dim (shape (1, 4, 5, 16)); the spec's head_dim is 8"),
+    (
+        lambda: qkv(q_shape=(1, 4, 5, 16)),
+        attncc.InputError,
+        "q has 16 head dim (shape (1, 4, 5, 16)); the spec's head_dim is 8",
+    ),
     (lambda: qkv(v_shape=(1, 2, 7, 4)), attncc.InputError, "the spec's v_head_dim is 8"),
     (lambda: qkv(v_shape=(1, 2, 6, 8)), attncc.InputError, "k has 7 keys and v has 6 values"),
     (lambda: qkv(q_shape=(2, 4, 5, 8)), attncc.InputError, "batch sizes differ: q 2, k 1, v 1"),
@@ -94,11 +102,15 @@ def test_captured_tensor_errors():
     doc = torch.zeros(5, dtype=torch.int64)
     attn = attncc.compile(spec(mask_mod=lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx]))
     q, k, v = qkv()
-    with pytest.raises(attncc.InputError, match="captured tensor 'doc' has 5 entries along dim 0, but is indexed by kv_idx up to 6"):
+    with pytest.raises(
+        attncc.InputError, match="captured tensor 'doc' has 5 entries along dim 0, but is indexed by kv_idx up to 6"
+    ):
         attn(q, k, v)
     with pytest.raises(attncc.InputError, match="unknown captured tensor 'docs'; this program captures: doc"):
         attn(q, k, v, docs=doc)
-    with pytest.raises(attncc.InputError, match="captured tensor 'doc' is torch.float32 with 1 dims; the program was compiled for i64"):
+    with pytest.raises(
+        attncc.InputError, match="captured tensor 'doc' is torch.float32 with 1 dims; the program was compiled for i64"
+    ):
         attn(q, k, v, doc=torch.zeros(7))
     with pytest.raises(InputTypeError, match="captured tensor doc=list is invalid: a torch.Tensor is allowed"):
         attn(q, k, v, doc=[0] * 7)
@@ -113,7 +125,9 @@ MOD_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("fields, message", MOD_ERRORS, ids=["arity", "non_bool_mask", "bool_score", "python_if", "reduction"])
+@pytest.mark.parametrize(
+    "fields, message", MOD_ERRORS, ids=["arity", "non_bool_mask", "bool_score", "python_if", "reduction"]
+)
 def test_mod_errors(fields, message):
     with pytest.raises(attncc.ModError) as error:
         attncc.compile(spec(**fields))
@@ -124,7 +138,9 @@ def test_mod_errors(fields, message):
 def test_block_mask_length_mismatch():
     block_mask = attncc.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, 16, 16)
     q, k, v = qkv(k_shape=(1, 4, 7, 8), v_shape=(1, 4, 7, 8))
-    with pytest.raises(attncc.InputError, match=r"block_mask was made for \(Q_LEN, KV_LEN\) = \(16, 16\), the inputs have \(5, 7\)"):
+    with pytest.raises(
+        attncc.InputError, match=r"block_mask was made for \(Q_LEN, KV_LEN\) = \(16, 16\), the inputs have \(5, 7\)"
+    ):
         attncc.flex_attention(q, k, v, block_mask=block_mask)
 
 

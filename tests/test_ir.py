@@ -54,14 +54,17 @@ def test_mods_and_spec_options_lower_in_order():
     ]  # fmt: skip
     assert "%3 = score_mod(%2) {expr = 2*score}" in lines[4]
     assert "%4 = score_mod(%3) {expr = 50*tanh(score/50)}" in lines[5]
-    assert lines[6].startswith("  %5 = mask(%4, %doc) {predicate = (kv_idx <= q_idx) & (kv_idx >= q_idx - 4) & Eq(doc[q_idx], doc[kv_idx])}")
+    assert lines[6].startswith(
+        "  %5 = mask(%4, %doc) {predicate = (kv_idx <= q_idx) & (kv_idx >= q_idx - 4) & Eq(doc[q_idx], doc[kv_idx])}"
+    )
 
 
 def test_alibi_slopes_for_power_of_two_and_other_head_counts():
     assert alibi_slope(8) == sympy.Pow(2, -h - 1)
     six = alibi_slope(6)
     assert [six.subs(h, i) for i in range(6)] == [sympy.Rational(1, 2 ** (2 * (i + 1))) for i in range(4)] + [
-        sympy.Rational(1, 2), sympy.Rational(1, 8)
+        sympy.Rational(1, 2),
+        sympy.Rational(1, 8),
     ]
 
 

@@ -200,7 +200,9 @@ def index(tensor: CapturedTensor, key: tuple):
             )
         indices.append(expr)
     if len(indices) > tensor.ndim:
-        raise ExpressionError(f"captured tensor {tensor.name!r} has {tensor.ndim} dimensions, indexed with {len(indices)}")
+        raise ExpressionError(
+            f"captured tensor {tensor.name!r} has {tensor.ndim} dimensions, indexed with {len(indices)}"
+        )
     if len(indices) < tensor.ndim:
         return CapturedTensor(tensor.name, tensor.symbol, tensor.ndim, tensor.dtype, tuple(indices))
     element = tensor.symbol[tuple(indices)] if tensor.ndim > 1 else tensor.symbol[indices[0]]

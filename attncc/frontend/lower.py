@@ -95,7 +95,9 @@ def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None]
     q = g.input("q", "query", TensorType((B, H, N, D), "T"))
     k = g.input("k", "key", TensorType((B, Hkv, M, D), "T"))
     v = g.input("v", "value", TensorType((B, Hkv, M, Dv), "T"))
-    captured = {name: g.input(name, "captured", captured_type(c)) for name, c in merged_captured(score_mod, mask_mod).items()}
+    captured = {
+        name: g.input(name, "captured", captured_type(c)) for name, c in merged_captured(score_mod, mask_mod).items()
+    }
 
     if spec.groups > 1:
         k = g.add(ops.RepeatKV(spec.groups), k)
