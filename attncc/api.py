@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 from tabulate import tabulate
 
@@ -13,38 +10,64 @@ from attncc.errors import InputError, SpecError
 from attncc.frontend.lower import lower, merged_captured, trace_mods
 from attncc.frontend.mod import Captured, ir_dtype
 from attncc.interpreter import run_reference
-from attncc.ir.expr import bare_index_uses
+from attncc.ir.cost import cost_table
 from attncc.ir.graph import Graph
 from attncc.spec import AttentionSpec
+from attncc.validation import (
+    LSE_TOLERANCE,
+    TOLERANCES,
+    ValidationReport,
+    clip_lengths,
+    example_captured,
+    graph_index_uses,
+    random_qkv,
+    within_tolerance,
+)
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SIZE_OF_SYMBOL = {"b": 0, "h": 1, "q_idx": 2, "kv_idx": 2}
 
 
 class InputTypeError(InputError, TypeError):
     """A call-time argument has the wrong type (not a tensor, integer dtype, ...)."""
 
 
-def compile(spec: AttentionSpec, backend: str = "pytorch") -> CompiledAttention:  # noqa: A001
-    """Compile a spec into a module computing ``o`` (and ``lse``) from ``q, k, v``."""
+def compile(  # noqa: A001
+    spec: AttentionSpec,
+    backend: str = "pytorch",
+    *,
+    pipeline=None,
+    validate_each: bool = False,
+    print_after_all: bool = False,
+    print_after: tuple[str, ...] = (),
+) -> CompiledAttention:
+    """Compile a spec into a module computing ``o`` (and ``lse``) from ``q, k, v``.
+
+    ``pipeline`` is a target name or a list of passes (default: the backend's
+    pipeline); ``validate_each`` checks every pass numerically against the graph
+    before it (translation validation); ``print_after_all`` / ``print_after``
+    print the IR after every / the named passes.
+    """
+    from attncc import passes
     from attncc.backends import get_backend
 
     if not isinstance(spec, AttentionSpec):
         raise SpecError(f"spec={spec!r} is invalid: an attncc.AttentionSpec is allowed (see attncc.load_spec)")
     target = get_backend(backend)
     score_mod, mask_mod = trace_mods(spec)
-    graph = lower(spec, (score_mod, mask_mod))
-    key = content_key(str(graph), target.name)
-    generated = None
-
-    def generate():
-        nonlocal generated
-        generated = target.generate(graph)
-        return generated.source
-
-    path = cached_source(key, ".py", generate)
+    captured = merged_captured(score_mod, mask_mod)
+    unoptimized = lower(spec, (score_mod, mask_mod))
+    examples = example_captured(captured, torch.Generator().manual_seed(0), "cpu") if validate_each else {}
+    manager = passes.PassManager(
+        passes.pipeline(pipeline or backend),
+        print_after_all=print_after_all,
+        print_after=tuple(print_after),
+        validate_each=validate_each,
+        captured=examples,
+    )
+    graph = manager.run(unoptimized)
+    path = cached_source(content_key(str(graph), target.name), ".py", lambda: target.generate(graph).source)
     module = load_module(path)
-    return CompiledAttention(spec, graph, target.name, path, module.attention, merged_captured(score_mod, mask_mod))
+    return CompiledAttention(spec, unoptimized, graph, manager.records, target.name, path, module.attention, captured)
 
 
 class CompiledAttention(torch.nn.Module):
@@ -52,12 +75,17 @@ class CompiledAttention(torch.nn.Module):
 
     ``forward(q, k, v, return_lse=False, **captured)``: captured tensors of the mods
     are held as buffers (under ``.captured``) and can be replaced per call by name.
+    ``graph`` is the optimized IR the backend compiled, ``unoptimized_graph`` the
+    textbook graph it came from (the meaning), ``pass_records`` what each pass did.
     """
 
-    def __init__(self, spec, graph: Graph, backend: str, path, function, captured: dict[str, Captured]):
+    def __init__(self, spec, unoptimized_graph: Graph, graph: Graph, pass_records, backend: str, path, function,
+                 captured: dict[str, Captured]):  # fmt: skip
         super().__init__()
         self.spec = spec
+        self.unoptimized_graph = unoptimized_graph
         self.graph = graph
+        self.pass_records = list(pass_records)
         self.backend = backend
         self.path = path
         self._function = function
@@ -66,27 +94,36 @@ class CompiledAttention(torch.nn.Module):
         for name, info in captured.items():
             if info.value is not None:
                 self.captured.register_buffer(name, info.value, persistent=False)
-        self._index_uses = set()
-        for node in graph.nodes:
-            for expression in (getattr(node.op, "expr", None), getattr(node.op, "predicate", None)):
-                if expression is not None:
-                    self._index_uses |= bare_index_uses(expression)
+        self._index_uses = graph_index_uses(unoptimized_graph)
 
     @property
     def source(self) -> str:
         return self.path.read_text(encoding="utf-8")
 
-    def explain(self) -> str:
-        """What was compiled: the spec, the IR the backend received, and where its source lives."""
-        lines = [
-            f"spec: {self.spec}",
-            f"backend: {self.backend}",
-            "passes: none (the backend receives the unoptimized graph)",
-            f"source: {self.path}",
-            "IR:",
+    def explain(self, sizes: dict | None = None) -> str:
+        """The passes that ran, what each changed, the cost before and after each, and the final IR.
+
+        ``sizes`` fixes the symbols for the cost table (default B=1, N=M=4096).
+        """
+        sizes = sizes or {"B": 1, "N": 4096, "M": 4096}
+        rows = [
+            [r.description, ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items())) or "no change",
+             f"{1000 * r.seconds:.1f} ms"]
+            for r in self.pass_records
+        ]  # fmt: skip
+        stages = [("(unoptimized)", self.unoptimized_graph)] + [(r.name, r.graph) for r in self.pass_records]
+        size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        return "\n".join([
+            f"backend: {self.backend}    source: {self.path}",
+            "passes:",
+            tabulate(rows, headers=["pass", "changes", "time"]),
+            "",
+            f"cost at {size_text} (T = 2 bytes):",
+            cost_table(stages, sizes),
+            "",
+            "optimized IR:",
             str(self.graph),
-        ]
-        return "\n".join(lines)
+        ])  # fmt: skip
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -166,47 +203,6 @@ def check_inputs(spec: AttentionSpec, q, k, v) -> None:
         raise InputError(f"sequence lengths must be positive: q has {q.shape[2]}, k has {k.shape[2]}")
 
 
-# Error allowed against the float64 reference, per input dtype: |out - ref| <= atol + rtol * |ref|.
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
-LSE_TOLERANCE = (1e-5, 1e-5)
-
-
-def within_tolerance(actual, reference, atol: float, rtol: float) -> tuple[bool, float, float]:
-    """(ok, max abs error, worst error / allowed error); infinities must match exactly, NaN never passes."""
-    actual, reference = actual.double(), reference.double()
-    if torch.isnan(actual).any():
-        return False, math.nan, math.inf
-    same_inf = torch.isinf(reference) & (actual == reference)
-    error = torch.where(same_inf, 0.0, (actual - reference).abs())
-    error = torch.nan_to_num(error, nan=math.inf)
-    allowed = atol + rtol * torch.where(torch.isinf(reference), 0.0, reference.abs())
-    if error.numel() == 0:
-        return True, 0.0, 0.0
-    ratio = float((error / allowed).max())
-    return ratio <= 1.0, float(error.max()), ratio
-
-
-@dataclass
-class ValidationReport:
-    rows: list = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(row["ok"] for row in self.rows)
-
-    def table(self) -> str:
-        headers = ["dtype", "B", "N", "M", "max |o - ref|", "max |lse - ref|", "worst / allowed", "result"]
-        body = [
-            [r["dtype"], r["B"], r["N"], r["M"], f"{r['o_error']:.2e}", f"{r['lse_error']:.2e}",
-             f"{r['ratio']:.2f}", "ok" if r["ok"] else "FAIL"]
-            for r in self.rows
-        ]  # fmt: skip
-        return tabulate(body, headers=headers)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
 DEFAULT_SHAPES = ((2, 37, 53), (1, 64, 29))
 
 
@@ -221,17 +217,14 @@ def validate(spec, backend: str = "pytorch", dtypes=INPUT_DTYPES, shapes=DEFAULT
     """
     attn = compile(spec, backend=backend).to(device)
     generator = torch.Generator().manual_seed(seed)
-    captured = _validation_captured(attn, generator, device)
+    captured = example_captured(attn._captured_meta, generator, device)
     report = ValidationReport()
     for batch, n, m in shapes:
-        batch, n, m = _clip_shape(attn, captured, batch, n, m)
+        batch, n, m = clip_lengths(attn._index_uses, captured, batch, n, m)
         for dtype in dtypes:
-            s = spec
-            q = torch.randn(batch, s.num_heads, n, s.head_dim, generator=generator).to(device, dtype)
-            k = torch.randn(batch, s.num_kv_heads, m, s.head_dim, generator=generator).to(device, dtype)
-            v = torch.randn(batch, s.num_kv_heads, m, s.v_head_dim, generator=generator).to(device, dtype)
+            q, k, v = random_qkv(attn.unoptimized_graph, batch, n, m, dtype, generator, device)
             o, lse = attn(q, k, v, return_lse=True, **captured)
-            reference = run_reference(attn.graph, q, k, v, captured)
+            reference = run_reference(attn.unoptimized_graph, q, k, v, captured)
             atol, rtol = TOLERANCES[dtype]
             o_ok, o_error, o_ratio = within_tolerance(o, reference["o"], atol, rtol)
             lse_ok, lse_error, lse_ratio = within_tolerance(lse, reference["lse"], *LSE_TOLERANCE)
@@ -244,41 +237,10 @@ def validate(spec, backend: str = "pytorch", dtypes=INPUT_DTYPES, shapes=DEFAULT
     return report
 
 
-def _validation_captured(attn: CompiledAttention, generator, device) -> dict:
-    """The captured tensors to validate with: their values, else random floats or bools."""
-    values = {}
-    for name, meta in attn._captured_meta.items():
-        value = getattr(attn.captured, name, None)
-        if value is not None:
-            values[name] = value
-            continue
-        declared = meta.shape
-        if declared is None:
-            raise InputError(f"validate needs a value or a shape for captured tensor {name!r}")
-        if meta.dtype == "bool":
-            values[name] = (torch.rand(declared, generator=generator) < 0.2).to(device)
-        elif meta.is_float:
-            values[name] = torch.randn(declared, generator=generator).to(device, _TORCH_DTYPES[meta.dtype])
-        else:
-            raise InputError(f"validate cannot invent integer values for captured tensor {name!r}; give it values")
-    return values
-
-
-_TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
-
-
-def _clip_shape(attn: CompiledAttention, captured: dict, batch: int, n: int, m: int) -> tuple[int, int, int]:
-    limits = {"b": batch, "q_idx": n, "kv_idx": m}
-    for name, dim, symbol in attn._index_uses:
-        if symbol in limits:
-            limits[symbol] = min(limits[symbol], captured[name].shape[dim])
-    return limits["b"], limits["q_idx"], limits["kv_idx"]
-
-
 def reference_outputs(attn: CompiledAttention, q, k, v, **captured) -> dict:
     """The float64 reference of a compiled module's unoptimized graph on these inputs."""
     values = dict(zip(attn._captured_meta, attn.captured_values(captured, q.device)))
-    return run_reference(attn.graph, q, k, v, values)
+    return run_reference(attn.unoptimized_graph, q, k, v, values)
 
 
 __all__ = ["CompiledAttention", "ValidationReport", "check_inputs", "compile", "validate"]

@@ -10,6 +10,7 @@ import torch
 
 import attncc
 from attncc.errors import AttnccError
+from attncc.ir.cost import cost_table, parse_sizes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,10 +28,26 @@ def _compile(args) -> int:
 
 def _inspect(args) -> int:
     spec = attncc.load_spec(args.spec)
-    graph = attncc.compile(spec, backend="pytorch").graph
-    print(graph)
+    attn = attncc.compile(
+        spec,
+        backend=args.backend,
+        print_after_all=args.print_after_all,
+        print_after=tuple(args.print_after or ()),
+        validate_each=args.validate_each,
+    )
+    if not args.print_after_all:
+        print(f"// ----- input IR -----\n{attn.unoptimized_graph}")
+        print(f"// ----- optimized IR ({attn.backend} pipeline) -----\n{attn.graph}")
+    if args.validate_each:
+        worst = max((r.max_change or 0.0) for r in attn.pass_records)
+        print(f"translation validation: every pass preserved the meaning (largest change {worst:.1e}, float64)")
+    if args.cost:
+        sizes = parse_sizes(args.cost)
+        stages = [("(input)", attn.unoptimized_graph)] + [(r.description, r.graph) for r in attn.pass_records]
+        print(f"cost at {', '.join(f'{k}={v}' for k, v in sizes.items())} (T = 2 bytes):")
+        print(cost_table(stages, sizes))
     if args.dot:
-        Path(args.dot).write_text(graph.to_dot() + "\n", encoding="utf-8")
+        Path(args.dot).write_text(attn.graph.to_dot() + "\n", encoding="utf-8")
         print(f"wrote {args.dot}")
     return 0
 
@@ -54,9 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--output", help="write the standalone source here instead of printing it")
     compile_.set_defaults(run=_compile)
 
-    inspect = commands.add_parser("inspect", help="print the IR of a spec")
+    inspect = commands.add_parser("inspect", help="print the IR of a spec before and after the passes")
     inspect.add_argument("spec")
-    inspect.add_argument("--dot", help="also write the graph in Graphviz format to this file")
+    inspect.add_argument("--backend", default="pytorch", help="whose pass pipeline to run")
+    inspect.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    inspect.add_argument("--print-after", action="append", metavar="PASS", help="print the IR after this pass")
+    inspect.add_argument("--validate-each", action="store_true", help="check every pass against the reference")
+    inspect.add_argument("--cost", metavar="N=..,M=..", help="print FLOPs, bytes and peak memory after each pass")
+    inspect.add_argument("--dot", help="also write the optimized graph in Graphviz format to this file")
     inspect.set_defaults(run=_inspect)
 
     validate = commands.add_parser("validate", help="check the compiled program against the float64 reference")

@@ -148,12 +148,55 @@ def index_grids(batch: int, heads: int, n: int, m: int, device) -> dict:
     }
 
 
-def _softmax(scores):
+def _softmax(scores, exp2: bool):
+    if exp2:
+        scores = scores * math.log(2)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(row_max == -math.inf, 0.0, row_max)
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)
     return weights / torch.where(total == 0, 1.0, total)
+
+
+def _logsumexp(scores, exp2: bool):
+    return torch.logsumexp(scores * math.log(2) if exp2 else scores, dim=-1)
+
+
+def _grouped(kv, groups: int):
+    return kv.repeat_interleave(groups, dim=1) if groups > 1 else kv
+
+
+def _flash_attention(op, q, k, v, grids: dict, captured: dict):
+    """Run the region's schedule literally: query tiles, KV tiles, online softmax, in float64."""
+    k, v = _grouped(k, op.groups), _grouped(v, op.groups)
+    n, m = q.shape[2], k.shape[2]
+    block_m, block_n = op.block_m or n, op.block_n or m
+    power = (lambda x: torch.exp2(x)) if op.exp2 else torch.exp
+    o = torch.zeros(*q.shape[:3], v.shape[3], dtype=REAL, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=REAL, device=q.device)
+    for r0 in range(0, n, block_m):
+        rows = slice(r0, min(n, r0 + block_m))
+        row_max = torch.full(q[:, :, rows, 0].shape, -math.inf, dtype=REAL, device=q.device)
+        total = torch.zeros_like(row_max)
+        acc = torch.zeros(*row_max.shape, v.shape[3], dtype=REAL, device=q.device)
+        for c0 in range(0, m, block_n):
+            cols = slice(c0, min(m, c0 + block_n))
+            tile = {**grids, "q_idx": grids["q_idx"][:, :, rows], "kv_idx": grids["kv_idx"][..., cols]}
+            scores = q[:, :, rows] @ k[:, :, cols].transpose(-1, -2)
+            scores = _real(evaluate(op.score, {**tile, "score": scores}, captured)).expand_as(scores)
+            scores = torch.where(_tensor(evaluate(op.mask, tile, captured)), scores, -math.inf)
+            new_max = torch.maximum(row_max, scores.amax(dim=-1))
+            safe_max = torch.where(new_max == -math.inf, 0.0, new_max)
+            weights = power(scores - safe_max.unsqueeze(-1))
+            rescale = power(row_max - safe_max)
+            total = total * rescale + weights.sum(dim=-1)
+            acc = acc * rescale.unsqueeze(-1) + weights @ v[:, :, cols]
+            row_max = new_max
+        safe_max = torch.where(row_max == -math.inf, 0.0, row_max)
+        o[:, :, rows] = acc / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+        log_total = torch.log2(total) if op.exp2 else torch.log(total)
+        lse[:, :, rows] = (safe_max + log_total) * (math.log(2) if op.exp2 else 1.0)
+    return o, lse
 
 
 def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
@@ -165,7 +208,7 @@ def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
     inputs = {"query": q.to(REAL), "key": k.to(REAL), "value": v.to(REAL)}
     batch, heads, n, _ = q.shape
     grids = index_grids(batch, heads, n, k.shape[2], q.device)
-    values = {}
+    values, regions = {}, {}
     for node in graph.nodes:
         op, args = node.op, [values.get(i) for i in node.inputs]
         if isinstance(op, ops.Input):
@@ -173,8 +216,8 @@ def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
         elif isinstance(op, ops.RepeatKV):
             values[node] = args[0].repeat_interleave(op.groups, dim=1)
         elif isinstance(op, ops.Matmul):
-            other = args[1].transpose(-1, -2) if op.transpose_b else args[1]
-            values[node] = torch.matmul(args[0], other)
+            other = _grouped(args[1], op.kv_groups)
+            values[node] = torch.matmul(args[0], other.transpose(-1, -2) if op.transpose_b else other)
         elif isinstance(op, ops.Scale):
             values[node] = args[0] * float(op.factor)
         elif isinstance(op, ops.Alibi):
@@ -189,9 +232,14 @@ def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
             keep = _tensor(evaluate(op.predicate, grids, captured))
             values[node] = torch.where(keep, args[0], -math.inf)
         elif isinstance(op, ops.Softmax):
-            values[node] = _softmax(args[0])
+            values[node] = _softmax(args[0], op.exp2)
         elif isinstance(op, ops.LogSumExp):
-            values[node] = torch.logsumexp(args[0], dim=-1)
+            values[node] = _logsumexp(args[0], op.exp2)
+        elif isinstance(op, ops.FlashAttention):
+            regions[node] = _flash_attention(op, *args[:3], grids, captured)
+            values[node] = regions[node][0]
+        elif isinstance(op, ops.LseOf):
+            values[node] = regions[node.inputs[0]][1]
         elif isinstance(op, ops.Output):
             return dict(zip(op.names, args))
         else:

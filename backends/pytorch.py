@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import sympy
-from attncc.backends.source import GeneratedSource, SourceWriter, unique_names
 from sympy.printing.pycode import PythonCodePrinter
 
 import attncc
+from attncc.backends.source import GeneratedSource, SourceWriter, unique_names
 from attncc.ir import ops
 from attncc.ir.expr import INDEX_SYMBOLS, score
 from attncc.ir.graph import Graph
@@ -158,6 +160,8 @@ _BASE_NAMES = {
     ops.Matmul: lambda op: "scores" if op.transpose_b else "o",
     ops.Softmax: lambda op: "probs",
     ops.LogSumExp: lambda op: "lse",
+    ops.FlashAttention: lambda op: "o",
+    ops.LseOf: lambda op: "lse",
 }
 
 
@@ -169,15 +173,174 @@ def _value_name(node) -> str:
     return _BASE_NAMES.get(type(node.op), lambda op: "scores")(node.op)
 
 
+def _uses(expr, symbol: str) -> bool:
+    return any(s.name == symbol for s in expr.atoms(sympy.Symbol))
+
+
 def _grid_lines(expr, w: SourceWriter, defined: set[str]) -> None:
-    """Define the index grids an expression reads, once each."""
+    """Define the index grids an expression reads, once each (unoptimized graphs)."""
     shapes = {"b": "-1, 1, 1, 1", "h": "1, -1, 1, 1", "q_idx": "1, 1, -1, 1", "kv_idx": "1, 1, 1, -1"}
     sizes = {"b": "B", "h": "H", "q_idx": "N", "kv_idx": "M"}
     for symbol in ("b", "h", "q_idx", "kv_idx"):
-        if symbol in defined or not any(s.name == symbol for s in expr.atoms(sympy.Symbol)):
+        if symbol in defined or not _uses(expr, symbol):
             continue
         w.line(f"{symbol} = torch.arange({sizes[symbol]}, device=q.device).view({shapes[symbol]})")
         defined.add(symbol)
+
+
+def split_linear(expr) -> tuple[float | None, sympy.Expr]:
+    """(c, rest) when expr = c * score + rest with constant c and rest free of score, else (None, expr)."""
+    coefficient = sympy.expand(expr).coeff(score)
+    rest = sympy.expand(expr - coefficient * score)
+    if coefficient.is_number and coefficient != 0 and not rest.has(score):
+        return float(coefficient), rest
+    return None, expr
+
+
+REGION_TEMPLATE = '''\
+class {cls}(torch.autograd.Function):
+    """{doc}
+
+    Forward streams KV tiles with online softmax; backward recomputes each tile's
+    scores and differentiates them locally, so memory stays O(N x BLOCK_N).
+    """
+
+    BLOCK_M = {block_m}  # packed query rows per tile (GROUPS query heads share a KV head)
+    BLOCK_N = {block_n}  # keys per tile
+    GROUPS = {groups}
+
+    @staticmethod
+    def scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M{captured_params}):
+        """One tile of {units} scores: the region's score expression, masked with -inf."""
+{score_lines}
+    @staticmethod
+    def forward(ctx, q, k, v{captured_params}):
+        B, H, N, D = q.shape
+        M, Dv = k.shape[2], v.shape[3]
+        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
+        q_rows = q.reshape(B, kv_heads, rows, D).float()
+        k_f, v_f = k.float(), v.float()
+        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
+        o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
+        lse = torch.empty(B, kv_heads, rows, device=q.device)
+        for r0 in range(0, rows, {cls}.BLOCK_M):
+            r1 = min(r0 + {cls}.BLOCK_M, rows)
+            h, q_idx = _packed_rows(r0, r1, N, kv_heads, {cls}.GROUPS, q.device)
+            q_tile = q_rows[:, :, r0:r1]
+            row_max = torch.full((B, kv_heads, r1 - r0), float("-inf"), device=q.device)
+            row_sum = torch.zeros(B, kv_heads, r1 - r0, device=q.device)
+            acc = torch.zeros(B, kv_heads, r1 - r0, Dv, device=q.device)
+            for c0 in range(0, M, {cls}.BLOCK_N):
+                c1 = min(c0 + {cls}.BLOCK_N, M)
+                kv_idx = torch.arange(c0, c1, device=q.device).view(1, 1, 1, -1)
+                s = {cls}.scores(q_tile, k_f[:, :, c0:c1], b, h, q_idx, kv_idx, N, M{captured_args})
+                # -- online softmax: rescale the running sum and accumulator when the max grows
+                new_max = torch.maximum(row_max, s.amax(dim=-1))
+                safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
+                p = s.sub_(safe_max.unsqueeze(-1)).{exp}_()
+                rescale = torch.{exp}(row_max - safe_max)
+                row_sum = row_sum * rescale + p.sum(dim=-1)
+                acc.mul_(rescale.unsqueeze(-1)).add_(torch.matmul(p, v_f[:, :, c0:c1]))
+                row_max = new_max
+            # -- epilogue: a row that saw no key keeps acc = 0 and gets lse = -inf
+            safe_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+            o[:, :, r0:r1] = acc / torch.where(row_sum == 0, 1.0, row_sum).unsqueeze(-1)
+            lse[:, :, r0:r1] = (safe_max + torch.{log}(row_sum)){to_natural}
+        o = o.view(B, H, N, Dv)
+        lse = lse.view(B, H, N)
+        ctx.save_for_backward(q, k, v, o, lse{captured_args})
+        return o.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        q, k, v, o, lse, *captured = ctx.saved_tensors
+        B, H, N, D = q.shape
+        M, Dv = k.shape[2], v.shape[3]
+        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
+        q_rows = q.reshape(B, kv_heads, rows, D).float()
+        k_f, v_f = k.float(), v.float()
+        grad_o = grad_o.float().reshape(B, kv_heads, rows, Dv)
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float()
+        # d lse / d s = p: the lse gradient joins delta = rowsum(o * dO) in one row term
+        row_term = ((o.reshape(B, kv_heads, rows, Dv) * grad_o).sum(dim=-1) - grad_lse.reshape(B, kv_heads, rows))
+        lse_units = lse.reshape(B, kv_heads, rows){to_units}
+        lse_units = torch.where(torch.isinf(lse_units), 0.0, lse_units)
+        trainable = [i for i, t in enumerate(captured) if ctx.needs_input_grad[3 + i]]
+        grad_q = torch.zeros_like(q_rows)
+        grad_k = torch.zeros_like(k_f)
+        grad_v = torch.zeros_like(v_f)
+        grad_captured = [torch.zeros_like(captured[i], dtype=torch.float32) for i in trainable]
+        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
+        for r0 in range(0, rows, {cls}.BLOCK_M):
+            r1 = min(r0 + {cls}.BLOCK_M, rows)
+            h, q_idx = _packed_rows(r0, r1, N, kv_heads, {cls}.GROUPS, q.device)
+            for c0 in range(0, M, {cls}.BLOCK_N):
+                c1 = min(c0 + {cls}.BLOCK_N, M)
+                kv_idx = torch.arange(c0, c1, device=q.device).view(1, 1, 1, -1)
+                with torch.enable_grad():
+                    q_tile = q_rows[:, :, r0:r1].detach().requires_grad_()
+                    k_tile = k_f[:, :, c0:c1].detach().requires_grad_()
+                    inputs = [t.detach().requires_grad_() if i in trainable else t for i, t in enumerate(captured)]
+                    s = {cls}.scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, *inputs)
+                p = torch.{exp}(s.detach() - lse_units[:, :, r0:r1].unsqueeze(-1))
+                grad_v[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), grad_o[:, :, r0:r1])
+                grad_p = torch.matmul(grad_o[:, :, r0:r1], v_f[:, :, c0:c1].transpose(-1, -2))
+                grad_s = p * (grad_p - row_term[:, :, r0:r1].unsqueeze(-1)){from_units}
+                leaves = [q_tile, k_tile] + [inputs[i] for i in trainable]
+                grads = torch.autograd.grad(s, leaves, grad_s)
+                grad_q[:, :, r0:r1] += grads[0]
+                grad_k[:, :, c0:c1] += grads[1]
+                for total, grad in zip(grad_captured, grads[2:]):
+                    total += grad
+        grad_inputs = [None] * len(captured)
+        for i, grad in zip(trainable, grad_captured):
+            grad_inputs[i] = grad.to(captured[i].dtype)
+        return (grad_q.reshape(q.shape).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), *grad_inputs)
+'''
+
+PACKED_ROWS = '''\
+def _packed_rows(r0, r1, N, kv_heads, groups, device):
+    """Head and query index grids of packed rows r0..r1 (row r is query r % N of head group r // N)."""
+    packed = torch.arange(r0, r1, device=device)
+    head = torch.arange(kv_heads, device=device).view(1, -1, 1, 1) * groups + (packed // N).view(1, 1, -1, 1)
+    return head, (packed % N).view(1, 1, -1, 1)
+'''
+
+
+def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
+    op = node.op
+    coefficient, rest = split_linear(op.score)
+    lines = []
+    if coefficient is not None:
+        lines.append(f"s = torch.matmul(q_tile * {coefficient!r}, k_tile.transpose(-1, -2))")
+        if rest != 0:
+            lines.append(f"s = s + {print_expr(rest)}")
+    else:
+        lines.append("score = torch.matmul(q_tile, k_tile.transpose(-1, -2))")
+        lines.append(f"s = torch.broadcast_to({print_expr(op.score)}, score.shape).float()")
+    if op.mask is not sympy.true:
+        keep = print_expr(op.mask)
+        if not is_tensor(op.mask):
+            keep = f"torch.tensor({keep}, device=s.device)"
+        lines.append(f's = s.masked_fill(~{keep}, float("-inf"))')
+    lines.append("return s")
+    captured_params = "".join(f", {c}" for c in captured)
+    return REGION_TEMPLATE.format(
+        cls=cls,
+        doc=ir_line.replace('"', "'"),
+        block_m=op.block_m or 1 << 30,
+        block_n=op.block_n or 1 << 30,
+        groups=op.groups,
+        units="base-2" if op.exp2 else "natural",
+        score_lines="".join(f"        {line}\n" for line in lines),
+        captured_params=captured_params,
+        captured_args=captured_params,
+        exp="exp2" if op.exp2 else "exp",
+        log="log2" if op.exp2 else "log",
+        to_natural=" * LN2" if op.exp2 else "",
+        to_units=" * LOG2_E" if op.exp2 else "",
+        from_units=" * LN2" if op.exp2 else "",
+    )
 
 
 def generate(graph: Graph) -> GeneratedSource:
@@ -186,6 +349,7 @@ def generate(graph: Graph) -> GeneratedSource:
     nodes = [n for n in graph.nodes if n.type is not None]
     names = dict(zip(nodes, unique_names(_value_name(n) for n in nodes)))
     captured = [n.op.label for n in graph.captured]
+    regions = graph.nodes_of(ops.FlashAttention)
 
     w = SourceWriter()
     w.line(f'"""Attention generated by attncc {attncc.__version__} (backend: pytorch).')
@@ -205,29 +369,58 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line()
     w.line("import torch")
     w.line()
+    region_classes = {}
+    if regions:
+        w.line("LOG2_E = 1.4426950408889634")
+        w.line("LN2 = 0.6931471805599453")
+        w.line()
+        w.line()
+        for line in PACKED_ROWS.splitlines():
+            w.line(line)
+    for index, node in enumerate(regions):
+        cls = f"FlashAttention{index}" if len(regions) > 1 else "FlashAttention"
+        region_classes[node] = cls
+        ir_line = format_node(node, ir_names)
+        w.line()
+        w.line()
+        region_captured = [operand.op.label for operand in node.inputs[3:]]
+        for line in _region_source(node, cls, ir_line, region_captured).splitlines():
+            w.line(line, ir=ir_line)
+    w.line()
     w.line()
     w.line(f"def attention({', '.join(['q', 'k', 'v', *captured])}):")
     w.indent = 1
     w.line("B, H, N, _ = q.shape")
     w.line("M = k.shape[2]")
     grids: set[str] = set()
-    outputs = None
     for node in graph.nodes:
         op = node.op
         if isinstance(op, ops.Input):
             continue
-        if isinstance(op, ops.Output):
-            outputs = [names[i] for i in node.inputs]
-            w.line()
-            w.line(f"# {format_node(node, ir_names)}", ir=format_node(node, ir_names))
-            w.line(f"return {outputs[0]}.to(q.dtype), {outputs[1]}")
-            break
         ir_line = format_node(node, ir_names)
         w.line()
         w.line(f"# {ir_line}", ir=ir_line)
+        if isinstance(op, ops.Output):
+            outputs = [names[i] for i in node.inputs]
+            w.line(f"return {outputs[0]}.to(q.dtype), {outputs[1]}", ir=ir_line)
+            break
+        if isinstance(op, ops.FlashAttention):
+            args = ", ".join(names[i] for i in node.inputs)
+            w.line(f"{names[node]}, {names[node]}_lse = {region_classes[node]}.apply({args})", ir=ir_line)
+            continue
         for text in _lower_node(node, names, w, grids):
             w.line(text, ir=ir_line)
     return GeneratedSource(w.text(), "attention", w.line_map, name)
+
+
+def _grouped_matmul(a: str, c: str, op: ops.Matmul) -> str:
+    """a [B, H, n, x] times c [B, H / g, ...] with head h reading c's head h // g, without repeating c."""
+    other = f"{c}.float().transpose(-1, -2)" if op.transpose_b else f"{c}.float()"
+    if op.kv_groups == 1:
+        return f"torch.matmul({a}.float(), {other})"
+    g = op.kv_groups
+    grouped = f"{a}.float().reshape(B, -1, {g}, {a}.shape[2], {a}.shape[3])"
+    return f"torch.matmul({grouped}, {other}.unsqueeze(2)).flatten(1, 2)"
 
 
 def _lower_node(node, names, w: SourceWriter, grids: set[str]) -> list[str]:
@@ -236,8 +429,9 @@ def _lower_node(node, names, w: SourceWriter, grids: set[str]) -> list[str]:
     if isinstance(op, ops.RepeatKV):
         return [f"{out} = {args[0]}.repeat_interleave({op.groups}, dim=1)"]
     if isinstance(op, ops.Matmul):
-        other = f"{args[1]}.float().transpose(-1, -2)" if op.transpose_b else f"{args[1]}.float()"
-        return [f"{out} = torch.matmul({args[0]}.float(), {other})"]
+        return [f"{out} = {_grouped_matmul(args[0], args[1], op)}"]
+    if isinstance(op, ops.LseOf):
+        return [f"{out} = {args[0]}_lse"]
     if isinstance(op, ops.Scale):
         return [f"{out} = {args[0]} * {float(op.factor)!r}"]
     if isinstance(op, ops.Alibi):
@@ -259,13 +453,15 @@ def _lower_node(node, names, w: SourceWriter, grids: set[str]) -> list[str]:
             keep = f"torch.tensor({keep}, device=q.device)"
         return [f"{out} = torch.where({keep}, {args[0]}, float('-inf'))"]
     if isinstance(op, ops.Softmax):
+        exp = "torch.exp2" if op.exp2 else "torch.exp"
         return [
             f"row_max = {args[0]}.amax(dim=-1, keepdim=True)",
             "row_max = torch.where(row_max == float('-inf'), 0.0, row_max)  # a fully masked row gives zeros",
-            f"weights = torch.exp({args[0]} - row_max)",
+            f"weights = {exp}({args[0]} - row_max)",
             "total = weights.sum(dim=-1, keepdim=True)",
             f"{out} = weights / torch.where(total == 0, 1.0, total)",
         ]
     if isinstance(op, ops.LogSumExp):
-        return [f"{out} = torch.logsumexp({args[0]}, dim=-1)"]
+        units = f"{args[0]} * {math.log(2)!r}" if op.exp2 else args[0]
+        return [f"{out} = torch.logsumexp({units}, dim=-1)"]
     raise NotImplementedError(f"the pytorch backend has no lowering for {op.name}")

@@ -1,1 +1,57 @@
-"""Optimization passes over the attention IR, one file per pass."""
+"""Optimization passes over the attention IR, one file per pass, and the pipelines per target.
+
+A pipeline is a readable list of pass names with options in braces, e.g.
+``tile{target=triton,block_m=64}``.
+"""
+
+from __future__ import annotations
+
+from attncc.errors import AttnccError
+from attncc.passes.base import Pass
+from attncc.passes.canonicalize import Canonicalize
+from attncc.passes.fold_scale import FoldScale
+from attncc.passes.group_kv import GroupKV
+from attncc.passes.manager import PassManager, PassRecord
+from attncc.passes.online_softmax import OnlineSoftmax
+from attncc.passes.tile import Tile
+
+PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, OnlineSoftmax, Tile)}
+
+PIPELINES = {
+    "pytorch": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=pytorch}"],
+    "triton": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=triton}"],
+    "cuda": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=cuda}"],
+}
+
+
+def parse_pass(text: str) -> Pass:
+    """``name`` or ``name{option=value,...}``; integer values become ints."""
+    name, _, rest = text.strip().partition("{")
+    cls = PASSES.get(name.strip())
+    if cls is None:
+        raise AttnccError(f"pass {name.strip()!r} is unknown; known passes: {', '.join(PASSES)}")
+    options = {}
+    if rest:
+        if not rest.endswith("}"):
+            raise AttnccError(f"pass options {text!r} must end with '}}'")
+        for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+            key, equals, value = item.partition("=")
+            if not equals:
+                raise AttnccError(f"pass option {item!r} in {text!r} is not key=value")
+            options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    try:
+        return cls(**options)
+    except TypeError as error:
+        raise AttnccError(f"pass {name!r}: {error}") from None
+
+
+def pipeline(names) -> list[Pass]:
+    """Pass objects for a target name in PIPELINES, or for a list or comma-free sequence of pass texts."""
+    if isinstance(names, str):
+        if names not in PIPELINES:
+            raise AttnccError(f"pipeline {names!r} is unknown; known pipelines: {', '.join(PIPELINES)}")
+        names = PIPELINES[names]
+    return [parse_pass(n) if isinstance(n, str) else n for n in names]
+
+
+__all__ = ["PASSES", "PIPELINES", "Pass", "PassManager", "PassRecord", "parse_pass", "pipeline"]

@@ -2,7 +2,21 @@
 
 from attncc.ir.expr import FloorDiv, b, captured_symbol, h, kv_idx, q_idx, score
 from attncc.ir.graph import Graph, GraphBuilder, Node, verify
-from attncc.ir.ops import Alibi, Input, LogSumExp, Mask, Matmul, Op, Output, RepeatKV, Scale, ScoreMod, Softmax
+from attncc.ir.ops import (
+    Alibi,
+    FlashAttention,
+    Input,
+    LogSumExp,
+    LseOf,
+    Mask,
+    Matmul,
+    Op,
+    Output,
+    RepeatKV,
+    Scale,
+    ScoreMod,
+    Softmax,
+)
 from attncc.ir.types import B, M, N, TensorType
 
 __all__ = [

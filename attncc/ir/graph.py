@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import networkx
 
 from attncc.errors import IRError
-from attncc.ir.ops import Input, Op, Output
+from attncc.ir.ops import FlashAttention, Input, LseOf, Op, Output
 from attncc.ir.types import TensorType
 
 
@@ -121,10 +121,14 @@ def verify(graph: Graph) -> None:
                 raise IRError(f"{where}: input name {node.op.label!r} is used twice")
             labels.add(node.op.label)
             inputs_by_label[node.op.label] = node
+        if isinstance(node.op, LseOf) and not isinstance(node.inputs[0].op, FlashAttention):
+            raise IRError(f"{where}: lse_of reads a flash_attention region, not {node.inputs[0].op.name}")
         captured = node.op.captured_inputs()
         if captured:
-            names = [operand.op.label for operand in node.inputs[1:] if isinstance(operand.op, Input)]
-            if len(names) != len(node.inputs) - 1 or set(names) != captured or len(names) != len(set(names)):
+            first = 3 if isinstance(node.op, FlashAttention) else 1
+            operands = node.inputs[first:]
+            names = [operand.op.label for operand in operands if isinstance(operand.op, Input)]
+            if len(names) != len(operands) or set(names) != captured or len(names) != len(set(names)):
                 raise IRError(f"{where} reads captured tensors {sorted(captured)} but its operands are {names}")
         seen.add(node)
     if not graph.nodes:

@@ -7,7 +7,7 @@ fit. The unoptimized graph uses the textbook ops below; passes add fused region 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
 import sympy
@@ -25,7 +25,12 @@ class Op:
     name: ClassVar[str]
 
     def attributes(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The attributes to print: every field without a default, and those that differ from it."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.default is MISSING or getattr(self, f.name) != f.default
+        }
 
     def infer_type(self, inputs: list[TensorType]) -> TensorType | None:
         raise NotImplementedError(type(self).__name__)
@@ -90,16 +95,24 @@ class RepeatKV(Op):
 
 @dataclass(frozen=True)
 class Matmul(Op):
-    """Batched matrix product over the last two axes; accumulates in f32."""
+    """Batched matrix product over the last two axes; accumulates in f32.
+
+    With ``kv_groups = g`` the second operand has H / g heads and head ``h`` of the
+    first reads head ``h // g`` of the second (grouped-query attention without
+    repeating K or V).
+    """
 
     name: ClassVar[str] = "matmul"
     transpose_b: bool
+    kv_groups: int = 1
 
     def infer_type(self, inputs):
         _expect_arity(self, inputs, 2)
         a, c = inputs
-        if a.rank != 4 or c.rank != 4 or a.shape[:2] != c.shape[:2]:
-            raise IRError(f"matmul expects [B, H, *, *] operands with equal batch and heads, got {a} and {c}")
+        if a.rank != 4 or c.rank != 4 or self.kv_groups < 1:
+            raise IRError(f"matmul expects [B, H, *, *] operands and kv_groups >= 1, got {a}, {c}, {self.kv_groups}")
+        if a.shape[0] != c.shape[0] or sympy.simplify(a.shape[1] - c.shape[1] * self.kv_groups) != 0:
+            raise IRError(f"matmul operands {a} and {c} do not share batch and heads (kv_groups = {self.kv_groups})")
         rows, inner = a.shape[2], a.shape[3]
         c_inner, cols = (c.shape[3], c.shape[2]) if self.transpose_b else (c.shape[2], c.shape[3])
         if sympy.simplify(inner - c_inner) != 0:
@@ -177,9 +190,13 @@ class Mask(Op):
 
 @dataclass(frozen=True)
 class Softmax(Op):
-    """Softmax over the key axis; a row without a finite score gives zeros."""
+    """Softmax over the key axis; a row without a finite score gives zeros.
+
+    With ``exp2`` the scores are in base-2 units: the weights are 2^s, not e^s.
+    """
 
     name: ClassVar[str] = "softmax"
+    exp2: bool = False
 
     def infer_type(self, inputs):
         _expect_arity(self, inputs, 1)
@@ -189,13 +206,76 @@ class Softmax(Op):
 
 @dataclass(frozen=True)
 class LogSumExp(Op):
-    """Natural-log logsumexp over the key axis; -inf for a row without a finite score."""
+    """Natural-log logsumexp over the key axis; -inf for a row without a finite score.
+
+    With ``exp2`` the scores are in base-2 units; the result is still a natural log.
+    """
 
     name: ClassVar[str] = "logsumexp"
+    exp2: bool = False
 
     def infer_type(self, inputs):
         _expect_arity(self, inputs, 1)
         _expect_float_scores(self, inputs[0])
+        return inputs[0].with_shape(inputs[0].shape[:3])
+
+
+@dataclass(frozen=True)
+class FlashAttention(Op):
+    """A fused attention region: o = softmax(where(mask, score, -inf)) v, streamed over KV tiles.
+
+    Inputs: q [B, H, N, D], k and v [B, H / groups, M, *], then the captured tensors
+    the expressions read. ``score`` is an expression over the raw dot product
+    ``score`` = q . k (and b, h, q_idx, kv_idx, captured tensors); with ``exp2`` it is
+    in base-2 units. Per query tile of ``block_m`` rows the region keeps a running
+    max ``m``, a running sum ``l`` of 2^(s - m) (or e^(s - m)) and an accumulator
+    ``acc`` of the weighted values, rescaled whenever ``m`` grows, over KV tiles of
+    ``block_n`` keys; then o = acc / l and lse = m + log l. Tile sizes 0 mean
+    "not chosen yet" (one tile spans the whole axis). ``num_warps`` and
+    ``num_stages`` are launch parameters for GPU targets (0 where unused).
+    """
+
+    name: ClassVar[str] = "flash_attention"
+    groups: int
+    score: sympy.Expr
+    mask: sympy.Basic
+    exp2: bool
+    block_m: int = 0
+    block_n: int = 0
+    num_warps: int = 0
+    num_stages: int = 0
+
+    def captured_inputs(self):
+        return captured_names(self.score) | captured_names(self.mask)
+
+    def infer_type(self, inputs):
+        if len(inputs) < 3:
+            raise IRError(f"flash_attention takes q, k, v and captured tensors, got {len(inputs)} inputs")
+        q, k, v = inputs[:3]
+        if q.rank != 4 or k.rank != 4 or v.rank != 4 or self.groups < 1:
+            raise IRError(f"flash_attention expects 4-D q, k, v and groups >= 1, got {q}, {k}, {v}, {self.groups}")
+        if sympy.simplify(q.shape[1] - k.shape[1] * self.groups) != 0 or k.shape[1] != v.shape[1]:
+            raise IRError(f"flash_attention heads do not match: q {q}, k {k}, v {v}, groups {self.groups}")
+        if q.shape[3] != k.shape[3] or k.shape[2] != v.shape[2] or not (q.shape[0] == k.shape[0] == v.shape[0]):
+            raise IRError(f"flash_attention shapes do not fit: q {q}, k {k}, v {v}")
+        if is_boolean(self.score) or not is_boolean(self.mask):
+            raise IRError(f"flash_attention needs a numeric score and a boolean mask, got {self.score} and {self.mask}")
+        _check_expression(self, self.score, _INDEX_NAMES | {str(score)})
+        _check_expression(self, self.mask, _INDEX_NAMES)
+        for size in (self.block_m, self.block_n, self.num_warps, self.num_stages):
+            if size < 0:
+                raise IRError(f"flash_attention tile and launch sizes must be >= 0, got {size}")
+        return TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), "f32")
+
+
+@dataclass(frozen=True)
+class LseOf(Op):
+    """The logsumexp (natural log) that a flash_attention region computes alongside o."""
+
+    name: ClassVar[str] = "lse_of"
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
         return inputs[0].with_shape(inputs[0].shape[:3])
 
 

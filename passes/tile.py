@@ -1,0 +1,54 @@
+"""tile: choose the tile sizes (and, for GPU targets, warps and pipeline stages) of each region.
+
+The choice depends on the target and the head dimensions only, so one generated
+kernel serves every sequence length. ``block_m`` counts query rows of a tile (for
+grouped-query attention the backends pack the query heads of a group as rows),
+``block_n`` the keys of a KV tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from attncc.errors import BackendError
+from attncc.ir import ops
+from attncc.ir.graph import Graph
+from attncc.passes.base import Pass
+from attncc.passes.rewrite import rebuild
+
+# target -> [(largest head dim, block_m, block_n, num_warps, num_stages)], first fit wins.
+# pytorch: tiles of 512 x 256 keep a tile's scores (0.5 MiB per head) in cache while
+# the matmuls stay large; measured on CPU against SDPA (docs/performance.md).
+TILE_TABLE = {
+    "pytorch": [(1 << 30, 512, 256, 0, 0)],
+    "triton": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 2), (1 << 30, 64, 32, 8, 1)],
+    "cuda": [(64, 128, 64, 4, 2), (128, 64, 64, 4, 2), (1 << 30, 64, 32, 4, 1)],
+}
+
+
+@dataclass(frozen=True)
+class Tile(Pass):
+    name = "tile"
+    target: str
+    block_m: int = 0
+    block_n: int = 0
+
+    def choose(self, head_dim: int) -> tuple[int, int, int, int]:
+        if self.target not in TILE_TABLE:
+            raise BackendError(f"tile: target={self.target!r} is unknown; known targets: {', '.join(TILE_TABLE)}")
+        for largest, block_m, block_n, warps, stages in TILE_TABLE[self.target]:
+            if head_dim <= largest:
+                return self.block_m or block_m, self.block_n or block_n, warps, stages
+        raise AssertionError("the last row of every tile table fits any head dim")
+
+    def run(self, graph: Graph) -> Graph:
+        def rule(node, inputs, builder):
+            if not isinstance(node.op, ops.FlashAttention):
+                return None
+            head_dim = max(int(node.inputs[0].type.shape[3]), int(node.inputs[2].type.shape[3]))
+            block_m, block_n, warps, stages = self.choose(head_dim)
+            self.count("regions_tiled")
+            op = replace(node.op, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+            return builder.add(op, *inputs)
+
+        return rebuild(graph, rule)
