@@ -83,8 +83,8 @@ def node_cost(node, dtype_bytes: int) -> tuple[sympy.Expr, sympy.Expr, sympy.Exp
         return SOFTMAX_FLOPS * out, moved, sympy.Integer(0)
     if isinstance(op, ops.LogSumExp):
         return LOGSUMEXP_FLOPS * numel(node.inputs[0].type), moved, sympy.Integer(0)
-    expr = getattr(op, "expr", None) or getattr(op, "predicate", None) or getattr(op, "slope", None)
-    return out * (expression_flops(expr) if expr is not None else 1), moved, sympy.Integer(0)
+    expressions = [getattr(op, name) for name in ("expr", "predicate", "slope") if hasattr(op, name)]
+    return out * (expression_flops(expressions[0]) if expressions else 1), moved, sympy.Integer(0)
 
 
 def graph_cost(graph: Graph, dtype_bytes: int = 2) -> Cost:

@@ -13,7 +13,8 @@ def format_attribute(value) -> str:
     if isinstance(value, sympy.Basic):
         return sympy.sstr(value)
     if isinstance(value, tuple):
-        return "(" + ", ".join(format_attribute(v) for v in value) + ")"
+        items = [format_attribute(v) for v in value]
+        return f"({items[0]},)" if len(items) == 1 else "(" + ", ".join(items) + ")"
     return str(value)
 
 

@@ -1,0 +1,249 @@
+"""Each pass on printed IR before and after, where it must not fire, and the PassManager."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import sympy
+import torch
+
+import attncc
+from attncc.errors import AttnccError, ValidationError
+from attncc.frontend.lower import lower
+from attncc.ir import GraphBuilder, ops
+from attncc.ir.cost import graph_cost
+from attncc.ir.expr import score
+from attncc.ir.types import B, M, N, TensorType
+from attncc.passes import PassManager, parse_pass, pipeline
+from attncc.passes.base import Pass
+from attncc.passes.canonicalize import Canonicalize
+from attncc.passes.fold_scale import FoldScale
+from attncc.passes.group_kv import GroupKV
+from attncc.passes.online_softmax import OnlineSoftmax
+from attncc.passes.tile import Tile
+
+LLAMA = attncc.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=64, causal=True)
+
+
+def body(graph) -> list[str]:
+    """The printed op lines, without the signature and the closing brace."""
+    return [line.strip() for line in str(graph).splitlines()[1:-1]]
+
+
+def run(graph, *passes):
+    for p in passes:
+        p.stats.clear()
+        graph = p.run(graph)
+    return graph
+
+
+def test_canonicalize_lowers_alibi_and_composes_score_mods():
+    spec = attncc.AttentionSpec(num_heads=4, head_dim=16, alibi=True, softcap=30.0,
+                                score_mod=lambda s, b, h, q, kv: s * 2)  # fmt: skip
+    canonical = Canonicalize()
+    after = body(canonical.run(lower(spec)))
+    assert after[1] == "%1 = scale(%0) {factor = 1/4} : f32[B, 4, N, M]"
+    assert after[2] == (
+        # softcap(2 * (s - slope(h) |i + M - N - j|)), slope(h) = 2^(-2h - 2) for 4 heads
+        "%2 = score_mod(%1) {expr = 30*tanh(score/15 - Abs(M - N - kv_idx + q_idx)/(60*2**(2*h)))} : f32[B, 4, N, M]"
+    )
+    assert canonical.stats["alibi_to_score_mod"] == 1 and canonical.stats["score_mods_composed"] == 2
+
+
+def test_canonicalize_removes_identities():
+    g = GraphBuilder()
+    q = g.input("q", "query", TensorType((B, 2, N, 8), "T"))
+    k = g.input("k", "key", TensorType((B, 2, M, 8), "T"))
+    s = g.add(ops.Matmul(transpose_b=True), g.add(ops.RepeatKV(1), q), k)
+    s = g.add(ops.Mask(sympy.true), g.add(ops.ScoreMod(score), g.add(ops.Scale(sympy.Integer(1)), s)))
+    canonical = Canonicalize()
+    after = body(canonical.run(g.finish({"lse": g.add(ops.LogSumExp(), s)})))
+    assert after == ["%0 = matmul(%q, %k) {transpose_b = true} : f32[B, 2, N, M]", "%1 = logsumexp(%0) : f32[B, 2, N]",
+                     "output(%1) {names = (lse,)}"]  # fmt: skip
+    assert canonical.stats["identities_removed"] == 4
+
+
+def test_canonicalize_shares_common_subexpressions():
+    g = GraphBuilder()
+    q = g.input("q", "query", TensorType((B, 2, N, 8), "T"))
+    k = g.input("k", "key", TensorType((B, 2, M, 8), "T"))
+    first = g.add(ops.Matmul(transpose_b=True), q, k)
+    second = g.add(ops.Matmul(transpose_b=True), q, k)
+    graph = g.finish({"a": g.add(ops.LogSumExp(), first), "b": g.add(ops.LogSumExp(), second)})
+    canonical = Canonicalize()
+    after = body(canonical.run(graph))
+    assert after == [
+        "%0 = matmul(%q, %k) {transpose_b = true} : f32[B, 2, N, M]",
+        "%1 = logsumexp(%0) : f32[B, 2, N]",
+        "output(%1, %1) {names = (a, b)}",
+    ]
+    assert canonical.stats["common_subexpressions"] == 2
+
+
+def test_fold_scale_folds_scale_and_log2e_into_one_expression():
+    fold = FoldScale()
+    after = body(fold.run(Canonicalize().run(lower(LLAMA))))
+    assert after[2:4] == ["%2 = matmul(%q, %0) {transpose_b = true} : f32[B, 8, N, M]",
+                          "%3 = score_mod(%2) {expr = score/(8*log(2))} : f32[B, 8, N, M]"]  # fmt: skip
+    assert after[5:7] == [
+        "%5 = softmax(%4) {exp2 = true} : f32[B, 8, N, M]",
+        "%6 = logsumexp(%4) {exp2 = true} : f32[B, 8, N]",
+    ]
+    assert fold.stats == {"scales_folded": 1, "exp2_regions": 1}
+
+
+def test_fold_scale_does_not_fire_when_scores_escape():
+    g = GraphBuilder()
+    q = g.input("q", "query", TensorType((B, 2, N, 8), "T"))
+    k = g.input("k", "key", TensorType((B, 2, M, 8), "T"))
+    s = g.add(ops.Scale(sympy.Rational(1, 4)), g.add(ops.Matmul(transpose_b=True), q, k))
+    graph = g.finish({"scores": s, "lse": g.add(ops.LogSumExp(), s)})
+    fold = FoldScale()
+    assert fold.run(graph) is graph and not fold.stats
+
+
+def test_group_kv_removes_repeat_kv():
+    group = GroupKV()
+    after = body(group.run(lower(LLAMA)))
+    assert after[0] == "%0 = matmul(%q, %k) {kv_groups = 4, transpose_b = true} : f32[B, 8, N, M]"
+    assert after[-2] == "%5 = matmul(%3, %v) {kv_groups = 4, transpose_b = false} : f32[B, 8, N, 64]"
+    assert group.stats["repeat_kv_removed"] == 2
+
+
+def test_group_kv_keeps_repeat_kv_that_escapes():
+    g = GraphBuilder()
+    k = g.input("k", "key", TensorType((B, 2, M, 8), "T"))
+    repeated = g.add(ops.RepeatKV(2), k)
+    graph = g.finish({"k_rep": repeated})
+    group = GroupKV()
+    assert group.run(graph) is graph and not group.stats
+
+
+def fused_llama():
+    return run(lower(LLAMA), Canonicalize(), FoldScale(), GroupKV(), OnlineSoftmax())
+
+
+def test_online_softmax_fuses_one_region():
+    fuse = OnlineSoftmax()
+    after = body(fuse.run(run(lower(LLAMA), Canonicalize(), FoldScale(), GroupKV())))
+    assert after == [
+        "%0 = flash_attention(%q, %k, %v) {exp2 = true, groups = 4, mask = kv_idx <= M - N + q_idx, "
+        "score = score/(8*log(2))} : f32[B, 8, N, 64]",
+        "%1 = lse_of(%0) : f32[B, 8, N]",
+        "output(%0, %1) {names = (o, lse)}",
+    ]
+    assert fuse.stats["fused_regions"] == 1
+
+
+def test_online_softmax_fuses_without_prior_passes():
+    after = body(OnlineSoftmax().run(lower(attncc.AttentionSpec(num_heads=2, head_dim=16))))
+    assert (
+        after[0]
+        == "%0 = flash_attention(%q, %k, %v) {exp2 = false, groups = 1, mask = True, score = score/4} : f32[B, 2, N, 16]"
+    )
+
+
+def test_online_softmax_does_not_fuse_when_probabilities_are_an_output():
+    g = GraphBuilder()
+    q = g.input("q", "query", TensorType((B, 2, N, 8), "T"))
+    k = g.input("k", "key", TensorType((B, 2, M, 8), "T"))
+    v = g.input("v", "value", TensorType((B, 2, M, 8), "T"))
+    s = g.add(ops.Matmul(transpose_b=True), q, k)
+    p = g.add(ops.Softmax(), s)
+    graph = g.finish({"o": g.add(ops.Matmul(transpose_b=False), p, v), "p": p})
+    fuse = OnlineSoftmax()
+    assert fuse.run(graph) is graph
+    assert fuse.stats == {"fused_regions": 0, "not_fused": 1}
+
+
+def test_online_softmax_does_not_fuse_a_score_mod_after_the_mask():
+    g = GraphBuilder()
+    q = g.input("q", "query", TensorType((B, 2, N, 8), "T"))
+    k = g.input("k", "key", TensorType((B, 2, M, 8), "T"))
+    v = g.input("v", "value", TensorType((B, 2, M, 8), "T"))
+    s = g.add(ops.Mask(sympy.Le(sympy.Symbol("kv_idx", integer=True, nonnegative=True), 3)),
+              g.add(ops.Matmul(transpose_b=True), q, k))  # fmt: skip
+    s = g.add(ops.ScoreMod(sympy.Max(score, 0)), s)  # would turn masked -inf back into 0
+    graph = g.finish({"o": g.add(ops.Matmul(transpose_b=False), g.add(ops.Softmax(), s), v)})
+    assert OnlineSoftmax().run(graph) is graph
+
+
+def test_tile_sets_sizes_per_target_and_head_dim():
+    fused = fused_llama()
+    assert "block_m = 512, block_n = 256" in body(Tile(target="pytorch").run(fused))[0]
+    tiled = body(Tile(target="triton").run(fused))[0]
+    assert "block_m = 128, block_n = 64" in tiled and "num_stages = 3, num_warps = 4" in tiled
+    assert "block_m = 16, block_n = 8" in body(Tile(target="pytorch", block_m=16, block_n=8).run(fused))[0]
+    with pytest.raises(AttnccError, match="target='tpu' is unknown"):
+        Tile(target="tpu").run(fused)
+
+
+def test_pipeline_parsing():
+    passes = pipeline(["canonicalize", "tile{target=triton,block_m=64}"])
+    assert [str(p) for p in passes] == ["canonicalize", "tile{target=triton, block_m=64}"]
+    assert [p.name for p in pipeline("pytorch")] == ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile"]
+    with pytest.raises(AttnccError, match="pass 'fuse' is unknown; known passes: canonicalize"):
+        parse_pass("fuse")
+    with pytest.raises(AttnccError, match="is not key=value"):
+        parse_pass("tile{target}")
+
+
+def test_print_after_all_and_records():
+    stream = io.StringIO()
+    manager = PassManager(pipeline("pytorch"), print_after_all=True, stream=stream)
+    manager.run(lower(LLAMA))
+    printed = stream.getvalue()
+    assert printed.count("// ----- IR after") == 5
+    assert "// ----- IR after online-softmax -----\ngraph(%q: T[B, 8, N, 64]" in printed
+    assert [r.name for r in manager.records] == ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile"]
+    assert manager.records[3].stats["fused_regions"] == 1
+
+
+class BreakScale(Pass):
+    """A wrong rewrite: drops the softmax scale."""
+
+    name = "break-scale"
+
+    def run(self, graph):
+        from attncc.passes.rewrite import rebuild
+
+        return rebuild(graph, lambda node, inputs, b: inputs[0] if isinstance(node.op, ops.Scale) else None)
+
+
+def test_translation_validation_names_the_pass_that_changed_the_meaning():
+    manager = PassManager([Canonicalize(), BreakScale()], validate_each=True)
+    with pytest.raises(ValidationError, match="pass break-scale changed the meaning of the graph: o moved by"):
+        manager.run(lower(LLAMA))
+    assert manager.records[0].max_change < 1e-12
+
+
+def test_translation_validation_passes_the_default_pipelines_with_captured_tensors():
+    doc = torch.tensor([0] * 10 + [1] * 20 + [2] * 20)
+    table = torch.randn(4, 9)
+    spec = attncc.AttentionSpec(
+        num_heads=4, num_kv_heads=2, head_dim=16, causal=True, window=(12, 0), softcap=20.0, alibi=True,
+        mask_mod=lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx],
+        score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4],
+    )  # fmt: skip
+    attn = attncc.compile(spec, validate_each=True, pipeline=["canonicalize", "fold-scale", "group-kv",
+                                                              "online-softmax", "tile{target=pytorch,block_m=8,block_n=16}"])  # fmt: skip
+    assert all(r.max_change is not None and r.max_change < 1e-12 for r in attn.pass_records)
+
+
+def test_cost_model_formulas():
+    unoptimized = graph_cost(lower(attncc.AttentionSpec(num_heads=8, head_dim=64)), dtype_bytes=2)
+    # Two matmuls of 2 * B * H * N * M * 64 flops each.
+    assert sympy.expand(unoptimized.flops).coeff(B * M * N) >= 2 * 2 * 8 * 64
+    fused = graph_cost(run(lower(attncc.AttentionSpec(num_heads=8, head_dim=64)), *pipeline("pytorch")))
+    at = {"B": 1, "N": 8192, "M": 8192}
+    before, after = unoptimized.at(at), fused.at(at)
+    assert after.peak_memory * 10 < before.peak_memory  # no N x M intermediate survives
+    assert after.bytes * 10 < before.bytes
+    assert abs(after.flops - before.flops) / before.flops < 0.01
+
+
+def test_explain_lists_passes_and_costs():
+    text = attncc.compile(LLAMA).explain()
+    assert "fused_regions=1" in text and "repeat_kv_removed=2" in text
+    assert "peak intermediate memory" in text and "optimized IR:" in text

@@ -1,0 +1,119 @@
+"""The PyTorch backend's streaming region: many tiles, GQA packing, partial pipelines, autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from tests.reference import assert_attention_matches, dense_attention
+from tests.test_numerics import MOD_CASES, SPEC_CASES, random_qkv
+
+SMALL_TILES = ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=pytorch,block_m=8,block_n=16}"]
+PARTIAL_PIPELINES = {
+    "no passes": [],
+    "canonicalize only": ["canonicalize"],
+    "grouped, not fused": ["canonicalize", "group-kv"],
+    "fused, natural exp": ["group-kv", "online-softmax", "tile{target=pytorch,block_m=5,block_n=7}"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_CASES))
+def test_spec_features_with_many_tiles(case):
+    fields, options, (batch, heads, kv_heads, n, m, d) = SPEC_CASES[case]
+    spec = attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, **fields)
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, d, spec.v_head_dim, seed=7)
+    attn = attncc.compile(spec, pipeline=SMALL_TILES)
+    assert "block_m = 8, block_n = 16" in str(attn.graph)
+    o, lse = attn(q, k, v, return_lse=True)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, **options), torch.float32)
+
+
+@pytest.mark.parametrize("case", sorted(MOD_CASES))
+def test_mods_with_many_tiles(case):
+    score_mod, mask_mod, (batch, heads, kv_heads, n, m, d) = MOD_CASES[case]
+    spec = attncc.AttentionSpec(
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=d, score_mod=score_mod, mask_mod=mask_mod
+    )
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, d, dtype=torch.float16, seed=3)
+    o, lse = attncc.compile(spec, pipeline=SMALL_TILES)(q, k, v, return_lse=True)
+    reference = dense_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod)
+    assert_attention_matches(o, lse, *reference, torch.float16)
+
+
+@pytest.mark.parametrize("name", sorted(PARTIAL_PIPELINES))
+def test_partial_pipelines_compute_the_same(name):
+    doc = torch.tensor([0] * 9 + [1] * 14 + [2] * 10)
+    spec = attncc.AttentionSpec(num_heads=6, num_kv_heads=2, head_dim=16, causal=True, softcap=5.0,
+                                mask_mod=lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx])  # fmt: skip
+    q, k, v = random_qkv(2, 6, 2, 33, 33, 16, seed=11)
+    o, lse = attncc.compile(spec, pipeline=PARTIAL_PIPELINES[name])(q, k, v, return_lse=True)
+    reference = dense_attention(q, k, v, causal=True, softcap=5.0, mask_mod=lambda b, h, i, j: doc[i] == doc[j])
+    assert_attention_matches(o, lse, *reference, torch.float32)
+
+
+def test_region_never_repeats_kv_and_packs_query_heads():
+    source = attncc.compile(attncc.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=16)).source
+    assert "repeat_interleave" not in source
+    assert "GROUPS = 4" in source and "q.reshape(B, kv_heads, rows, D)" in source
+
+
+def gradient_check(spec, reference_options, shapes, pipeline=SMALL_TILES, captured=None, seed=0):
+    """Gradients of a loss using o and lse, against autograd through the float64 reference."""
+    batch, heads, kv_heads, n, m, d = shapes
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, d, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    weight_o = torch.randn(batch, heads, n, d, generator=generator)
+    weight_lse = torch.randn(batch, heads, n, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = attncc.compile(spec, pipeline=pipeline)(*leaves, return_lse=True, **(captured or {}))
+    (o * weight_o).sum().add((torch.where(lse.isinf(), 0.0, lse) * weight_lse).sum()).backward()
+    reference_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_o, ref_lse = dense_attention(*reference_leaves, **reference_options)
+    (ref_o * weight_o).sum().add((torch.where(ref_lse.isinf(), 0.0, ref_lse) * weight_lse).sum()).backward()
+    for name, leaf, reference in zip("qkv", leaves, reference_leaves):
+        assert leaf.grad.dtype == torch.float32
+        torch.testing.assert_close(leaf.grad.double(), reference.grad, atol=2e-5, rtol=2e-5, msg=f"d{name}")
+    return leaves
+
+
+def test_gradients_causal_gqa_softcap():
+    spec = attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True, softcap=3.0)
+    gradient_check(spec, {"causal": True, "softcap": 3.0}, (2, 4, 2, 21, 30, 16))
+
+
+def test_gradients_through_score_mod_and_to_a_captured_bias_table():
+    table = torch.randn(4, 9, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    reference_table = table.detach().double().requires_grad_()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * torch.sigmoid(score) + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+    def reference_mod(score, b, h, q_idx, kv_idx):
+        return score * torch.sigmoid(score) + reference_table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+    spec = attncc.AttentionSpec(num_heads=4, head_dim=16, score_mod=score_mod)
+    gradient_check(spec, {"score_mod": reference_mod}, (1, 4, 4, 19, 23, 16))
+    torch.testing.assert_close(table.grad.double(), reference_table.grad, atol=2e-5, rtol=2e-5)
+
+
+def test_gradients_with_fully_masked_rows_are_zero_there():
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx % 4 != 1) & (kv_idx <= q_idx)
+
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, mask_mod=mask_mod)
+    q, _, _ = gradient_check(spec, {"mask_mod": mask_mod}, (1, 2, 2, 17, 17, 16))
+    assert torch.equal(q.grad[:, :, 1::4], torch.zeros_like(q.grad[:, :, 1::4]))
+
+
+def test_gradients_unfused_pipeline():
+    spec = attncc.AttentionSpec(num_heads=4, num_kv_heads=1, head_dim=16, window=(3, 2))
+    gradient_check(spec, {"window": (3, 2)}, (1, 4, 1, 13, 18, 16), pipeline=["canonicalize", "group-kv"])
+
+
+def test_half_precision_gradients_have_input_dtype():
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 9, 9, 16, dtype=torch.bfloat16))
+    attncc.compile(spec, pipeline=SMALL_TILES)(q, k, v).float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
+    assert torch.isfinite(q.grad.float()).all()
