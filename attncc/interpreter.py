@@ -167,15 +167,23 @@ def _grouped(kv, groups: int):
 
 
 def _flash_attention(op, q, k, v, grids: dict, captured: dict):
-    """Run the region's schedule literally: query tiles, KV tiles, online softmax, in float64."""
+    """Run the region's schedule literally: query tiles, KV tiles, online softmax, in float64.
+
+    With a tile schedule, KV tiles outside a query tile's bounds are skipped and tiles
+    the schedule calls full are not masked, so an unsound schedule changes the result.
+    """
     k, v = _grouped(k, op.groups), _grouped(v, op.groups)
     n, m = q.shape[2], k.shape[2]
     block_m, block_n = op.block_m or n, op.block_n or m
     power = (lambda x: torch.exp2(x)) if op.exp2 else torch.exp
+    schedule = op.schedule
     o = torch.zeros(*q.shape[:3], v.shape[3], dtype=REAL, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=REAL, device=q.device)
     for r0 in range(0, n, block_m):
         rows = slice(r0, min(n, r0 + block_m))
+        if schedule is not None:
+            at_tile = {**grids, "q_first": rows.start, "q_last": rows.stop - 1}
+            lo, hi, full_lo, full_hi = (_tensor(evaluate(e, at_tile, captured)) for e in schedule.expressions()[:4])
         row_max = torch.full(q[:, :, rows, 0].shape, -math.inf, dtype=REAL, device=q.device)
         total = torch.zeros_like(row_max)
         acc = torch.zeros(*row_max.shape, v.shape[3], dtype=REAL, device=q.device)
@@ -184,7 +192,14 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
             tile = {**grids, "q_idx": grids["q_idx"][:, :, rows], "kv_idx": grids["kv_idx"][..., cols]}
             scores = q[:, :, rows] @ k[:, :, cols].transpose(-1, -2)
             scores = _real(evaluate(op.score, {**tile, "score": scores}, captured)).expand_as(scores)
-            scores = torch.where(_tensor(evaluate(op.mask, tile, captured)), scores, -math.inf)
+            keep = _tensor(evaluate(op.mask, tile, captured))
+            if schedule is not None:
+                visited = (cols.start < hi) & (cols.stop > lo)
+                full = (cols.start >= full_lo) & (cols.stop <= full_hi)
+                if schedule.residual is not sympy.true:
+                    full = full & torch.broadcast_to(keep, scores.shape).flatten(2).all(-1)[..., None, None]
+                keep = torch.where(full, True, keep) & visited
+            scores = torch.where(keep, scores, -math.inf)
             new_max = torch.maximum(row_max, scores.amax(dim=-1))
             safe_max = torch.where(new_max == -math.inf, 0.0, new_max)
             weights = power(scores - safe_max.unsqueeze(-1))

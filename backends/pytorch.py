@@ -210,9 +210,26 @@ class {cls}(torch.autograd.Function):
     GROUPS = {groups}
 
     @staticmethod
-    def scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M{captured_params}):
-        """One tile of {units} scores: the region's score expression, masked with -inf."""
+    def scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, masked{captured_params}):
+        """One tile of {units} scores: the region's score expression, masked with -inf unless the tile is full."""
 {score_lines}
+    @staticmethod
+    def bounds(q_first, q_last, b, h, N, M{captured_params}):
+        """Keys [lo, hi) may be visible to queries q_first..q_last; keys [full_lo, full_hi) are visible to all."""
+{bounds_lines}{table_source}
+    @classmethod
+    def tiles(cls, B, N, M, kv_heads, device, b{captured_params}):
+        """For each query tile: its rows, index grids, and the KV tiles it visits as (c0, c1, masked)."""
+{table_lookup}        for index, (r0, r1, q_first, q_last) in enumerate(_row_tiles(N, cls.GROUPS, cls.BLOCK_M)):
+            h, q_idx = _packed_rows(r0, r1, N, kv_heads, cls.GROUPS, device)
+            lo, hi, full_lo, full_hi = cls.bounds(q_first, q_last, b, h, N, M{captured_args})
+            kv_tiles = []
+            for c0 in range(lo - lo % cls.BLOCK_N, hi, cls.BLOCK_N):
+                c1 = min(c0 + cls.BLOCK_N, M)
+                full = full_lo <= c0 and c1 <= full_hi
+{table_filter}                kv_tiles.append((c0, c1, not full))
+            yield r0, r1, h, q_idx, kv_tiles
+
     @staticmethod
     def forward(ctx, q, k, v{captured_params}):
         B, H, N, D = q.shape
@@ -223,17 +240,14 @@ class {cls}(torch.autograd.Function):
         b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
         o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
         lse = torch.empty(B, kv_heads, rows, device=q.device)
-        for r0 in range(0, rows, {cls}.BLOCK_M):
-            r1 = min(r0 + {cls}.BLOCK_M, rows)
-            h, q_idx = _packed_rows(r0, r1, N, kv_heads, {cls}.GROUPS, q.device)
+        for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b{captured_args}):
             q_tile = q_rows[:, :, r0:r1]
             row_max = torch.full((B, kv_heads, r1 - r0), float("-inf"), device=q.device)
             row_sum = torch.zeros(B, kv_heads, r1 - r0, device=q.device)
             acc = torch.zeros(B, kv_heads, r1 - r0, Dv, device=q.device)
-            for c0 in range(0, M, {cls}.BLOCK_N):
-                c1 = min(c0 + {cls}.BLOCK_N, M)
+            for c0, c1, masked in kv_tiles:
                 kv_idx = torch.arange(c0, c1, device=q.device).view(1, 1, 1, -1)
-                s = {cls}.scores(q_tile, k_f[:, :, c0:c1], b, h, q_idx, kv_idx, N, M{captured_args})
+                s = {cls}.scores(q_tile, k_f[:, :, c0:c1], b, h, q_idx, kv_idx, N, M, masked{captured_args})
                 # -- online softmax: rescale the running sum and accumulator when the max grows
                 new_max = torch.maximum(row_max, s.amax(dim=-1))
                 safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
@@ -271,17 +285,14 @@ class {cls}(torch.autograd.Function):
         grad_v = torch.zeros_like(v_f)
         grad_captured = [torch.zeros_like(captured[i], dtype=torch.float32) for i in trainable]
         b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
-        for r0 in range(0, rows, {cls}.BLOCK_M):
-            r1 = min(r0 + {cls}.BLOCK_M, rows)
-            h, q_idx = _packed_rows(r0, r1, N, kv_heads, {cls}.GROUPS, q.device)
-            for c0 in range(0, M, {cls}.BLOCK_N):
-                c1 = min(c0 + {cls}.BLOCK_N, M)
+        for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b, *captured):
+            for c0, c1, masked in kv_tiles:
                 kv_idx = torch.arange(c0, c1, device=q.device).view(1, 1, 1, -1)
                 with torch.enable_grad():
                     q_tile = q_rows[:, :, r0:r1].detach().requires_grad_()
                     k_tile = k_f[:, :, c0:c1].detach().requires_grad_()
                     inputs = [t.detach().requires_grad_() if i in trainable else t for i, t in enumerate(captured)]
-                    s = {cls}.scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, *inputs)
+                    s = {cls}.scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, masked, *inputs)
                 p = torch.{exp}(s.detach() - lse_units[:, :, r0:r1].unsqueeze(-1))
                 grad_v[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), grad_o[:, :, r0:r1])
                 grad_p = torch.matmul(grad_o[:, :, r0:r1], v_f[:, :, c0:c1].transpose(-1, -2))
@@ -299,12 +310,77 @@ class {cls}(torch.autograd.Function):
 '''
 
 PACKED_ROWS = '''\
+def _row_tiles(N, groups, block_m):
+    """Query tiles over the packed rows as (r0, r1, q_first, q_last).
+
+    A tile never straddles two heads unless it holds whole heads (short sequences,
+    as in decoding), so q_first..q_last bounds the query indices of its rows.
+    """
+    if N >= block_m:
+        for head in range(groups):
+            for start in range(0, N, block_m):
+                stop = min(start + block_m, N)
+                yield head * N + start, head * N + stop, start, stop - 1
+    else:
+        step = (block_m // N) * N
+        for r0 in range(0, groups * N, step):
+            yield r0, min(r0 + step, groups * N), 0, N - 1
+
+
+def _lowest(value):
+    return int(value.min()) if isinstance(value, torch.Tensor) else int(value)
+
+
+def _highest(value):
+    return int(value.max()) if isinstance(value, torch.Tensor) else int(value)
+
+
 def _packed_rows(r0, r1, N, kv_heads, groups, device):
     """Head and query index grids of packed rows r0..r1 (row r is query r % N of head group r // N)."""
     packed = torch.arange(r0, r1, device=device)
     head = torch.arange(kv_heads, device=device).view(1, -1, 1, 1) * groups + (packed // N).view(1, 1, -1, 1)
     return head, (packed % N).view(1, 1, -1, 1)
 '''
+
+
+TABLE_TEMPLATE = '''
+    tables = {{}}
+
+    @classmethod
+    def tile_table(cls, B, N, M, kv_heads, device, b{captured_params}):
+        """Which KV tiles each query tile visits, and which of those are full, from the mask itself.
+
+        The mask is evaluated one query tile at a time (never N x M at once) and the
+        table is cached while the captured tensors are unchanged (same tensors, same
+        version counters).
+        """
+        key = (B, N, M, kv_heads, str(device), {versions})
+        if key not in cls.tables:
+            kv_idx = torch.arange(M, device=device).view(1, 1, 1, -1)
+            blocks = -(-M // cls.BLOCK_N)
+            visit, full = [], []
+            for r0, r1, _, _ in _row_tiles(N, cls.GROUPS, cls.BLOCK_M):
+                h, q_idx = _packed_rows(r0, r1, N, kv_heads, cls.GROUPS, device)
+                keep = torch.as_tensor({keep}, device=device)
+                keep = torch.broadcast_to(keep, (*keep.shape[:2], r1 - r0, M)).transpose(0, 3).reshape(M, -1)
+                padded = blocks * cls.BLOCK_N - M
+                visit.append(torch.nn.functional.pad(keep, (0, 0, 0, padded)).view(blocks, -1).any(-1).tolist())
+                full.append(torch.nn.functional.pad(keep, (0, 0, 0, padded), value=True).view(blocks, -1).all(-1).tolist())
+            if len(cls.tables) >= 8:
+                cls.tables.clear()
+            cls.tables[key] = (visit, full)
+        return cls.tables[key]
+'''
+
+
+def _bounds_lines(op) -> list[str]:
+    schedule = op.schedule
+    if schedule is None:
+        return ["return 0, M, 0, M" if op.mask is sympy.true else "return 0, M, 0, 0"]
+    names = ("lo", "hi", "full_lo", "full_hi")
+    lines = [f"{name} = {print_expr(expr)}" for name, expr in zip(names, schedule.expressions()[:4])]
+    lines.append("return _lowest(lo), _highest(hi), _highest(full_lo), _lowest(full_hi)")
+    return lines
 
 
 def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
@@ -322,9 +398,22 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
         keep = print_expr(op.mask)
         if not is_tensor(op.mask):
             keep = f"torch.tensor({keep}, device=s.device)"
-        lines.append(f's = s.masked_fill(~{keep}, float("-inf"))')
+        lines.append("if masked:")
+        lines.append(f'    s = s.masked_fill(~{keep}, float("-inf"))')
     lines.append("return s")
     captured_params = "".join(f", {c}" for c in captured)
+    table = op.schedule is not None and op.schedule.table
+    table_source = table_lookup = table_filter = ""
+    if table:
+        versions = "(" + "".join(f"(id({c}), {c}._version), " for c in captured) + ")"
+        table_source = TABLE_TEMPLATE.format(captured_params=captured_params, versions=versions,
+                                             keep=print_expr(op.mask))  # fmt: skip
+        table_lookup = f"        visit, full_tiles = cls.tile_table(B, N, M, kv_heads, device, b{captured_params})\n"
+        table_filter = (
+            "                if not visit[index][c0 // cls.BLOCK_N]:\n"
+            "                    continue\n"
+            "                full = full and full_tiles[index][c0 // cls.BLOCK_N]\n"
+        )
     return REGION_TEMPLATE.format(
         cls=cls,
         doc=ir_line.replace('"', "'"),
@@ -333,6 +422,10 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
         groups=op.groups,
         units="base-2" if op.exp2 else "natural",
         score_lines="".join(f"        {line}\n" for line in lines),
+        bounds_lines="".join(f"        {line}\n" for line in _bounds_lines(op)),
+        table_source=table_source,
+        table_lookup=table_lookup,
+        table_filter=table_filter,
         captured_params=captured_params,
         captured_args=captured_params,
         exp="exp2" if op.exp2 else "exp",

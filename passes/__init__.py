@@ -13,14 +13,15 @@ from attncc.passes.fold_scale import FoldScale
 from attncc.passes.group_kv import GroupKV
 from attncc.passes.manager import PassManager, PassRecord
 from attncc.passes.online_softmax import OnlineSoftmax
+from attncc.passes.sparsity import Sparsity
 from attncc.passes.tile import Tile
 
-PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, OnlineSoftmax, Tile)}
+PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, OnlineSoftmax, Sparsity, Tile)}
 
 PIPELINES = {
-    "pytorch": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=pytorch}"],
-    "triton": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=triton}"],
-    "cuda": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=cuda}"],
+    "pytorch": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=pytorch}"],
+    "triton": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=triton}"],
+    "cuda": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=cuda}"],
 }
 
 

@@ -44,7 +44,8 @@ def test_compile_prints_source_with_ir_comments(capsys):
     assert "def attention(q, k, v):" in source
     assert (
         "# %0 = flash_attention(%q, %k, %v) {block_m = 512, block_n = 256, exp2 = true, groups = 1, "
-        "mask = kv_idx <= M - N + q_idx, score = score/(8*log(2))} : f32[B, 12, N, 64]"
+        "mask = kv_idx <= M - N + q_idx, schedule = {visit [0, Min(M, M - N + q_last + 1)), "
+        "full [0, Min(M, M - N + q_first + 1))}, score = score/(8*log(2))} : f32[B, 12, N, 64]"
     ) in source
     assert "class FlashAttention(torch.autograd.Function):" in source
 

@@ -182,7 +182,9 @@ def test_tile_sets_sizes_per_target_and_head_dim():
 def test_pipeline_parsing():
     passes = pipeline(["canonicalize", "tile{target=triton,block_m=64}"])
     assert [str(p) for p in passes] == ["canonicalize", "tile{target=triton, block_m=64}"]
-    assert [p.name for p in pipeline("pytorch")] == ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile"]
+    assert [p.name for p in pipeline("pytorch")] == [
+        "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile"
+    ]  # fmt: skip
     with pytest.raises(AttnccError, match="pass 'fuse' is unknown; known passes: canonicalize"):
         parse_pass("fuse")
     with pytest.raises(AttnccError, match="is not key=value"):
@@ -194,9 +196,11 @@ def test_print_after_all_and_records():
     manager = PassManager(pipeline("pytorch"), print_after_all=True, stream=stream)
     manager.run(lower(LLAMA))
     printed = stream.getvalue()
-    assert printed.count("// ----- IR after") == 5
+    assert printed.count("// ----- IR after") == 6
     assert "// ----- IR after online-softmax -----\ngraph(%q: T[B, 8, N, 64]" in printed
-    assert [r.name for r in manager.records] == ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile"]
+    assert [r.name for r in manager.records] == [
+        "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile"
+    ]  # fmt: skip
     assert manager.records[3].stats["fused_regions"] == 1
 
 
@@ -227,7 +231,7 @@ def test_translation_validation_passes_the_default_pipelines_with_captured_tenso
         score_mod=lambda s, b, h, q_idx, kv_idx: s + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4],
     )  # fmt: skip
     attn = attncc.compile(spec, validate_each=True, pipeline=["canonicalize", "fold-scale", "group-kv",
-                                                              "online-softmax", "tile{target=pytorch,block_m=8,block_n=16}"])  # fmt: skip
+                                                              "online-softmax", "sparsity", "tile{target=pytorch,block_m=8,block_n=16}"])  # fmt: skip
     assert all(r.max_change is not None and r.max_change < 1e-12 for r in attn.pass_records)
 
 

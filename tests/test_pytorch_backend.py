@@ -9,12 +9,15 @@ import attncc
 from tests.reference import assert_attention_matches, dense_attention
 from tests.test_numerics import MOD_CASES, SPEC_CASES, random_qkv
 
-SMALL_TILES = ["canonicalize", "fold-scale", "group-kv", "online-softmax", "tile{target=pytorch,block_m=8,block_n=16}"]
+SMALL_TILES = [
+    "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=pytorch,block_m=8,block_n=16}"
+]
 PARTIAL_PIPELINES = {
     "no passes": [],
     "canonicalize only": ["canonicalize"],
     "grouped, not fused": ["canonicalize", "group-kv"],
     "fused, natural exp": ["group-kv", "online-softmax", "tile{target=pytorch,block_m=5,block_n=7}"],
+    "fused, sparse, natural exp": ["online-softmax", "sparsity", "tile{target=pytorch,block_m=5,block_n=7}"],
 }
 
 

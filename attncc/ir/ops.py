@@ -14,6 +14,7 @@ import sympy
 
 from attncc.errors import IRError
 from attncc.ir.expr import INDEX_SYMBOLS, LENGTH_SYMBOLS, captured_names, free_symbol_names, is_boolean, score
+from attncc.ir.schedule import TileSchedule
 from attncc.ir.types import TensorType
 
 ALIGNMENTS = ("bottom_right", "top_left")
@@ -233,6 +234,8 @@ class FlashAttention(Op):
     ``block_n`` keys; then o = acc / l and lse = m + log l. Tile sizes 0 mean
     "not chosen yet" (one tile spans the whole axis). ``num_warps`` and
     ``num_stages`` are launch parameters for GPU targets (0 where unused).
+    ``schedule`` (from the sparsity pass) bounds the KV tiles each query tile
+    visits and marks those that need no mask (see ``attncc.ir.schedule``).
     """
 
     name: ClassVar[str] = "flash_attention"
@@ -244,9 +247,13 @@ class FlashAttention(Op):
     block_n: int = 0
     num_warps: int = 0
     num_stages: int = 0
+    schedule: TileSchedule | None = None
 
     def captured_inputs(self):
-        return captured_names(self.score) | captured_names(self.mask)
+        names = captured_names(self.score) | captured_names(self.mask)
+        for expr in self.schedule.expressions() if self.schedule else ():
+            names |= captured_names(expr)
+        return names
 
     def infer_type(self, inputs):
         if len(inputs) < 3:
@@ -262,6 +269,8 @@ class FlashAttention(Op):
             raise IRError(f"flash_attention needs a numeric score and a boolean mask, got {self.score} and {self.mask}")
         _check_expression(self, self.score, _INDEX_NAMES | {str(score)})
         _check_expression(self, self.mask, _INDEX_NAMES)
+        for expr in self.schedule.expressions() if self.schedule else ():
+            _check_expression(self, expr, _INDEX_NAMES | {"q_first", "q_last"})
         for size in (self.block_m, self.block_n, self.num_warps, self.num_stages):
             if size < 0:
                 raise IRError(f"flash_attention tile and launch sizes must be >= 0, got {size}")

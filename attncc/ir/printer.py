@@ -5,6 +5,7 @@ from __future__ import annotations
 import sympy
 
 from attncc.ir.ops import Input
+from attncc.ir.schedule import TileSchedule
 
 
 def format_attribute(value) -> str:
@@ -12,6 +13,8 @@ def format_attribute(value) -> str:
         return "true" if value else "false"
     if isinstance(value, sympy.Basic):
         return sympy.sstr(value)
+    if isinstance(value, TileSchedule):
+        return str(value)
     if isinstance(value, tuple):
         items = [format_attribute(v) for v in value]
         return f"({items[0]},)" if len(items) == 1 else "(" + ", ".join(items) + ")"
