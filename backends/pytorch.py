@@ -364,8 +364,8 @@ TABLE_TEMPLATE = '''
                 keep = torch.as_tensor({keep}, device=device)
                 keep = torch.broadcast_to(keep, (*keep.shape[:2], r1 - r0, M)).transpose(0, 3).reshape(M, -1)
                 padded = blocks * cls.BLOCK_N - M
-                visit.append(torch.nn.functional.pad(keep, (0, 0, 0, padded)).view(blocks, -1).any(-1).tolist())
-                full.append(torch.nn.functional.pad(keep, (0, 0, 0, padded), value=True).view(blocks, -1).all(-1).tolist())
+                visit.append(torch.nn.functional.pad(keep, (0, 0, 0, padded)).reshape(blocks, -1).any(-1).tolist())
+                full.append(torch.nn.functional.pad(keep, (0, 0, 0, padded), value=True).reshape(blocks, -1).all(-1).tolist())
             if len(cls.tables) >= 8:
                 cls.tables.clear()
             cls.tables[key] = (visit, full)

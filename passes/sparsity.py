@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import sympy
+import torch
 
+from attncc.interpreter import evaluate, index_grids
 from attncc.ir import ops
 from attncc.ir.expr import FloorDiv, kv_idx, q_idx
 from attncc.ir.graph import Graph
@@ -120,8 +122,21 @@ def _solve_relation(term) -> KVRange | None:
     return KVRange(lower, upper, exact=True)
 
 
+def _without_abs(term):
+    """|x| <= y is x <= y and -x <= y (likewise <); other relations are returned as they are."""
+    if isinstance(term, (sympy.Le, sympy.Lt)) and isinstance(term.lhs, sympy.Abs):
+        inner = term.lhs.args[0]
+        return sympy.And(type(term)(inner, term.rhs), type(term)(-inner, term.rhs), evaluate=False)
+    if isinstance(term, (sympy.Ge, sympy.Gt)) and isinstance(term.rhs, sympy.Abs):
+        inner = term.rhs.args[0]
+        relation = sympy.Le if isinstance(term, sympy.Ge) else sympy.Lt
+        return sympy.And(relation(inner, term.lhs), relation(-inner, term.lhs), evaluate=False)
+    return term
+
+
 def kv_range(term) -> KVRange | None:
     """The range of kv_idx a conjunct allows, if it has a closed form monotone in q_idx."""
+    term = _without_abs(term)
     if isinstance(term, sympy.core.relational.Relational):
         return _solve_relation(term)
     if isinstance(term, sympy.And):
@@ -192,3 +207,59 @@ class Sparsity(Pass):
             return builder.add(op, *inputs[:3], *captured)
 
         return rebuild(graph, rule)
+
+
+def _tile_bounds(schedule, grids: dict, captured: dict, q_first_row: int, q_last_row: int):
+    env = {**grids, "q_first": q_first_row, "q_last": q_last_row}
+    lo, hi, full_lo, full_hi = (torch.as_tensor(evaluate(e, env, captured)) for e in schedule.expressions()[:4])
+    return int(lo.min()), int(hi.max()), int(full_lo.max()), int(full_hi.min())
+
+
+def tile_map(mask, schedule, n: int, m: int, block_m: int, block_n: int, captured=None, batch: int = 1,
+             heads: int = 1) -> torch.Tensor:  # fmt: skip
+    """How a schedule treats each (query tile, KV tile): 0 skipped, 1 masked (partial), 2 unmasked (full).
+
+    Bounds are reduced over batches and heads as the PyTorch backend does; with a
+    residual, the tile table (from the mask itself) refines them.
+    """
+    captured = captured or {}
+    grids = index_grids(batch, heads, n, m, "cpu")
+    rows, cols = -(-n // block_m), -(-m // block_n)
+    result = torch.zeros(rows, cols, dtype=torch.int8)
+    for row in range(rows):
+        r0, r1 = row * block_m, min(n, (row + 1) * block_m)
+        lo, hi, full_lo, full_hi = (0, m, 0, 0) if schedule is None else _tile_bounds(schedule, grids, captured, r0, r1 - 1)
+        visible = _visible(mask, grids, captured, r0, r1) if schedule is None or schedule.table else None
+        for col in range(cols):
+            c0, c1 = col * block_n, min(m, (col + 1) * block_n)
+            if not (c0 < hi and c1 > lo):
+                continue
+            full = full_lo <= c0 and c1 <= full_hi
+            if visible is not None:
+                tile = visible[..., c0:c1]
+                if not bool(tile.any()):
+                    continue
+                full = full and bool(tile.all())
+            result[row, col] = 2 if full else 1
+    return result
+
+
+def _visible(mask, grids: dict, captured: dict, r0: int, r1: int) -> torch.Tensor:
+    rows = {**grids, "q_idx": grids["q_idx"][:, :, r0:r1]}
+    keep = torch.as_tensor(evaluate(mask, rows, captured))
+    return torch.broadcast_to(keep, (*keep.shape[:2], r1 - r0, grids["M"]))
+
+
+def needed_tiles(mask, n: int, m: int, block_m: int, block_n: int, captured=None, batch: int = 1,
+                 heads: int = 1) -> torch.Tensor:  # fmt: skip
+    """Brute force: 0 for tiles with no visible element, 1 for some, 2 for all (any batch or head)."""
+    grids = index_grids(batch, heads, n, m, "cpu")
+    rows, cols = -(-n // block_m), -(-m // block_n)
+    result = torch.zeros(rows, cols, dtype=torch.int8)
+    for row in range(rows):
+        r0, r1 = row * block_m, min(n, (row + 1) * block_m)
+        visible = _visible(mask, grids, captured or {}, r0, r1)
+        for col in range(cols):
+            tile = visible[..., col * block_n : min(m, (col + 1) * block_n)]
+            result[row, col] = 2 if bool(tile.all()) else (1 if bool(tile.any()) else 0)
+    return result
