@@ -168,6 +168,8 @@ def _at_tile(bound, smallest: bool):
 
 
 def schedule_for(mask) -> TileSchedule:
+    if mask is sympy.false:  # nothing is visible: visit no tile at all
+        return TileSchedule(sympy.Integer(0), sympy.Integer(0), sympy.Integer(0), sympy.Integer(0), sympy.true, False)
     terms = list(mask.args) if isinstance(mask, sympy.And) else [mask]
     ranges, residual = [], []
     for term in terms:
