@@ -193,3 +193,31 @@ def test_tile_report_and_png(tmp_path):
     assert "tiles of 512 queries x 256 keys at N=4096, M=4096:" in report
     assert "computed 23 of 128 (18.0%), minimum needed 23, tile efficiency 100.0%" in report
     assert (tmp_path / "tiles.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_spec_files_name_patterns(tmp_path):
+    path = tmp_path / "longformer.toml"
+    path.write_text(
+        '[attention]\nnum_heads = 2\nhead_dim = 8\nmask = "kv_idx < 30"\n'
+        'pattern = { name = "longformer", window = 3, global_tokens = [0, 5], seq_len = 33 }\n'
+    )
+    spec = attncc.load_spec(path)
+    reference_mask = masks.longformer(3, [0, 5], seq_len=33)
+    q, k, v = random_qkv(1, 2, 2, 33, 33, 8)
+    o = attncc.compile(spec, pipeline=SPARSE_TILES)(q, k, v)
+    expected, _ = dense_attention(q, k, v, mask_mod=lambda b, h, i, j: reference_mask(b, h, i, j) & (j < 30))
+    torch.testing.assert_close(o.double(), expected, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ('{ name = "diagonal" }', "name='diagonal' is unknown; named patterns: bigbird, causal"),
+    ('{ name = "chunked", size = 4 }', "chunked has no parameter 'size'; its parameters: chunk_size, causal"),
+    ('{ name = "chunked", chunk_size = -4 }', "chunk_size=-4 is invalid: a positive integer is allowed"),
+    ('"causal"', "is invalid: a table with a 'name'"),
+])  # fmt: skip
+def test_spec_file_pattern_errors(tmp_path, pattern, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[attention]\nnum_heads = 2\nhead_dim = 8\npattern = {pattern}\n")
+    with pytest.raises(attncc.SpecError) as error:
+        attncc.load_spec(path)
+    assert str(error.value).startswith(f"{path}: attention.pattern") and message in str(error.value)

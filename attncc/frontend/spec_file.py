@@ -56,6 +56,10 @@ so validate can fill it at random) and ``dtype`` is required. Names are ASCII id
 not one of the input, symbol, constant or function names (``RESERVED_TENSOR_NAMES``).
 Every declared tensor must be used by ``mask`` or ``score``.
 
+``[attention.pattern]``: a named sparse pattern of :mod:`attncc.masks` and its
+parameters, e.g. ``pattern = { name = "longformer", window = 256, global_tokens = [0],
+seq_len = 4096 }``; with a ``mask`` too, both must hold.
+
 Every error is a :class:`attncc.errors.SpecError` whose message starts with the file
 name (and the key, e.g. ``attention.mask``) and names what is wrong and what is allowed.
 """
@@ -63,6 +67,7 @@ name (and the key, e.g. ``attention.mask``) and names what is wrong and what is 
 from __future__ import annotations
 
 import ast
+import inspect
 import keyword
 import math
 import os
@@ -106,7 +111,7 @@ _FLOAT_MAX = 1.7976931348623157e308
 
 TOP_LEVEL_KEYS = ("name", "description", "attention")
 _FILE_FIELD_NAMES = {"score_mod": "score", "mask_mod": "mask"}
-ATTENTION_KEYS = tuple(_FILE_FIELD_NAMES.get(f, f) for f in AttentionSpec.field_names()) + ("tensors",)
+ATTENTION_KEYS = tuple(_FILE_FIELD_NAMES.get(f, f) for f in AttentionSpec.field_names()) + ("tensors", "pattern")
 
 MASK_NAMES = ("b", "h", "q_idx", "kv_idx", "N", "M")
 SCORE_NAMES = ("score", *MASK_NAMES)
@@ -251,7 +256,7 @@ def _spec_from_document(document: dict, source: str) -> AttentionSpec:
         if required not in table:
             raise SpecError(f"{source}: [attention] needs the key {required!r}")
 
-    fields = {k: v for k, v in table.items() if k not in ("score", "mask", "tensors")}
+    fields = {k: v for k, v in table.items() if k not in ("score", "mask", "tensors", "pattern")}
     if "window" in fields:
         fields["window"] = _window(fields["window"], source)
     try:
@@ -284,10 +289,40 @@ def _spec_from_document(document: dict, source: str) -> AttentionSpec:
             f"{'is' if len(unused) == 1 else 'are'} declared but not used by attention.score or attention.mask; "
             "remove the declaration or use it"
         )
+    if "pattern" in table:
+        mods["mask"] = _with_pattern(table["pattern"], mods["mask"], f"{source}: attention.pattern")
     try:
         return spec.replace(score_mod=mods["score"], mask_mod=mods["mask"])
     except SpecError as exc:
         raise SpecError(f"{source}: {exc}") from None
+
+
+def _with_pattern(entry, mask: TracedMod | None, where: str) -> TracedMod:
+    """A named pattern of :mod:`attncc.masks`, conjoined with ``mask`` if the file has one too."""
+    from attncc import masks
+    from attncc.frontend.trace import trace_mask_mod
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise SpecError(f"{where}={entry!r} is invalid: a table with a 'name' (one of {', '.join(masks.__all__)})")
+    params = {k: v for k, v in entry.items() if k != "name"}
+    name = entry["name"]
+    if name not in masks.__all__:
+        raise SpecError(f"{where}: name={name!r} is unknown; named patterns: {', '.join(masks.__all__)}")
+    factory = getattr(masks, name)
+    allowed = list(inspect.signature(factory).parameters)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise SpecError(f"{where}: {name} has no parameter {unknown[0]!r}; its parameters: {', '.join(allowed)}")
+    try:
+        pattern = trace_mask_mod(factory(**params))
+    except (SpecError, TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    if mask is None:
+        return TracedMod(pattern.expr, pattern.captured, source=f"{where}: {name}")
+    clash = {c.name for c in pattern.captured} & {c.name for c in mask.captured}
+    if clash:
+        raise SpecError(f"{where}: the pattern's tensor {sorted(clash)[0]!r} clashes with attention.tensors; rename it")
+    return TracedMod(sympy.And(mask.expr, pattern.expr), mask.captured + pattern.captured, source=f"{where}: {name}")
 
 
 def _window(value, source: str):
