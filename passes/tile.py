@@ -10,20 +10,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import sympy
+
 from attncc.errors import BackendError
 from attncc.ir import ops
 from attncc.ir.graph import Graph
+from attncc.ir.schedule import q_first, q_last
+from attncc.ir.types import M
 from attncc.passes.base import Pass
 from attncc.passes.rewrite import rebuild
 
 # target -> [(largest head dim, block_m, block_n, num_warps, num_stages)], first fit wins.
 # pytorch: tiles of 512 x 256 keep a tile's scores (0.5 MiB per head) in cache while
 # the matmuls stay large; measured on CPU against SDPA (docs/performance.md).
+# pytorch, banded masks (sliding windows): smaller square tiles follow the band; see band_width.
+BANDED_PYTORCH_TILE = (64, 256)  # smallest and largest tile for a band
+BANDED_PYTORCH_LIMIT = 1024  # bands at least this wide keep the default tiles
+
 TILE_TABLE = {
     "pytorch": [(1 << 30, 512, 256, 0, 0)],
     "triton": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 2), (1 << 30, 64, 32, 8, 1)],
     "cuda": [(64, 128, 64, 4, 2), (128, 64, 64, 4, 2), (1 << 30, 64, 32, 4, 1)],
 }
+
+
+def band_width(schedule) -> int | None:
+    """The number of keys a single query row may see, if the schedule is a band of constant width.
+
+    With ``visit [lo(q_first), hi(q_last))`` and rows ``q_last = q_first + L - 1``,
+    a band has ``hi - lo = L + width``; anything else (N- or M-dependent) is None.
+    """
+    if schedule is None:
+        return None
+    hi, lo = schedule.kv_hi, schedule.kv_lo
+    hi = next((a for a in hi.args if a != M), hi) if isinstance(hi, sympy.Min) and len(hi.args) == 2 else hi
+    lo = next((a for a in lo.args if a != 0), lo) if isinstance(lo, sympy.Max) and len(lo.args) == 2 else lo
+    rows = sympy.Symbol("rows", integer=True, positive=True)
+    width = sympy.simplify((hi - lo).xreplace({q_last: q_first + rows - 1}) - rows)
+    return int(width) if width.is_Integer and width > 0 else None
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,11 @@ class Tile(Pass):
                 return None
             head_dim = max(int(node.inputs[0].type.shape[3]), int(node.inputs[2].type.shape[3]))
             block_m, block_n, warps, stages = self.choose(head_dim)
+            band = band_width(node.op.schedule)
+            if self.target == "pytorch" and band is not None and band < BANDED_PYTORCH_LIMIT and not self.block_m:
+                smallest, largest = BANDED_PYTORCH_TILE
+                block_m = block_n = max(smallest, min(largest, 1 << max(0, (band // 4 - 1).bit_length())))
+                self.count("banded_tiles")
             self.count("regions_tiled")
             op = replace(node.op, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
             return builder.add(op, *inputs)

@@ -179,6 +179,24 @@ def test_tile_sets_sizes_per_target_and_head_dim():
         Tile(target="tpu").run(fused)
 
 
+def test_tile_follows_the_band_of_a_sliding_window():
+    from attncc.passes.sparsity import Sparsity
+    from attncc.passes.tile import band_width
+
+    def tiles(window):
+        spec = attncc.AttentionSpec(num_heads=2, head_dim=64, causal=True, window=window)
+        region = run(lower(spec), Canonicalize(), FoldScale(), OnlineSoftmax(), Sparsity()).nodes_of(ops.FlashAttention)[0]
+        tile = Tile(target="pytorch")
+        tiled = tile.run(run(lower(spec), Canonicalize(), FoldScale(), OnlineSoftmax(), Sparsity()))
+        return band_width(region.op.schedule), body(tiled)[0], tile.stats["banded_tiles"]
+
+    band, line, banded = tiles((255, 0))
+    assert band == 256 and "block_m = 64, block_n = 64" in line and banded == 1
+    band, line, banded = tiles((4095, 0))
+    assert band == 4096 and "block_m = 512, block_n = 256" in line and banded == 0
+    assert band_width(None) is None
+
+
 def test_pipeline_parsing():
     passes = pipeline(["canonicalize", "tile{target=triton,block_m=64}"])
     assert [str(p) for p in passes] == ["canonicalize", "tile{target=triton, block_m=64}"]
