@@ -38,7 +38,7 @@ def band_width(schedule) -> int | None:
     """The number of keys a single query row may see, if the schedule is a band of constant width.
 
     With ``visit [lo(q_first), hi(q_last))`` and rows ``q_last = q_first + L - 1``,
-    a band has ``hi - lo = L + width``; anything else (N- or M-dependent) is None.
+    a band has ``hi - lo = L - 1 + width``; anything else (N- or M-dependent) is None.
     """
     if schedule is None:
         return None
@@ -46,7 +46,7 @@ def band_width(schedule) -> int | None:
     hi = next((a for a in hi.args if a != M), hi) if isinstance(hi, sympy.Min) and len(hi.args) == 2 else hi
     lo = next((a for a in lo.args if a != 0), lo) if isinstance(lo, sympy.Max) and len(lo.args) == 2 else lo
     rows = sympy.Symbol("rows", integer=True, positive=True)
-    width = sympy.simplify((hi - lo).xreplace({q_last: q_first + rows - 1}) - rows)
+    width = sympy.simplify((hi - lo).xreplace({q_last: q_first + rows - 1}) - rows + 1)
     return int(width) if width.is_Integer and width > 0 else None
 
 
