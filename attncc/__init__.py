@@ -8,7 +8,9 @@ a float64 reference.
 
 __version__ = "0.1.0"
 
+from attncc import nn  # noqa: E402
 from attncc.api import CompiledAttention, ValidationReport, compile, validate  # noqa: E402
+from attncc.capture import capture  # noqa: E402
 from attncc.errors import (  # noqa: E402
     AttnccError,
     BackendError,
@@ -34,9 +36,11 @@ __all__ = [
     "SpecError",
     "ValidationError",
     "ValidationReport",
+    "capture",
     "compile",
     "create_block_mask",
     "flex_attention",
     "load_spec",
+    "nn",
     "validate",
 ]

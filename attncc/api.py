@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tabulate import tabulate
 
@@ -9,6 +11,7 @@ from attncc.cache import cached_source, content_key, load_module
 from attncc.errors import InputError, SpecError
 from attncc.frontend.lower import lower, merged_captured, trace_mods
 from attncc.frontend.mod import Captured, ir_dtype
+from attncc.integrations.custom_op import program_ops
 from attncc.interpreter import run_reference
 from attncc.ir.cost import cost_table
 from attncc.ir.graph import Graph
@@ -75,6 +78,8 @@ class CompiledAttention(torch.nn.Module):
 
     ``forward(q, k, v, return_lse=False, **captured)``: captured tensors of the mods
     are held as buffers (under ``.captured``) and can be replaced per call by name.
+    The call runs through the program's ``torch.library`` custom op (``.op``), so
+    ``torch.compile(fullgraph=True)`` and autograd treat it as one opaque node.
     ``graph`` is the optimized IR the backend compiled, ``unoptimized_graph`` the
     textbook graph it came from (the meaning), ``pass_records`` what each pass did.
     """
@@ -95,6 +100,12 @@ class CompiledAttention(torch.nn.Module):
             if info.value is not None:
                 self.captured.register_buffer(name, info.value, persistent=False)
         self._index_uses = graph_index_uses(unoptimized_graph)
+        self._ops = program_ops(Path(path).stem, function, graph)
+
+    @property
+    def op(self):
+        """The program's forward custom op, ``attncc::program_<hash>(q, k, v, captured) -> (o, lse)``."""
+        return self._ops.forward
 
     @property
     def source(self) -> str:
@@ -167,7 +178,7 @@ class CompiledAttention(torch.nn.Module):
                     f"captured tensor {name!r} has {by_name[name].shape[dim]} entries along dim {dim}, but is indexed "
                     f"by {symbol} up to {sizes[symbol] - 1}"
                 )
-        o, lse = self._function(q, k, v, *values)
+        o, lse = self._ops.forward(q, k, v, values)
         return (o, lse) if return_lse else o
 
 

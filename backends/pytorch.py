@@ -237,7 +237,7 @@ class {cls}(torch.autograd.Function):
         kv_heads, rows = k.shape[1], {cls}.GROUPS * N
         q_rows = q.reshape(B, kv_heads, rows, D).float()
         k_f, v_f = k.float(), v.float()
-        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
+{captured_to_float}        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
         o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
         lse = torch.empty(B, kv_heads, rows, device=q.device)
         for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b{captured_args}):
@@ -262,7 +262,7 @@ class {cls}(torch.autograd.Function):
             lse[:, :, r0:r1] = (safe_max + torch.{log}(row_sum)){to_natural}
         o = o.view(B, H, N, Dv)
         lse = lse.view(B, H, N)
-        ctx.save_for_backward(q, k, v, o, lse{captured_args})
+        ctx.save_for_backward(q, k, v, o, lse{saved_captured})
         return o.to(q.dtype), lse
 
     @staticmethod
@@ -285,13 +285,14 @@ class {cls}(torch.autograd.Function):
         grad_v = torch.zeros_like(v_f)
         grad_captured = [torch.zeros_like(captured[i], dtype=torch.float32) for i in trainable]
         b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
-        for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b, *captured):
+        computed = [_compute_dtype(t) for t in captured]
+        for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b, *computed):
             for c0, c1, masked in kv_tiles:
                 kv_idx = torch.arange(c0, c1, device=q.device).view(1, 1, 1, -1)
                 with torch.enable_grad():
                     q_tile = q_rows[:, :, r0:r1].detach().requires_grad_()
                     k_tile = k_f[:, :, c0:c1].detach().requires_grad_()
-                    inputs = [t.detach().requires_grad_() if i in trainable else t for i, t in enumerate(captured)]
+                    inputs = [t.detach().requires_grad_() if i in trainable else t for i, t in enumerate(computed)]
                     s = {cls}.scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, masked, *inputs)
                 p = torch.{exp}(s.detach() - lse_units[:, :, r0:r1].unsqueeze(-1))
                 grad_v[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), grad_o[:, :, r0:r1])
@@ -327,6 +328,11 @@ def _row_tiles(N, groups, block_m):
             yield r0, min(r0 + step, groups * N), 0, N - 1
 
 
+def _compute_dtype(tensor):
+    """Captured float tensors join the float32 arithmetic of the scores (fp16 and bf16 tables too)."""
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
 def _lowest(value):
     return int(value.min()) if isinstance(value, torch.Tensor) else int(value)
 
@@ -354,8 +360,11 @@ TABLE_TEMPLATE = '''
         table is cached while the captured tensors are unchanged (same tensors, same
         version counters).
         """
+        tensors = ({captured_tuple})
         key = (B, N, M, kv_heads, str(device), {versions})
-        if key not in cls.tables:
+        cached = cls.tables.get(key)
+        # The entry holds the tensors it was built from, so their ids cannot be reused while it lives.
+        if cached is None or any(old is not new for old, new in zip(cached[0], tensors)):
             kv_idx = torch.arange(M, device=device).view(1, 1, 1, -1)
             blocks = -(-M // cls.BLOCK_N)
             visit, full = [], []
@@ -368,9 +377,13 @@ TABLE_TEMPLATE = '''
                 full.append(torch.nn.functional.pad(keep, (0, 0, 0, padded), value=True).reshape(blocks, -1).all(-1).tolist())
             if len(cls.tables) >= 8:
                 cls.tables.clear()
-            cls.tables[key] = (visit, full)
-        return cls.tables[key]
+            cls.tables[key] = (tensors, visit, full)
+        return cls.tables[key][1:]
 '''
+
+
+def _tuple(names: list[str]) -> str:
+    return "(" + "".join(f"{n}, " for n in names).rstrip() + ")"
 
 
 def _bounds_lines(op) -> list[str]:
@@ -407,15 +420,18 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
     if table:
         versions = "(" + "".join(f"(id({c}), {c}._version), " for c in captured) + ")"
         table_source = TABLE_TEMPLATE.format(captured_params=captured_params, versions=versions,
-                                             keep=print_expr(op.mask))  # fmt: skip
+                                             captured_tuple=_tuple(captured), keep=print_expr(op.mask))  # fmt: skip
         table_lookup = f"        visit, full_tiles = cls.tile_table(B, N, M, kv_heads, device, b{captured_params})\n"
         table_filter = (
             "                if not visit[index][c0 // cls.BLOCK_N]:\n"
             "                    continue\n"
             "                full = full and full_tiles[index][c0 // cls.BLOCK_N]\n"
         )
+    casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
     return REGION_TEMPLATE.format(
         cls=cls,
+        captured_to_float=f"        originals = {_tuple(captured)}\n{casts}" if captured else "",
+        saved_captured=", *originals" if captured else "",
         doc=ir_line.replace('"', "'"),
         block_m=op.block_m or 1 << 30,
         block_n=op.block_n or 1 << 30,
