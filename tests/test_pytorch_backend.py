@@ -120,3 +120,16 @@ def test_half_precision_gradients_have_input_dtype():
     attncc.compile(spec, pipeline=SMALL_TILES)(q, k, v).float().sum().backward()
     assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
     assert torch.isfinite(q.grad.float()).all()
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_captured_tables_are_read_in_float32(table_dtype):
+    table = torch.randn(2, 9, generator=torch.Generator().manual_seed(2)).to(table_dtype)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod)
+    q, k, v = random_qkv(1, 2, 2, 17, 19, 16, seed=4)
+    o, lse = attncc.compile(spec, pipeline=SMALL_TILES)(q, k, v, return_lse=True)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, score_mod=score_mod), torch.float32)
