@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from attncc.cache import cached_source, content_key, load_module
+from attncc.cache import cached_source, content_key, generator_fingerprint, load_module
 from attncc.errors import InputError, SpecError
 from attncc.frontend.lower import lower, merged_captured, trace_mods
 from attncc.frontend.mod import Captured, ir_dtype
@@ -68,7 +68,8 @@ def compile(  # noqa: A001
         captured=examples,
     )
     graph = manager.run(unoptimized)
-    path = cached_source(content_key(str(graph), target.name), ".py", lambda: target.generate(graph).source)
+    key = content_key(str(graph), target.name, generator_fingerprint(target))
+    path = cached_source(key, ".py", lambda: target.generate(graph).source)
     module = load_module(path)
     return CompiledAttention(spec, unoptimized, graph, manager.records, target.name, path, module.attention, captured)
 

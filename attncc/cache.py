@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -31,6 +32,16 @@ def content_key(*parts: str) -> str:
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:24]
+
+
+@functools.cache
+def generator_fingerprint(backend) -> str:
+    """A hash of the backend module's own source: a changed generator never serves stale files."""
+    digest = hashlib.sha256()
+    for module in (backend, sys.modules.get("attncc.backends.source")):
+        if module is not None:
+            digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cached_source(key: str, suffix: str, generate) -> Path:

@@ -1,7 +1,8 @@
 """Backends that lower the IR to source code: one module per target.
 
 A backend module defines ``name``, ``devices`` (the tensor device types it runs on)
-and ``generate(graph) -> GeneratedSource``.
+and ``generate(graph) -> GeneratedSource``. A backend whose dependencies are missing
+raises ``BackendError`` when imported (``triton`` without the triton package).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import importlib
 from attncc.errors import BackendError
 
 # In order of preference for backend=None on a device that several support.
-BACKENDS = {"pytorch": "attncc.backends.pytorch"}
+BACKENDS = {"pytorch": "attncc.backends.pytorch", "triton": "attncc.backends.triton"}
+# Devices that prefer another order: generated Triton kernels on GPUs.
+PREFERENCES = {"cuda": ("triton", "pytorch")}
 
 
 def get_backend(name: str):
@@ -21,8 +24,12 @@ def get_backend(name: str):
 
 
 def backend_for_device(device_type: str) -> str:
-    """The preferred backend whose generated code runs on this device type."""
-    for name in BACKENDS:
-        if device_type in get_backend(name).devices:
+    """The preferred backend whose generated code runs on this device type and whose dependencies are installed."""
+    for name in PREFERENCES.get(device_type, BACKENDS):
+        try:
+            backend = get_backend(name)
+        except BackendError:
+            continue
+        if device_type in backend.devices:
             return name
     raise BackendError(f"no backend runs on device {device_type!r}; available backends: {', '.join(BACKENDS)}")

@@ -1,0 +1,1015 @@
+"""The Triton backend: fused forward and backward attention kernels generated from the optimized IR.
+
+The graph must be one ``flash_attention`` region (the ``triton`` pipeline fuses it). The
+generated module holds, in the style of Triton's fused-attention tutorial:
+
+- ``_scores``: the region's score expression and mask on one [BLOCK_M, BLOCK_N] tile,
+  printed from sympy by ``TritonPrinter`` (loads of captured tensors masked to the
+  sequence bounds), and ``_score_grad``, its derivative by ``sympy.diff`` when the
+  score is not linear in ``q . k``;
+- ``_attn_fwd``: one query tile of one head, an online softmax over KV tiles in exp2;
+- ``_attn_bwd_preprocess``, ``_attn_bwd_dkdv``, ``_attn_bwd_dq``: FlashAttention-2's
+  backward (delta = rowsum(o * do), dK/dV per KV tile, dQ per query tile);
+- ``FlashAttention``, a ``torch.autograd.Function`` that launches them, and
+  ``attention(q, k, v, *captured) -> (o, lse)``.
+
+Query head ``h`` reads KV head ``h // GROUPS`` (K and V are never repeated). Each
+kernel visits the KV (or query) tiles ``[lo, hi)`` in three loops: partial tiles,
+full tiles (no mask to evaluate), partial tiles; without a sparsity schedule every
+tile is visited and treated as partial. CPU tensors run the same kernels in
+Triton's interpreter (see ``docs/triton.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import sympy
+import torch
+from sympy.printing.precedence import precedence
+from sympy.printing.pycode import PythonCodePrinter
+
+import attncc
+from attncc.backends.source import GeneratedSource, SourceWriter
+from attncc.errors import BackendError
+from attncc.ir import ops
+from attncc.ir.expr import FloorDiv, is_boolean, kv_idx, q_idx, score
+from attncc.ir.graph import Graph
+from attncc.ir.printer import format_node, print_graph, value_names
+
+
+class TritonMissing(BackendError, ImportError):
+    """The triton package is not installed; an ImportError too, for code that probes optional backends."""
+
+
+def import_triton():
+    """Import triton; without a GPU, in interpreter mode, so CPU tensors can run the kernels.
+
+    Triton reads TRITON_INTERPRET when it creates jit functions, its own (``tl.zeros``,
+    ``tl.max``) on import included: the variable must be set before triton is first
+    imported. A value the user set is kept.
+    """
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        return importlib.import_module("triton")
+    except ImportError:
+        raise TritonMissing(
+            "backend='triton' needs the triton package, which is not installed: pip install attncc[triton]"
+        ) from None
+
+
+import_triton()
+
+name = "triton"
+devices = ("cuda", "cpu")
+
+LN2 = math.log(2)
+LOG2_E = 1 / math.log(2)
+# Tiles must be powers of two (tl.arange) and at least 16 (tl.dot).
+MIN_TILE = 16
+TILE_SYMBOLS = (q_idx, kv_idx)
+# What every tile function takes before the captured tensors' pointers and strides.
+TILE_PARAMS = ["score", "b", "h", "offs_m", "offs_n", "N", "M"]
+
+
+def _float_literal(value) -> str:
+    value = float(value)
+    if math.isnan(value):
+        return 'float("nan")'
+    if math.isinf(value):
+        return 'float("inf")' if value > 0 else 'float("-inf")'
+    return repr(value)
+
+
+def padded(size: int) -> int:
+    """The tile width for a head dimension: the next power of two, at least MIN_TILE."""
+    return max(MIN_TILE, 1 << (size - 1).bit_length())
+
+
+class TritonPrinter(PythonCodePrinter):
+    """Prints IR expressions as Triton code on one [BLOCK_M, BLOCK_N] tile.
+
+    ``q_idx`` is a column [BLOCK_M, 1], ``kv_idx`` a row [1, BLOCK_N], ``b`` and ``h``
+    scalars. Integer ``//`` and ``%`` keep Python's flooring semantics (Triton's, like
+    C's, truncate toward zero). Loads of captured tensors reach the printer already
+    hoisted into symbols (``TileExpressions``). ``helpers`` collects the names of the
+    @triton.jit helpers the printed code calls.
+    """
+
+    def __init__(self):
+        super().__init__({"fully_qualified_modules": False, "standard": "python3"})
+        self.helpers: set[str] = set()
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sympy.Expr) and expr.is_number and not expr.is_Integer:
+            return _float_literal(expr)
+        return super()._print(expr, **kwargs)
+
+    def _float(self, expr) -> str:
+        """An operand of a float-only function: integers are converted first."""
+        if expr.is_integer:
+            return f"({self._print(expr)}).to(tl.float32)"
+        return self._print(expr)
+
+    def _print_Indexed(self, expr):
+        raise AssertionError(f"captured-tensor loads are hoisted before printing, found {expr}")
+
+    def _print_FloorDiv(self, expr):
+        a, c = expr.args
+        if not (a.is_integer and c.is_integer):
+            return f"tl.floor({self._float(a)} / {self._float(c)})"
+        if a.is_nonnegative and c.is_positive:  # truncation is flooring here
+            return f"({self.parenthesize(a, 50)} // {self.parenthesize(c, 50)})"
+        self.helpers.add("_floordiv")
+        return f"_floordiv({self._print(a)}, {self._print(c)})"
+
+    def _print_Mod(self, expr):
+        a, c = expr.args
+        if not (a.is_integer and c.is_integer):
+            x, y = self._float(a), self._float(c)
+            return f"({x} - {y} * tl.floor({x} / {y}))"
+        if a.is_nonnegative and c.is_positive:
+            return f"({self.parenthesize(a, 50)} % {self.parenthesize(c, 50)})"
+        self.helpers.add("_mod")
+        return f"_mod({self._print(a)}, {self._print(c)})"
+
+    def _print_Pow(self, expr, rational=False):
+        base, exponent = expr.args
+        if exponent == sympy.Rational(1, 2):
+            return f"tl.sqrt({self._float(base)})"
+        if exponent == -sympy.Rational(1, 2):
+            return f"tl.rsqrt({self._float(base)})"
+        if exponent == -1:
+            return f"(1.0 / {self.parenthesize(base, precedence(expr))})"
+        if exponent.is_Integer:
+            self.helpers.add("_powi")
+            power = f"_powi({self._print(base)}, {abs(int(exponent))})"
+            return power if exponent > 0 else f"(1.0 / {power})"
+        if base == 2:
+            return f"tl.exp2({self._float(exponent)})"
+        if base.is_number and base.is_positive:
+            return f"tl.exp2({_float_literal(sympy.log(base, 2))} * {self.parenthesize(exponent, 50)})"
+        return f"tl.exp2({self.parenthesize(exponent, 50)} * tl.log2({self._float(base)}))"
+
+    def _print_exp(self, expr):
+        return f"tl.exp({self._float(expr.args[0])})"
+
+    def _print_log(self, expr):
+        return f"tl.log({self._float(expr.args[0])})"
+
+    def _print_tanh(self, expr):
+        self.helpers.add("_tanh")
+        return f"_tanh({self._float(expr.args[0])})"
+
+    def _print_Abs(self, expr):
+        return f"tl.abs({self._print(expr.args[0])})"
+
+    def _rounding(self, expr, fn: str):
+        (arg,) = expr.args
+        if arg.is_integer:
+            return self._print(arg)
+        return f"tl.{fn}({self._float(arg)}).to(tl.int32)"
+
+    def _print_floor(self, expr):
+        return self._rounding(expr, "floor")
+
+    def _print_ceiling(self, expr):
+        return self._rounding(expr, "ceil")
+
+    def _print_sign(self, expr):
+        x = self._print(expr.args[0])
+        return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+
+    def _print_Heaviside(self, expr):
+        x = self._print(expr.args[0])
+        at_zero = _float_literal(expr.args[1]) if len(expr.args) > 1 else "0.5"
+        return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, 0.0, {at_zero}))"
+
+    def _min_max(self, expr, fn: str):
+        args = [self._print(a) for a in expr.args]
+        result = args[-1]
+        for arg in reversed(args[:-1]):
+            result = f"tl.{fn}({arg}, {result})"
+        return result
+
+    def _print_Min(self, expr):
+        return self._min_max(expr, "minimum")
+
+    def _print_Max(self, expr):
+        return self._min_max(expr, "maximum")
+
+    def _print_Piecewise(self, expr):
+        *pieces, (otherwise, last_condition) = expr.args
+        if last_condition is not sympy.true:
+            raise BackendError(f"a Piecewise without a default branch cannot be printed: {expr}")
+        result = self._print(otherwise)
+        for value, condition in reversed(pieces):
+            result = f"tl.where({self._print(condition)}, {self._print(value)}, {result})"
+        return result
+
+    def _print_ITE(self, expr):
+        condition, a, c = (self._print(arg) for arg in expr.args)
+        return f"tl.where({condition}, {a}, {c})"
+
+    def _logical(self, expr, symbol: str):
+        return "(" + f" {symbol} ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_And(self, expr):
+        return self._logical(expr, "&")
+
+    def _print_Or(self, expr):
+        return self._logical(expr, "|")
+
+    def _print_Xor(self, expr):
+        return self._logical(expr, "^")
+
+    def _print_Not(self, expr):
+        return f"(~{self._print(expr.args[0])})"
+
+    def _print_Relational(self, expr):
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
+
+    def _print_Derivative(self, expr):
+        raise BackendError(f"the triton backend cannot differentiate {expr.expr}; use backend='pytorch'")
+
+
+def fold_numbers(expr):
+    """Each product's numeric factors as one float (``sqrt(6)*score/240`` -> ``0.0102*score``); integers stay."""
+    if not isinstance(expr, sympy.Basic) or not expr.args or isinstance(expr, (sympy.Symbol, sympy.Indexed)):
+        return expr
+    if isinstance(expr, sympy.Expr) and expr.is_number:
+        return expr if expr.is_Integer or not expr.is_finite else sympy.Float(expr.evalf(17), 17)
+    if isinstance(expr, sympy.Pow) and expr.exp.is_number:  # the printer reads exact exponents: 1/2, -1, 3
+        return sympy.Pow(fold_numbers(expr.base), expr.exp)
+    args = [fold_numbers(arg) for arg in expr.args]
+    if isinstance(expr, sympy.Mul):
+        numbers = [a for a in args if a.is_number]
+        coefficient = sympy.Mul(*numbers)
+        if len(numbers) > 1 or (numbers and not coefficient.is_Integer):
+            coefficient = coefficient if coefficient.is_Integer else sympy.Float(coefficient.evalf(17), 17)
+            others = [a for a in args if not a.is_number]
+            return sympy.Mul(*others) if coefficient == 1 else sympy.Mul(coefficient, *others)
+    return expr.func(*args)
+
+
+def _like(symbol_name: str, expr) -> sympy.Symbol:
+    """A symbol standing for ``expr``, with the assumptions the printer reads that hold for it."""
+    if is_boolean(expr):
+        return sympy.Symbol(symbol_name)
+    facts = {fact: True for fact in ("integer", "nonnegative", "positive", "real") if getattr(expr, f"is_{fact}")}
+    return sympy.Symbol(symbol_name, **facts)
+
+
+class TileExpressions:
+    """Writes IR expressions as lines of one @triton.jit tile function.
+
+    Captured-tensor loads come first, innermost first (``offsets[doc[kv_idx]]`` loads
+    ``doc`` then ``offsets``), each masked to the sequence bounds its index reads
+    (``row_ok``, ``col_ok``) so padded rows and columns never read out of bounds;
+    then common subexpressions (``tmp0``, ...); then the value. A later expression
+    reuses the loads of an earlier one (the mask those of the score).
+    """
+
+    def __init__(self, printer: TritonPrinter, captured: dict):
+        self.printer = printer
+        self.captured = captured  # label -> (ndim, dtype)
+        self.temporaries = sympy.numbered_symbols("tmp")
+        self.loads: dict = {}  # (label, indices) -> symbol
+        self.tile_uses: dict = {}  # load symbol -> the tile symbols (q_idx, kv_idx) its index reads
+
+    def lines(self, expr, target: str) -> list[str]:
+        """Lines computing ``target = expr``."""
+        lines: list[str] = []
+        expr = self._hoist_loads(fold_numbers(expr), lines)
+        replacements, (reduced,) = sympy.cse([expr], symbols=self.temporaries)
+        renamed = {}
+        for symbol, value in replacements:
+            value = value.xreplace(renamed)
+            renamed[symbol] = _like(symbol.name, value)
+            lines.append(f"{renamed[symbol]} = {self.printer.doprint(value)}")
+        lines.append(f"{target} = {self.printer.doprint(reduced.xreplace(renamed))}")
+        return lines
+
+    def _hoist_loads(self, expr, lines: list):
+        if isinstance(expr, sympy.Indexed):
+            indices = tuple(self._hoist_loads(i, lines) for i in expr.indices)
+            label = str(expr.base.label)
+            key = (label, indices)
+            if key not in self.loads:
+                self.loads[key] = self._load(label, indices, expr, lines)
+            return self.loads[key]
+        if not expr.args or isinstance(expr, sympy.Symbol):
+            return expr
+        return expr.func(*(self._hoist_loads(a, lines) for a in expr.args))
+
+    def _load(self, label: str, indices: tuple, element, lines: list) -> sympy.Symbol:
+        ndim, dtype = self.captured[label]
+        if len(indices) != ndim:
+            raise BackendError(f"captured tensor {label!r} has {ndim} dims but is indexed with {len(indices)}")
+        used = set()
+        for index in indices:
+            used |= {s for s in index.free_symbols if s in TILE_SYMBOLS}
+            used |= set().union(*(self.tile_uses.get(s, set()) for s in index.free_symbols))
+        terms = [
+            f"{self.printer.parenthesize(index, 50)} * stride_{label}_{dim}"
+            for dim, index in enumerate(indices)
+            if index != 0
+        ]
+        offset = " + ".join(terms) if terms else "0"
+        masks = [mask for symbol, mask in ((q_idx, "row_ok"), (kv_idx, "col_ok")) if symbol in used]
+        mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
+        cast = ".to(tl.float32)" if dtype in ("f16", "bf16", "f32", "f64") else ""
+        symbol = _like(f"{label}_{len(self.tile_uses)}", element)
+        self.tile_uses[symbol] = used
+        lines.append(f"{symbol} = tl.load({label}_ptr + {offset}{mask}){cast}")
+        return symbol
+
+
+def split_linear(expr) -> tuple[float | None, sympy.Expr]:
+    """(c, rest) when expr = c * score + rest with a constant c and rest free of score, else (None, expr)."""
+    coefficient = sympy.expand(expr).coeff(score)
+    rest = sympy.expand(expr - coefficient * score)
+    if coefficient.is_number and coefficient != 0 and not rest.has(score):
+        return float(coefficient), rest
+    return None, expr
+
+
+def score_derivative(expr):
+    """d expr / d score. Integer-valued parts (//, %, floor) are piecewise constant: their derivative is 0."""
+    flooring = {
+        FloorDiv: lambda a, c: sympy.floor(a / c),
+        sympy.Mod: lambda a, c: a - c * sympy.floor(a / c),
+    }
+    for function, rewrite in flooring.items():
+        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(score), lambda *args, r=rewrite: r(*args))
+    derivative = sympy.diff(expr, score)
+    return derivative.replace(
+        lambda e: isinstance(e, sympy.Derivative) and isinstance(e.expr, (sympy.floor, sympy.ceiling)),
+        lambda *args: sympy.Integer(0),
+    )
+
+
+def _depends_on_tile(expr) -> bool:
+    return bool(expr.has(score, q_idx, kv_idx) or expr.atoms(sympy.Indexed))
+
+
+class RegionWriter:
+    """Generates the kernels and the autograd function of one flash_attention region."""
+
+    def __init__(self, node, ir_line: str):
+        op = node.op
+        self.op = op
+        self.ir_line = ir_line
+        if op.block_m == 0 or op.block_n == 0:
+            raise BackendError(
+                f"the triton backend needs tile sizes on the region; run tile{{target=triton}} first: {ir_line}"
+            )
+        for label, size in (("block_m", op.block_m), ("block_n", op.block_n)):
+            if size < MIN_TILE or size & (size - 1):
+                raise BackendError(
+                    f"tile {label}={size} is invalid for triton: a power of two >= {MIN_TILE} is allowed"
+                )
+        q, _, v = (operand.type for operand in node.inputs[:3])
+        self.head_dim, self.head_dim_v = int(q.shape[3]), int(v.shape[3])
+        self.captured = [operand.op.label for operand in node.inputs[3:]]
+        self.captured_types = {operand.op.label: (operand.type.rank, operand.type.dtype) for operand in node.inputs[3:]}
+        self.printer = TritonPrinter()
+        self.exp, self.log = ("tl.exp2", "tl.log2") if op.exp2 else ("tl.exp", "tl.log")
+        self.coefficient, self.rest = split_linear(op.score)
+
+    # -- pieces of parameter lists
+    def tile_params(self) -> list[str]:
+        """The pointer and strides of each captured tensor, as the tile functions take them."""
+        params = []
+        for label in self.captured:
+            params.append(f"{label}_ptr")
+            params += [f"stride_{label}_{d}" for d in range(self.captured_types[label][0])]
+        return params
+
+    def kernel_strides(self) -> str:
+        """The captured tensors' strides, after the kernel's own strides."""
+        return "".join(f" {p}," for p in self.tile_params() if p.startswith("stride_"))
+
+    # -- the tile functions
+    def scores_function(self) -> list[str]:
+        op = self.op
+        writer = TileExpressions(self.printer, self.captured_types)
+        lines = [
+            "@triton.jit",
+            f"def _scores({', '.join(TILE_PARAMS)},",
+            f"            {''.join(p + ', ' for p in self.tile_params())}MASKED: tl.constexpr):",
+            f'    """One [BLOCK_M, BLOCK_N] tile of {self.units} scores from score = q . k; -inf where hidden.',
+            "",
+            "    MASKED tiles evaluate the mask and the sequence bounds; full tiles need neither.",
+            '    """',
+            "    q_idx = offs_m[:, None]",
+            "    kv_idx = offs_n[None, :]",
+            "    row_ok = q_idx < N",
+            "    col_ok = kv_idx < M",
+            f"    # score = {sympy.sstr(op.score)}",
+        ]
+        if self.coefficient is not None:
+            if self.rest != 0:
+                lines += ["    " + line for line in writer.lines(self.rest, "bias")]
+            lines.append(f"    s = score * {self.coefficient!r}" + (" + bias" if self.rest != 0 else ""))
+        else:
+            lines += ["    " + line for line in writer.lines(op.score, "s")]
+            if not _depends_on_tile(op.score) or op.score.is_integer:
+                lines.append("    s = tl.zeros_like(score) + s")
+        lines.append("    if MASKED:")
+        if op.mask is sympy.true:
+            lines.append("        keep = row_ok & col_ok")
+        else:
+            lines.append(f"        # mask = {sympy.sstr(op.mask)}")
+            lines += ["        " + line for line in writer.lines(op.mask, "visible")]
+            lines.append("        keep = row_ok & col_ok & visible")
+        lines += ['        s = tl.where(keep, s, float("-inf"))', "    return s"]
+        return lines
+
+    def score_grad_function(self) -> list[str]:
+        """d s / d score times ln 2 (the softmax's base), when s is not linear in score."""
+        derivative = score_derivative(self.op.score) * (LN2 if self.op.exp2 else 1)
+        writer = TileExpressions(self.printer, self.captured_types)
+        units = " times ln(2): s is in base-2 units" if self.op.exp2 else ""
+        lines = [
+            "@triton.jit",
+            f"def _score_grad({', '.join(TILE_PARAMS + self.tile_params())}):",
+            f'    """d s / d score{units}, by sympy.diff of the score expression."""',
+            "    q_idx = offs_m[:, None]",
+            "    kv_idx = offs_n[None, :]",
+            "    row_ok = q_idx < N",
+            "    col_ok = kv_idx < M",
+            f"    # d/d score: {sympy.sstr(derivative)}",
+        ]
+        lines += ["    " + line for line in writer.lines(derivative, "grad")]
+        if not _depends_on_tile(derivative) or derivative.is_integer:
+            lines.append("    grad = tl.zeros_like(score) + grad")
+        lines.append("    return grad")
+        return lines
+
+    @property
+    def units(self) -> str:
+        return "base-2" if self.op.exp2 else "natural-log"
+
+    def ds_to_dscore(self) -> str:
+        """The line turning dL/ds (ds) into dL/d(q . k) (dx)."""
+        if self.coefficient is not None:
+            factor = self.coefficient * (LN2 if self.op.exp2 else 1)
+            return f"dx = ds * {factor!r}  # d s / d score{' * ln(2)' if self.op.exp2 else ''}"
+        args = ", ".join(["qk", *TILE_PARAMS[1:], *self.tile_params()])
+        return f"dx = tl.where(p == 0.0, 0.0, ds * _score_grad({args}))  # hidden elements add nothing"
+
+    # -- everything
+    def source(self) -> str:
+        d_mask = "" if padded(self.head_dim) == self.head_dim else " & (offs_d[None, :] < HEAD_DIM)"
+        dv_mask = "" if padded(self.head_dim_v) == self.head_dim_v else " & (offs_dv[None, :] < HEAD_DIM_V)"
+        functions = [self.scores_function()]
+        if self.coefficient is None:
+            functions.append(self.score_grad_function())
+        fields = dict(
+            tile_args="".join(f"{p}, " for p in self.tile_params()),
+            pointers="".join(f" {label}_ptr," for label in self.captured),
+            strides=self.kernel_strides(),
+            d_mask=d_mask,
+            dv_mask=dv_mask,
+            exp=self.exp,
+            log=self.log,
+            to_natural=f" * {LN2!r}" if self.op.exp2 else "",
+            to_units=f" * {LOG2_E!r}  # log2(e): lse in base-2 units" if self.op.exp2 else "",
+            dx_line=self.ds_to_dscore(),
+        )
+        parts = ["\n".join(f) for f in functions]
+        parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
+        return "\n\n\n".join(parts)
+
+    def constants(self) -> str:
+        op = self.op
+        return CONSTANTS.format(
+            groups=op.groups,
+            head_dim=self.head_dim,
+            block_d=padded(self.head_dim),
+            head_dim_v=self.head_dim_v,
+            block_dv=padded(self.head_dim_v),
+            block_m=op.block_m,
+            block_n=op.block_n,
+            num_warps=op.num_warps or 4,
+            num_stages=op.num_stages or 2,
+        )
+
+    def autograd_function(self) -> str:
+        return AUTOGRAD.format(doc=self.ir_line.replace('"', "'"))
+
+
+IMPORTS = """\
+import os
+import sys
+
+import torch
+from torch.autograd.function import once_differentiable
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    # No GPU: run the kernels in Triton's interpreter. Triton reads TRITON_INTERPRET when it
+    # creates jit functions, its own included, so it must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402"""
+
+CONSTANTS = """\
+GROUPS = {groups}  # query heads per KV head: head h reads KV head h // GROUPS
+HEAD_DIM, BLOCK_D = {head_dim}, {block_d}  # q and k head dim; the tile width, a power of two
+HEAD_DIM_V, BLOCK_DV = {head_dim_v}, {block_dv}  # v head dim; its tile width
+BLOCK_M, BLOCK_N = {block_m}, {block_n}  # query rows and keys per tile
+NUM_WARPS, NUM_STAGES = {num_warps}, {num_stages}"""
+
+HELPERS = {
+    "_dot": '''\
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """acc + a @ b in float32 (acc None: a new tile). Triton's interpreter would multiply bf16 bit
+    patterns as integers: there (INTERPRET_BF16) the operands become float32 first, exactly."""
+    if INTERPRET_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)''',
+    "_round": '''\
+@triton.jit
+def _round(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """x in dtype, rounded to nearest as GPUs round. Triton's interpreter truncates float32 to bf16:
+    there (INTERPRET_BF16) the bits are rounded first (round half to even, as torch does)."""
+    if INTERPRET_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)''',
+    "_floordiv": '''\
+@triton.jit
+def _floordiv(a, b):
+    """a // b rounded toward -inf, as in Python and torch (Triton's integer // truncates toward zero)."""
+    quotient = a // b
+    remainder = a - quotient * b
+    return tl.where((remainder != 0) & ((remainder < 0) != (b < 0)), quotient - 1, quotient)''',
+    "_mod": '''\
+@triton.jit
+def _mod(a, b):
+    """a % b with the sign of b, as in Python and torch (Triton's integer % takes the sign of a)."""
+    remainder = a % b
+    return tl.where((remainder != 0) & ((remainder < 0) != (b < 0)), remainder + b, remainder)''',
+    "_powi": '''\
+@triton.jit
+def _powi(x, n: tl.constexpr):
+    """x ** n for a constant integer n >= 1, by repeated multiplication."""
+    result = x
+    for _ in tl.static_range(n - 1):
+        result = result * x
+    return result''',
+    "_tanh": '''\
+@triton.jit
+def _tanh(x):
+    """tanh from exp2 (the interpreter has no libdevice); odd, and saturating to +-1 without overflow."""
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # e^(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)''',
+}
+
+FORWARD = '''\
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                    b, h, offs_m, N, M, {tile_args}
+                    lo, hi, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """Online softmax over the KV tiles [lo, hi): running max m_i, running sum l_i, accumulator acc."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < M
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
+                    mask=kv_ok[:, None]{d_mask}, other=0.0)
+        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
+        s = _scores(qk, b, h, offs_m, offs_n, N, M, {tile_args}MASKED)
+        # -- online softmax: rescale the running sum and the accumulator when the max grows
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row without a visible key so far
+        p = {exp}(s - m_safe[:, None])
+        alpha = {exp}(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                    mask=kv_ok[:, None]{dv_mask}, other=0.0)
+        acc = _dot(_round(p, v.dtype, INTERPRET_BF16), v, acc * alpha[:, None], DOT_PRECISION, INTERPRET_BF16)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,{pointers}
+              stride_qz, stride_qh, stride_qm, stride_qk,
+              stride_kz, stride_kh, stride_kn, stride_kk,
+              stride_vz, stride_vh, stride_vn, stride_vk,
+              stride_oz, stride_oh, stride_om, stride_ok,{strides}
+              H, N, M,
+              GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """o and lse of one query tile of one head (LSE is a contiguous [B, H, N] float32 tensor)."""
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    b = off_hz // H
+    h = off_hz % H
+    kv_h = h // GROUPS  # grouped-query attention by head index: K and V are never repeated
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ok = offs_m < N
+    q = tl.load(Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qk, mask=q_ok[:, None]{d_mask}, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kz + kv_h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vz + kv_h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # -- KV schedule: visit the tiles [lo, hi); those in [full_lo, full_hi) are full (every key visible).
+    #    No sparsity schedule yet: every tile is visited and masked.
+    lo, hi = 0, M
+    full_lo, full_hi = lo, lo
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                                    b, h, offs_m, N, M, {tile_args}
+                                    lo, full_lo, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                                    b, h, offs_m, N, M, {tile_args}
+                                    full_lo, full_hi, False, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                                    b, h, offs_m, N, M, {tile_args}
+                                    full_hi, hi, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+    # -- epilogue: o = acc / l, lse = m + log l; a row that saw no key keeps o = 0 and gets lse = -inf
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + {log}(l_safe)){to_natural}, float("-inf"))
+    tl.store(LSE + off_hz.to(tl.int64) * N + offs_m, lse, mask=q_ok)
+    o = acc / l_safe[:, None]
+    tl.store(O + b.to(tl.int64) * stride_oz + h * stride_oh + offs_m[:, None] * stride_om
+             + offs_dv[None, :] * stride_ok, _round(o, O.dtype.element_ty, INTERPRET_BF16), mask=q_ok[:, None]{dv_mask})'''
+
+BACKWARD = '''\
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
+                         stride_oz, stride_oh, stride_om, stride_ok,
+                         stride_doz, stride_doh, stride_dom, stride_dok,
+                         H, N, BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(o * do) - dlse, the row term of dS = P * (dP - delta); DLSE, DELTA contiguous [B, H, N]."""
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    b = off_hz // H
+    h = off_hz % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ok = offs_m < N
+    o = tl.load(O + b.to(tl.int64) * stride_oz + h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_ok, mask=q_ok[:, None]{dv_mask}, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dok, mask=q_ok[:, None]{dv_mask}, other=0.0)
+    dlse = tl.load(DLSE + off_hz.to(tl.int64) * N + offs_m, mask=q_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
+    tl.store(DELTA + off_hz.to(tl.int64) * N + offs_m, delta, mask=q_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                         stride_qm, stride_qk, stride_dom, stride_dok,
+                         b, h, offs_n, N, M, {tile_args}
+                         lo, hi, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """dK += dS^T Q and dV += P^T dO of one KV tile, over the query tiles [lo, hi) of head h."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ok = offs_m < N
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
+                    mask=q_ok[:, None]{d_mask}, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+                     mask=q_ok[:, None]{dv_mask}, other=0.0)
+        # rows past N, and rows without a visible key (lse = -inf), get p = 0
+        lse = tl.load(lse_base + offs_m, mask=q_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse){to_units}
+        delta = tl.load(delta_base + offs_m, mask=q_ok, other=0.0)
+        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
+        s = _scores(qk, b, h, offs_m, offs_n, N, M, {tile_args}MASKED)
+        p = {exp}(s - lse[:, None])
+        dv = _dot(tl.trans(_round(p, do.dtype, INTERPRET_BF16)), do, dv, DOT_PRECISION, INTERPRET_BF16)
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION, INTERPRET_BF16)
+        ds = p * (dp - delta[:, None])
+        {dx_line}
+        dk = _dot(tl.trans(_round(dx, q.dtype, INTERPRET_BF16)), q, dk, DOT_PRECISION, INTERPRET_BF16)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
+                   stride_qz, stride_qh, stride_qm, stride_qk,
+                   stride_kz, stride_kh, stride_kn, stride_kk,
+                   stride_vz, stride_vh, stride_vn, stride_vk,
+                   stride_doz, stride_doh, stride_dom, stride_dok,
+                   stride_dkz, stride_dkh, stride_dkn, stride_dkk,
+                   stride_dvz, stride_dvh, stride_dvn, stride_dvk,{strides}
+                   H, N, M,
+                   GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """dK and dV of one KV tile of one KV head, summed over the GROUPS query heads that read it."""
+    start_n = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    kv_heads = H // GROUPS
+    b = off_hz // kv_heads
+    kv_h = off_hz % kv_heads
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kv_ok = offs_n < M
+    k = tl.load(K + b.to(tl.int64) * stride_kz + kv_h * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kk, mask=kv_ok[:, None]{d_mask}, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vz + kv_h * stride_vh + offs_n[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vk, mask=kv_ok[:, None]{dv_mask}, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # -- query schedule: the query tiles [lo, hi) see this KV tile; in [full_lo, full_hi) every key is visible.
+    #    No sparsity schedule yet: every tile is visited and masked.
+    lo, hi = 0, N
+    full_lo, full_hi = lo, lo
+    for g in range(GROUPS):
+        h = kv_h * GROUPS + g
+        q_base = Q + b.to(tl.int64) * stride_qz + h * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_doz + h * stride_doh
+        lse_base = LSE + (b * H + h).to(tl.int64) * N
+        delta_base = DELTA + (b * H + h).to(tl.int64) * N
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
+                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
+                                      lo, full_lo, True, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
+                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
+                                      full_lo, full_hi, False, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
+                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
+                                      full_hi, hi, True, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+    tl.store(DK + b.to(tl.int64) * stride_dkz + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkk, _round(dk, DK.dtype.element_ty, INTERPRET_BF16), mask=kv_ok[:, None]{d_mask})
+    tl.store(DV + b.to(tl.int64) * stride_dvz + kv_h * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvk, _round(dv, DV.dtype.element_ty, INTERPRET_BF16), mask=kv_ok[:, None]{dv_mask})
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                       b, h, offs_m, N, M, {tile_args}
+                       lo, hi, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """dQ += dS K of one query tile, over the KV tiles [lo, hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < M
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
+                    mask=kv_ok[:, None]{d_mask}, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+                    mask=kv_ok[:, None]{dv_mask}, other=0.0)
+        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
+        s = _scores(qk, b, h, offs_m, offs_n, N, M, {tile_args}MASKED)
+        p = {exp}(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION, INTERPRET_BF16)
+        ds = p * (dp - delta[:, None])
+        {dx_line}
+        dq = _dot(_round(dx, k.dtype, INTERPRET_BF16), k, dq, DOT_PRECISION, INTERPRET_BF16)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,{pointers}
+                 stride_qz, stride_qh, stride_qm, stride_qk,
+                 stride_kz, stride_kh, stride_kn, stride_kk,
+                 stride_vz, stride_vh, stride_vn, stride_vk,
+                 stride_doz, stride_doh, stride_dom, stride_dok,
+                 stride_dqz, stride_dqh, stride_dqm, stride_dqk,{strides}
+                 H, N, M,
+                 GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """dQ of one query tile of one head."""
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    b = off_hz // H
+    h = off_hz % H
+    kv_h = h // GROUPS
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ok = offs_m < N
+    q = tl.load(Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qk, mask=q_ok[:, None]{d_mask}, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dok, mask=q_ok[:, None]{dv_mask}, other=0.0)
+    # rows past N, and rows without a visible key (lse = -inf), get p = 0
+    lse = tl.load(LSE + off_hz.to(tl.int64) * N + offs_m, mask=q_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse){to_units}
+    delta = tl.load(DELTA + off_hz.to(tl.int64) * N + offs_m, mask=q_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kz + kv_h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vz + kv_h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # -- KV schedule, as in the forward kernel
+    lo, hi = 0, M
+    full_lo, full_hi = lo, lo
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                            b, h, offs_m, N, M, {tile_args}
+                            lo, full_lo, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                            b, h, offs_m, N, M, {tile_args}
+                            full_lo, full_hi, False, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                            b, h, offs_m, N, M, {tile_args}
+                            full_hi, hi, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+    tl.store(DQ + b.to(tl.int64) * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqk, _round(dq, DQ.dtype.element_ty, INTERPRET_BF16), mask=q_ok[:, None]{d_mask})'''
+
+HOST = '''\
+# Whether triton runs these kernels in its interpreter (it does when TRITON_INTERPRET=1 at import).
+INTERPRETED = not isinstance(_attn_fwd, triton.runtime.JITFunction)
+
+
+def _check_device(device):
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+        return
+    from attncc.errors import BackendError  # imported here: the module itself needs only torch and triton
+
+    if device.type == "cpu":
+        raise BackendError(
+            "CPU tensors run the triton kernels in Triton's interpreter, but triton was imported before "
+            "TRITON_INTERPRET=1 was set; set it in the environment (or use backend='pytorch')"
+        )
+    raise BackendError(f"the triton backend runs on cuda and cpu tensors, not {device.type}")
+
+
+def _refuse_captured_gradients(needs_input_grad):
+    if any(needs_input_grad[3:]):
+        from attncc.errors import BackendError
+
+        raise BackendError(
+            "the triton backend computes no gradients for captured tensors, and one requires grad; "
+            "compile with backend='pytorch' to train it (or detach it)"
+        )
+
+
+def _meta(q):
+    """The constexpr arguments of the attention kernels, for inputs like q."""
+    return dict(
+        GROUPS=GROUPS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs get fp32 products, not tf32
+        INTERPRET_BF16=INTERPRETED and q.dtype == torch.bfloat16,
+    )'''
+
+AUTOGRAD = '''\
+class FlashAttention(torch.autograd.Function):
+    """{doc}
+
+    Forward: _attn_fwd per query tile. Backward (FlashAttention-2): delta, then dK and dV
+    per KV tile, then dQ per query tile; each recomputes its tiles' scores.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, *captured):
+        _check_device(q.device)
+        _refuse_captured_gradients(ctx.needs_input_grad)
+        B, H, N, _ = q.shape
+        M = k.shape[2]
+        o = torch.empty(B, H, N, HEAD_DIM_V, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(N, BLOCK_M), B * H)
+        _attn_fwd[grid](
+            q, k, v, o, lse, *captured,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *[s for t in captured for s in t.stride()],
+            H, N, M, **_meta(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, *captured)
+        return o, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dlse):
+        _refuse_captured_gradients(ctx.needs_input_grad)
+        q, k, v, o, lse, *captured = ctx.saved_tensors
+        B, H, N, _ = q.shape
+        M = k.shape[2]
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
+        delta = torch.empty_like(lse)
+        rows = (triton.cdiv(N, BLOCK_M), B * H)
+        _attn_bwd_preprocess[rows](
+            o, do, dlse, delta, *o.stride(), *do.stride(), H, N,
+            BLOCK_M=BLOCK_M, HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV, num_warps=NUM_WARPS,
+        )
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        captured_strides = [s for t in captured for s in t.stride()]
+        _attn_bwd_dkdv[(triton.cdiv(M, BLOCK_N), B * k.shape[1])](
+            q, k, v, do, lse, delta, dk, dv, *captured,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *captured_strides,
+            H, N, M, **_meta(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+        _attn_bwd_dq[rows](
+            q, k, v, do, lse, delta, dq, *captured,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *captured_strides,
+            H, N, M, **_meta(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+        return (dq, dk, dv) + (None,) * len(captured)'''
+
+
+def _check_graph(graph: Graph):
+    """The region, its lse_of, and the output; BackendError for any other graph."""
+    regions = graph.nodes_of(ops.FlashAttention)
+    others = [
+        n.op.name for n in graph.nodes if not isinstance(n.op, (ops.Input, ops.FlashAttention, ops.LseOf, ops.Output))
+    ]
+    if len(regions) != 1 or others:
+        found = ", ".join(sorted(set(others))) or f"{len(regions)} flash_attention regions"
+        raise BackendError(
+            "the triton backend compiles one fused flash_attention region, but the graph has "
+            f"{found}; compile with the triton pipeline (its online-softmax pass fuses attention)"
+        )
+    (region,) = regions
+    output = graph.nodes[-1]
+    by_name = dict(zip(output.op.names, output.inputs))
+    lse = by_name.get("lse")
+    if set(by_name) != {"o", "lse"} or by_name["o"] is not region or not isinstance(lse.op, ops.LseOf):
+        raise BackendError(f"the triton backend needs outputs (o, lse) of one region, got {output.op.names}")
+    return region, lse
+
+
+def generate(graph: Graph) -> GeneratedSource:
+    """Python source defining ``attention(q, k, v, *captured) -> (o, lse)`` with Triton kernels."""
+    region, lse = _check_graph(graph)
+    ir_names = value_names(graph)
+    ir_line = format_node(region, ir_names)
+    writer = RegionWriter(region, ir_line)
+    captured = [n.op.label for n in graph.captured]
+    kernels = writer.source()
+    helpers = ["_dot", "_round", *sorted(writer.printer.helpers)]
+
+    w = SourceWriter()
+    w.line(f'"""Attention generated by attncc {attncc.__version__} (backend: triton).')
+    w.line()
+    w.line(
+        "Inputs: q [B, H, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] (fp16, bf16 or fp32, any strides)"
+        + (f", captured tensors {', '.join(captured)}." if captured else ".")
+    )
+    w.line("Returns (o [B, H, N, Dv] in q's dtype, lse [B, H, N] in float32, natural log).")
+    w.line("Fused kernels in the style of Triton's fused-attention tutorial, accumulating in float32: the")
+    w.line("forward with an online softmax over KV tiles, and FlashAttention-2's backward. CUDA tensors run")
+    w.line("the compiled kernels; CPU tensors run the same kernels in Triton's interpreter. From this IR:")
+    w.line()
+    for row in print_graph(graph).splitlines():
+        w.line("    " + row)
+    w.line('"""')
+    w.line()
+    for row in IMPORTS.splitlines():
+        w.line(row)
+    w.line()
+    w.line(f"# {ir_line}", ir=ir_line)
+    for row in writer.constants().splitlines():
+        w.line(row, ir=ir_line)
+    for helper in helpers:
+        w.line()
+        w.line()
+        for row in HELPERS[helper].splitlines():
+            w.line(row)
+    w.line()
+    w.line()
+    w.line(f"# {ir_line}", ir=ir_line)
+    for row in kernels.splitlines():
+        w.line(row, ir=ir_line)
+    w.line()
+    w.line()
+    for row in HOST.splitlines():
+        w.line(row)
+    w.line()
+    w.line()
+    for row in writer.autograd_function().splitlines():
+        w.line(row, ir=ir_line)
+    w.line()
+    w.line()
+    region_args = ", ".join(["q", "k", "v", *writer.captured])
+    w.line(f"def attention({', '.join(['q', 'k', 'v', *captured])}):")
+    w.line(f'    """o and lse of {ir_names[region]} = flash_attention(...) and {ir_names[lse]} = lse_of(...)."""')
+    w.line(f"    return FlashAttention.apply({region_args})", ir=ir_line)
+    return GeneratedSource(w.text(), "attention", w.line_map, name)

@@ -1,0 +1,418 @@
+"""The Triton backend against the float64 reference: every numerics variant, forward and backward.
+
+Without a GPU the generated kernels run in Triton's interpreter, so shapes are tiny and
+tiles small (16 x 16) to exercise multi-tile loops and boundary masking. Tests that
+need a CUDA device, or the NVIDIA compiler, say so and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+
+import attncc
+from attncc.cache import load_module
+from attncc.passes import PIPELINES
+from tests.reference import assert_attention_matches, dense_attention
+from tests.test_numerics import MOD_CASES, SPEC_CASES, random_qkv
+
+TRITON = importlib.util.find_spec("triton")  # finds, does not import: triton's first import decides interpreting
+requires_triton = pytest.mark.skipif(TRITON is None, reason="triton is not installed: pip install attncc[triton]")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HAS_NVIDIA_BACKEND = TRITON is not None and os.path.isdir(
+    os.path.join(os.path.dirname(TRITON.origin), "backends", "nvidia")
+)
+if TRITON is not None:
+    # Import triton through the backend now, while collecting, so that without a GPU it is in interpreter mode
+    # even if a test that runs earlier (torch.compile, say) would import it.
+    importlib.import_module("attncc.backends.triton")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SMALL_TILES = [*PIPELINES["triton"][:-1], "tile{target=triton,block_m=16,block_n=16}"]
+
+# Gradients sum products of values that the kernels round to the input dtype, as every
+# FlashAttention kernel does: P before dV = P^T dO, dS before dQ = dS K and dK = dS^T Q
+# (relative error u each: 2^-12 fp16, 2^-9 bf16), then the result once more. So the bound
+# is relative to the gradient's scale s = max |reference|: |g - ref| <= atol * s + rtol * |ref|,
+# with rtol = 2 u as for o and atol = 8 u, twice o's 4 u for the sums of rounded terms.
+# fp32 keeps o's bound.
+GRAD_TOLERANCE = {
+    torch.float32: dict(atol=2e-6, rtol=2e-6),
+    torch.float16: dict(atol=8 * 2.0**-12, rtol=2 * 2.0**-12),
+    torch.bfloat16: dict(atol=8 * 2.0**-9, rtol=2 * 2.0**-9),
+}
+
+# (B, H, Hkv, N, M, D) per variant of tests/test_numerics.py: the interpreter runs each
+# program in Python, so batches and heads shrink; features that need more keep them
+# (6 heads for ALiBi's rule, per-batch lengths, a 7 x 7 image, the captured documents).
+SHAPES = {
+    "dense": (1, 2, 2, 31, 31, 16),
+    "cross_attention": (1, 2, 2, 19, 45, 16),
+    "causal_bottom_right_short_q": (1, 2, 2, 17, 40, 16),
+    "causal_bottom_right_long_q": (1, 2, 2, 40, 17, 16),
+    "causal_top_left": (1, 2, 2, 33, 23, 16),
+    "sliding_window_causal": (1, 2, 2, 34, 34, 16),
+    "window_both_sides": (1, 2, 2, 29, 31, 16),
+    "gqa": (1, 4, 2, 31, 29, 16),
+    "mqa": (1, 4, 1, 17, 40, 24),
+    "softcap": (1, 2, 1, 31, 31, 16),
+    "alibi_6_heads": (1, 6, 3, 27, 30, 16),
+    "v_head_dim": (1, 2, 2, 20, 30, 16),
+    "document_mask": (1, 2, 1, 37, 37, 16),
+    "neighbourhood_2d": (1, 2, 2, 49, 49, 16),
+    "relative_bias_table": (1, 2, 1, 25, 31, 16),
+    "key_padding_per_batch": (2, 2, 1, 21, 32, 16),
+    "fully_masked_rows": (1, 2, 2, 23, 23, 16),
+    "score_mod_minus_inf_row": (1, 2, 2, 9, 14, 16),
+    "exotic_score_mod": (1, 2, 2, 13, 21, 16),
+}
+
+
+@functools.cache
+def compiled_variant(case: str):
+    """(compiled module, reference options) of a variant, compiled once for every dtype."""
+    batch, heads, kv_heads, n, m, d = SHAPES[case]
+    if case in SPEC_CASES:
+        fields, options, _ = SPEC_CASES[case]
+    else:
+        score_mod, mask_mod, _ = MOD_CASES[case]
+        fields = {"score_mod": score_mod, "mask_mod": mask_mod}
+        options = {"score_mod": score_mod, "mask_mod": mask_mod}
+    spec = attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, **fields)
+    return attncc.compile(spec, backend="triton", pipeline=SMALL_TILES), options
+
+
+def assert_gradients_match(grads, reference_grads, dtype):
+    for name, grad, reference in zip(("dq", "dk", "dv"), grads, reference_grads):
+        assert grad.dtype == dtype, name
+        tolerance = GRAD_TOLERANCE[dtype]
+        scale = float(reference.abs().max())
+        torch.testing.assert_close(grad.double(), reference, atol=tolerance["atol"] * scale, rtol=tolerance["rtol"],
+                                   msg=lambda text, name=name: f"{name}: {text}")  # fmt: skip
+
+
+def check_forward_backward(attn, options, q, k, v, seed=0):
+    """o and lse, and the gradients of a loss using both, against autograd through the float64 reference."""
+    dtype = q.dtype
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    o, lse = attn(*leaves, return_lse=True)
+    reference_leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    reference_o, reference_lse = dense_attention(*reference_leaves, **options)
+    assert_attention_matches(o.cpu(), lse.cpu(), reference_o.detach(), reference_lse.detach(), dtype)
+
+    generator = torch.Generator().manual_seed(seed)
+    grad_o = torch.randn(o.shape, generator=generator).to(dtype)
+    grad_lse = torch.randn(lse.shape, generator=generator)
+    grad_lse = torch.where(reference_lse.isinf(), 0.0, grad_lse.double()).float()
+    grads = torch.autograd.grad((o, lse), leaves, (grad_o.to(o.device), grad_lse.to(o.device)))
+    reference_grads = torch.autograd.grad(
+        (reference_o, reference_lse), reference_leaves, (grad_o.double(), grad_lse.double()), allow_unused=True
+    )
+    assert_gradients_match([g.cpu() for g in grads], reference_grads, dtype)
+    return grads
+
+
+def run_variant(case: str, dtype, device="cpu"):
+    attn, options = compiled_variant(case) if device == "cpu" else compiled_variant.__wrapped__(case)
+    attn = attn.to(device)
+    batch, heads, kv_heads, n, m, d = SHAPES[case]
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, d, attn.spec.v_head_dim, dtype, seed=len(case))
+    check_forward_backward(attn, options, q.to(device), k.to(device), v.to(device), seed=len(case))
+
+
+@requires_triton
+def test_shapes_cover_every_numerics_variant():
+    assert set(SHAPES) == set(SPEC_CASES) | set(MOD_CASES)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_variant_forward_and_backward(case, dtype):
+    run_variant(case, dtype)
+
+
+@requires_triton
+def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradients():
+    attn, options = compiled_variant("fully_masked_rows")
+    q, k, v = random_qkv(1, 2, 2, 23, 23, 16, seed=1)
+    dq, _, _ = check_forward_backward(attn, options, q, k, v)
+    o, lse = attn(q, k, v, return_lse=True)
+    empty = torch.arange(23) % 5 == 0
+    assert torch.equal(o[:, :, empty], torch.zeros_like(o[:, :, empty]))
+    assert torch.isneginf(lse[:, :, empty]).all() and torch.isfinite(lse[:, :, ~empty]).all()
+    assert torch.equal(dq[:, :, empty], torch.zeros_like(dq[:, :, empty]))
+
+
+@requires_triton
+@pytest.mark.parametrize("head_dim, v_head_dim", [(16, 16), (24, 40), (80, 72), (128, 128), (256, 256)])
+def test_head_dims_pad_to_powers_of_two(head_dim, v_head_dim):
+    spec = attncc.AttentionSpec(num_heads=2, num_kv_heads=1, head_dim=head_dim, v_head_dim=v_head_dim, causal=True)
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    q, k, v = random_qkv(1, 2, 1, 18, 21, head_dim, v_head_dim, seed=head_dim)
+    check_forward_backward(attn, {"causal": True}, q, k, v)
+
+
+@requires_triton
+@pytest.mark.parametrize("n, m", [(1, 1), (1, 40), (40, 1), (16, 16), (17, 33)])
+def test_any_lengths(n, m):
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True)
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    q, k, v = random_qkv(1, 2, 2, n, m, 16, seed=n + m)
+    check_forward_backward(attn, {"causal": True}, q, k, v)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_inputs_and_gradients(dtype):
+    spec = attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, window=(6, 2))
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    generator = torch.Generator().manual_seed(4)
+    # q in [B, N, H, D] layout seen as [B, H, N, D]; k and v every other key of a longer tensor
+    q = torch.randn(2, 21, 4, 16, generator=generator).to(dtype).transpose(1, 2)
+    k = torch.randn(2, 2, 50, 16, generator=generator).to(dtype)[:, :, ::2]
+    v = torch.randn(2, 2, 16, 50, generator=generator).to(dtype).transpose(2, 3)[:, :, 1::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    check_forward_backward(attn, {"window": (6, 2)}, q, k, v)
+
+
+@requires_triton
+def test_python_floor_division_and_modulo_of_negative_numbers():
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + 0.25 * ((kv_idx - q_idx) // 3) - 0.5 * ((q_idx - kv_idx) % 4) + 0.1 * ((kv_idx - 7) % -5)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx - q_idx) // 4 != -2
+
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod, mask_mod=mask_mod)
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    assert "_floordiv(" in attn.source and "_mod(" in attn.source
+    q, k, v = random_qkv(1, 2, 2, 27, 30, 16, seed=5)
+    check_forward_backward(attn, {"score_mod": score_mod, "mask_mod": mask_mod}, q, k, v)
+
+
+@requires_triton
+def test_nested_and_multidimensional_captured_tensors():
+    owner = torch.tensor([0] * 7 + [1] * 12 + [2] * 11)
+    intervals = torch.tensor([[0, 7], [3, 19], [19, 30]])
+    table = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(2))
+    gate = torch.tensor([True, False, True])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        start = intervals[owner[kv_idx]][0]  # per element: the row of kv_idx's owner, then its first entry
+        return (q_idx >= start) & ((q_idx < intervals[owner[kv_idx], 1]) | gate[owner[q_idx]])
+
+    def reference_mask(b, h, q_idx, kv_idx):  # the same on broadcast index tensors
+        start = intervals[owner[kv_idx], 0]
+        return (q_idx >= start) & ((q_idx < intervals[owner[kv_idx], 1]) | gate[owner[q_idx]])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, owner[q_idx], owner[kv_idx]]
+
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod, mask_mod=mask_mod)
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    assert "tl.load(intervals_ptr + owner_" in attn.source  # the nested load reads a hoisted load
+    q, k, v = random_qkv(1, 2, 2, 30, 30, 16, seed=6)
+    check_forward_backward(attn, {"score_mod": score_mod, "mask_mod": reference_mask}, q, k, v)
+
+
+@requires_triton
+def test_natural_exp_region_without_fold_scale():
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, softcap=4.0, causal=True)
+    pipeline = ["canonicalize", "group-kv", "online-softmax", "tile{target=triton,block_m=16,block_n=16}"]
+    attn = attncc.compile(spec, backend="triton", pipeline=pipeline)
+    assert "exp2 = false" in str(attn.graph) and "p = tl.exp(s - m_safe[:, None])" in attn.source
+    q, k, v = random_qkv(1, 2, 2, 20, 26, 16, seed=8)
+    check_forward_backward(attn, {"softcap": 4.0, "causal": True}, q, k, v)
+
+
+@requires_triton
+def test_new_captured_values_need_no_recompile():
+    doc = torch.tensor([0] * 10 + [1] * 10)
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, mask_mod=lambda b, h, i, j: doc[i] == doc[j])
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    q, k, v = random_qkv(1, 2, 2, 20, 20, 16, seed=9)
+    other = torch.tensor([0] * 4 + [1] * 16)
+    o, lse = attn(q, k, v, return_lse=True, doc=other)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, mask_mod=lambda b, h, i, j: other[i] == other[j]),
+                             torch.float32)  # fmt: skip
+
+
+@requires_triton
+def test_flex_attention_drop_in_with_default_tiles():
+    q, k, v = random_qkv(1, 2, 1, 20, 24, 16, seed=10)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - 0.1 * abs(q_idx - kv_idx)
+
+    o, lse = attncc.flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True, return_lse=True, backend="triton")
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, score_mod=score_mod), torch.float32)
+
+
+@requires_triton
+def test_generated_source_is_readable_triton():
+    spec = attncc.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=24, causal=True, softcap=30.0)
+    attn = attncc.compile(spec, backend="triton")
+    source = attn.source
+    assert source.startswith(f'"""Attention generated by attncc {attncc.__version__} (backend: triton).')
+    assert "%0 = flash_attention(%q, %k, %v)" in source and "graph(%q: T[B, 8, N, 24]" in source
+    for kernel in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_scores", "_score_grad"):
+        assert f"@triton.jit\ndef {kernel}(" in source
+    assert "GROUPS = 4" in source and "HEAD_DIM, BLOCK_D = 24, 32" in source
+    assert "kv_h = h // GROUPS" in source and "repeat_interleave" not in source
+    assert "stride_qz, stride_qh, stride_qm, stride_qk" in source and "BLOCK_M: tl.constexpr" in source
+    assert "# score = " in source and "# mask = kv_idx <= M - N + q_idx" in source
+    assert "_tanh(" in source and "tl.exp2(s - m_safe[:, None])" in source
+    assert "for start_n in range(lo, hi, BLOCK_N):" in source and "lo, hi = 0, M" in source
+    assert "TODO" not in source
+    compile(source, str(attn.path), "exec")
+
+
+@requires_triton
+def test_linear_score_folds_its_scale_into_one_multiply():
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=64), backend="triton")
+    scale = 1 / math.sqrt(64) / math.log(2)
+    assert f"s = score * {scale!r}" in attn.source
+    assert f"dx = ds * {scale * math.log(2)!r}" in attn.source and "_score_grad" not in attn.source
+
+
+@requires_triton
+def test_trainable_captured_tensor_is_refused_with_advice():
+    table = torch.randn(2, 9, generator=torch.Generator().manual_seed(1))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod)
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 9, 9, 16))
+    with pytest.raises(attncc.BackendError, match="backend='pytorch'"):
+        attn(q, k, v, table=table.clone().requires_grad_()).sum().backward()
+    # the backward refuses too, when called directly with a context (as attncc's custom op calls it)
+    o, lse = attn(q, k, v, return_lse=True)
+    region = load_module(attn.path).FlashAttention
+    context = types.SimpleNamespace(saved_tensors=(q, k, v, o, lse, table), needs_input_grad=(True,) * 4)
+    with pytest.raises(attncc.BackendError, match="no gradients for captured tensors"):
+        region.backward(context, torch.ones_like(o), torch.zeros_like(lse))
+
+
+@requires_triton
+def test_untiled_or_unfused_graphs_are_refused():
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16)
+    with pytest.raises(attncc.BackendError, match=r"tile\{target=triton\}"):
+        attncc.compile(spec, backend="triton", pipeline=["canonicalize", "fold-scale", "online-softmax"])
+    with pytest.raises(attncc.BackendError, match="one fused flash_attention region"):
+        attncc.compile(spec, backend="triton", pipeline=["canonicalize"])
+    with pytest.raises(attncc.BackendError, match="power of two"):
+        attncc.compile(spec, backend="triton", pipeline=["online-softmax", "tile{target=triton,block_m=24}"])
+
+
+@requires_triton
+def test_backend_preference_by_device():
+    from attncc.backends import backend_for_device
+
+    assert backend_for_device("cuda") == "triton"
+    assert backend_for_device("cpu") == "pytorch"
+
+
+def test_missing_triton_is_a_backend_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
+    monkeypatch.delitem(sys.modules, "attncc.backends.triton", raising=False)
+    with pytest.raises(attncc.BackendError, match=r"pip install attncc\[triton\]"):
+        attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16), backend="triton")
+    from attncc.backends import backend_for_device
+
+    assert backend_for_device("cuda") == "pytorch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_gpu_suite_needs_cuda():
+    from attncc.benchmarks_gpu import run_gpu_suite
+
+    with pytest.raises(attncc.BackendError, match="needs a CUDA GPU"):
+        run_gpu_suite()
+
+
+def test_gpu_suite_counts_visible_pairs_of_its_masks():
+    from attncc.benchmarks_gpu import CASES
+
+    for case in CASES:
+        keep = case.keep(1100, "cpu")
+        assert case.visible_pairs(1100) == (1100 * 1100 if keep is None else int(keep.sum())), case.name
+
+
+GPU_COMPILE = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = importlib.util.spec_from_file_location("generated", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dtype, floats = sys.argv[2], {"LSE", "DELTA", "DLSE"}
+    meta = dict(GROUPS=module.GROUPS, BLOCK_M=module.BLOCK_M, BLOCK_N=module.BLOCK_N, HEAD_DIM=module.HEAD_DIM,
+                BLOCK_D=module.BLOCK_D, HEAD_DIM_V=module.HEAD_DIM_V, BLOCK_DV=module.BLOCK_DV,
+                DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", INTERPRET_BF16=False)
+    compiled = []
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        kernel = getattr(module, name)
+        signature, constants = {}, {}
+        for param in kernel.params:
+            if param.is_constexpr:
+                signature[param.name], constants[param.name] = "constexpr", meta[param.name]
+            elif param.name in floats:
+                signature[param.name] = "*fp32"
+            elif param.name.isupper() and param.name not in ("H", "N", "M"):
+                signature[param.name] = "*" + dtype
+            else:
+                signature[param.name] = "*i64" if param.name.endswith("_ptr") else "i32"
+        options = dict(num_warps=module.NUM_WARPS, num_stages=module.NUM_STAGES)
+        triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+        compiled.append(name)
+    print(json.dumps(compiled))
+    """
+)
+
+
+@requires_triton
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton's NVIDIA backend")
+@pytest.mark.parametrize("case, dtype", [("document_mask", "bf16"), ("exotic_score_mod", "fp16"), ("mqa", "fp32")])
+def test_kernels_compile_for_an_h100_without_one(case, dtype):
+    """The interpreter accepts more than the compiler: build each kernel for sm_90 to PTX and cubin."""
+    attn, _ = compiled_variant(case)
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", GPU_COMPILE, str(attn.path), dtype], env=environment,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [
+        "_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"
+    ]  # fmt: skip
+
+
+@requires_triton
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_variant_on_cuda(case, dtype):
+    run_variant(case, dtype, device="cuda")
+
+
+@requires_triton
+@requires_cuda
+def test_cuda_output_tolerances_hold_at_default_tiles():
+    spec = attncc.AttentionSpec(num_heads=8, num_kv_heads=2, head_dim=128, causal=True)
+    attn = attncc.compile(spec, backend="triton")
+    q, k, v = random_qkv(2, 8, 2, 517, 777, 128, dtype=torch.bfloat16, seed=3)
+    check_forward_backward(attn, {"causal": True}, q.cuda(), k.cuda(), v.cuda())
