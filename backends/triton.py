@@ -15,9 +15,10 @@ generated module holds, in the style of Triton's fused-attention tutorial:
 
 Query head ``h`` reads KV head ``h // GROUPS`` (K and V are never repeated). Each
 kernel visits the KV (or query) tiles ``[lo, hi)`` in three loops: partial tiles,
-full tiles (no mask to evaluate), partial tiles; without a sparsity schedule every
-tile is visited and treated as partial. CPU tensors run the same kernels in
-Triton's interpreter (see ``docs/triton.md``).
+full tiles (no mask to evaluate), partial tiles. The forward and dQ kernels print the
+region's sparsity schedule for their query tile and round it to whole KV tiles
+(``_kv_tiles``); the dK/dV kernel visits and masks every query tile. CPU tensors run
+the same kernels in Triton's interpreter (see ``docs/triton.md``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ import attncc
 from attncc.backends.source import GeneratedSource, SourceWriter
 from attncc.errors import BackendError
 from attncc.ir import ops
-from attncc.ir.expr import FloorDiv, is_boolean, kv_idx, q_idx, score
+from attncc.ir.expr import FloorDiv, b, h, is_boolean, kv_idx, q_idx, score
 from attncc.ir.graph import Graph
 from attncc.ir.printer import format_node, print_graph, value_names
+from attncc.ir.schedule import q_first, q_last
+from attncc.ir.types import M, N
 
 
 class TritonMissing(BackendError, ImportError):
@@ -74,6 +77,8 @@ MIN_TILE = 16
 TILE_SYMBOLS = (q_idx, kv_idx)
 # What every tile function takes before the captured tensors' pointers and strides.
 TILE_PARAMS = ["score", "b", "h", "offs_m", "offs_n", "N", "M"]
+# The scalars a query tile's KV bounds may read (besides captured tensors indexed by them).
+BOUND_SYMBOLS = {q_first, q_last, N, M, b, h}
 
 
 def _float_literal(value) -> str:
@@ -359,6 +364,15 @@ def score_derivative(expr):
     )
 
 
+def _scalar_bound(expr) -> bool:
+    """Whether a schedule bound reads only what a kernel has for its query tile (and captured tensors at those)."""
+    if isinstance(expr, sympy.Indexed):
+        return all(_scalar_bound(index) for index in expr.indices)
+    if isinstance(expr, sympy.Symbol):
+        return expr in BOUND_SYMBOLS
+    return all(_scalar_bound(arg) for arg in expr.args)
+
+
 def _depends_on_tile(expr) -> bool:
     return bool(expr.has(score, q_idx, kv_idx) or expr.atoms(sympy.Indexed))
 
@@ -384,6 +398,7 @@ class RegionWriter:
         self.captured = [operand.op.label for operand in node.inputs[3:]]
         self.captured_types = {operand.op.label: (operand.type.rank, operand.type.dtype) for operand in node.inputs[3:]}
         self.printer = TritonPrinter()
+        self.helpers: set[str] = set()  # helpers the kernels call besides the printer's
         self.exp, self.log = ("tl.exp2", "tl.log2") if op.exp2 else ("tl.exp", "tl.log")
         self.coefficient, self.rest = split_linear(op.score)
 
@@ -469,6 +484,51 @@ class RegionWriter:
         args = ", ".join(["qk", *TILE_PARAMS[1:], *self.tile_params()])
         return f"dx = tl.where(p == 0.0, 0.0, ds * _score_grad({args}))  # hidden elements add nothing"
 
+    # -- the KV tiles of one query tile
+    def kv_schedule_lines(self) -> list[str]:
+        """Lines of the forward and dQ kernels setting lo, hi, full_lo, full_hi for the query tile start_m.
+
+        With a sparsity schedule its bounds are printed for the tile's rows q_first .. q_last
+        (captured tensors loaded as scalars) and rounded to whole KV tiles by ``_kv_tiles``;
+        with a residual mask no tile is full. Without one, a region without a mask has every
+        tile full but the one the sequence end cuts; a masked region visits and masks every tile.
+        """
+        op, schedule = self.op, self.op.schedule
+        if schedule is not None and not all(
+            _scalar_bound(e) for e in schedule.expressions()[: 2 if schedule.table else 4]
+        ):
+            schedule = None  # bounds over symbols the kernel lacks: fall back to masking every tile
+        if schedule is None:
+            if op.mask is sympy.true:
+                return [
+                    "#    No mask: every tile is full but the last, which the sequence end cuts.",
+                    "lo, hi = 0, M",
+                    "full_lo, full_hi = 0, M // BLOCK_N * BLOCK_N",
+                ]
+            return [
+                "#    No sparsity schedule: every tile is visited and masked.",
+                "lo, hi = 0, M",
+                "full_lo, full_hi = lo, lo",
+            ]
+        self.helpers.add("_kv_tiles")
+        lines = [
+            "#    The sparsity schedule of the rows q_first .. q_last, rounded to whole KV tiles by _kv_tiles:",
+            f"#    {schedule}",
+            "q_first = start_m * BLOCK_M",
+            "q_last = tl.minimum(q_first + BLOCK_M, N) - 1",
+        ]
+        writer = TileExpressions(self.printer, self.captured_types)
+        names = ("kv_lo", "kv_hi", "kv_full_lo", "kv_full_hi")
+        expressions = schedule.expressions()[:4]
+        if schedule.table:  # the residual is evaluated on every visited tile: none is full
+            names, expressions = names[:2], expressions[:2]
+        for name, expr in zip(names, expressions):
+            lines += writer.lines(expr, name)
+        if schedule.table:
+            lines.append("kv_full_lo, kv_full_hi = 0, 0  # the residual mask needs evaluating on every tile")
+        lines.append("lo, hi, full_lo, full_hi = _kv_tiles(kv_lo, kv_hi, kv_full_lo, kv_full_hi, M, BLOCK_N)")
+        return lines
+
     # -- everything
     def source(self) -> str:
         d_mask = "" if padded(self.head_dim) == self.head_dim else " & (offs_d[None, :] < HEAD_DIM)"
@@ -487,6 +547,7 @@ class RegionWriter:
             to_natural=f" * {LN2!r}" if self.op.exp2 else "",
             to_units=f" * {LOG2_E!r}  # log2(e): lse in base-2 units" if self.op.exp2 else "",
             dx_line=self.ds_to_dscore(),
+            kv_schedule="\n".join("    " + line for line in self.kv_schedule_lines()),
         )
         parts = ["\n".join(f) for f in functions]
         parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
@@ -552,6 +613,19 @@ def _round(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)''',
+    "_kv_tiles": '''\
+@triton.jit
+def _kv_tiles(kv_lo, kv_hi, kv_full_lo, kv_full_hi, M, BLOCK_N: tl.constexpr):
+    """A query tile's KV tiles from its key bounds: the keys outside [kv_lo, kv_hi) are hidden from all
+    its rows, those in [kv_full_lo, kv_full_hi) visible to all. Returns (lo, hi, full_lo, full_hi),
+    int32 with 0 <= lo <= full_lo <= full_hi <= hi <= M: lo rounded down to a tile edge, the full
+    tiles [full_lo, full_hi) whole tiles inside the full keys (none when the range is empty)."""
+    lo = tl.minimum(tl.maximum(kv_lo, 0), M).to(tl.int32) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(tl.minimum(kv_hi, M).to(tl.int32), lo)
+    full_lo = tl.maximum(kv_full_lo, lo).to(tl.int32)
+    full_lo = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi // BLOCK_N * BLOCK_N)
+    full_hi = tl.maximum(tl.minimum(kv_full_hi, hi).to(tl.int32), full_lo) // BLOCK_N * BLOCK_N
+    return lo, hi, full_lo, full_hi''',
     "_floordiv": '''\
 @triton.jit
 def _floordiv(a, b):
@@ -640,9 +714,7 @@ def _attn_fwd(Q, K, V, O, LSE,{pointers}
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # -- KV schedule: visit the tiles [lo, hi); those in [full_lo, full_hi) are full (every key visible).
-    #    No sparsity schedule yet: every tile is visited and masked.
-    lo, hi = 0, M
-    full_lo, full_hi = lo, lo
+{kv_schedule}
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
                                     b, h, offs_m, N, M, {tile_args}
                                     lo, full_lo, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
@@ -745,7 +817,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # -- query schedule: the query tiles [lo, hi) see this KV tile; in [full_lo, full_hi) every key is visible.
-    #    No sparsity schedule yet: every tile is visited and masked.
+    #    Every query tile is visited and masked (the KV schedule is per query tile; its transpose is not derived).
     lo, hi = 0, N
     full_lo, full_hi = lo, lo
     for g in range(GROUPS):
@@ -828,8 +900,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,{pointers}
     v_base = V + b.to(tl.int64) * stride_vz + kv_h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # -- KV schedule, as in the forward kernel
-    lo, hi = 0, M
-    full_lo, full_hi = lo, lo
+{kv_schedule}
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
                             b, h, offs_m, N, M, {tile_args}
                             lo, full_lo, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
@@ -964,7 +1035,7 @@ def generate(graph: Graph) -> GeneratedSource:
     writer = RegionWriter(region, ir_line)
     captured = [n.op.label for n in graph.captured]
     kernels = writer.source()
-    helpers = ["_dot", "_round", *sorted(writer.printer.helpers)]
+    helpers = ["_dot", "_round", *sorted(writer.printer.helpers | writer.helpers)]
 
     w = SourceWriter()
     w.line(f'"""Attention generated by attncc {attncc.__version__} (backend: triton).')

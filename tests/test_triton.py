@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import attncc
+import attncc.masks
 from attncc.cache import load_module
+from attncc.ir import ops
 from attncc.passes import PIPELINES
 from tests.reference import assert_attention_matches, dense_attention
 from tests.test_numerics import MOD_CASES, SPEC_CASES, random_qkv
@@ -273,9 +275,144 @@ def test_generated_source_is_readable_triton():
     assert "stride_qz, stride_qh, stride_qm, stride_qk" in source and "BLOCK_M: tl.constexpr" in source
     assert "# score = " in source and "# mask = kv_idx <= M - N + q_idx" in source
     assert "_tanh(" in source and "tl.exp2(s - m_safe[:, None])" in source
-    assert "for start_n in range(lo, hi, BLOCK_N):" in source and "lo, hi = 0, M" in source
+    assert "for start_n in range(lo, hi, BLOCK_N):" in source
+    assert "kv_hi = tl.minimum(M, M - N + q_last + 1)" in source  # the causal schedule, printed
     assert "TODO" not in source
     compile(source, str(attn.path), "exec")
+
+
+# -- the sparsity schedule: forward and dQ kernels visit only the KV tiles of each query tile's bounds
+SCHEDULE_PIPELINE = ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity",
+                     "tile{target=triton,block_m=16,block_n=16}"]  # fmt: skip
+PADDED_LENGTHS = torch.tensor([13, 0, 40])  # a batch with no key at all, and one longer than M
+DOCUMENTS = torch.tensor([0] * 9 + [1] * 14 + [2] * 10)
+
+
+def _padding(b, h, q_idx, kv_idx):
+    return kv_idx < PADDED_LENGTHS[b]
+
+
+def _documents(b, h, q_idx, kv_idx):
+    return DOCUMENTS[q_idx] == DOCUMENTS[kv_idx]
+
+
+def _lagging_chunks(b, h, q_idx, kv_idx):  # bounds with a floor division of a possibly negative number
+    return kv_idx // 8 <= (q_idx - 5) // 8
+
+
+def _head_windows(b, h, q_idx, kv_idx):  # bounds that read the query head (4 query heads, 2 KV heads)
+    return (kv_idx <= q_idx) & (kv_idx >= q_idx - 3 - 5 * h)
+
+
+# name -> (spec fields, reference options, (B, H, Hkv, N, M)), head dim 16
+SCHEDULE_CASES = {
+    "causal_bottom_right_n_above_m": ({"causal": True}, {"causal": True}, (1, 2, 2, 40, 17)),
+    "causal_bottom_right_n_below_m": ({"causal": True}, {"causal": True}, (1, 2, 2, 17, 40)),
+    "causal_top_left_n_above_m": ({"causal": "top_left"}, {"causal": True, "top_left": True}, (1, 2, 2, 38, 21)),
+    "causal_top_left_n_below_m": ({"causal": "top_left"}, {"causal": True, "top_left": True}, (1, 2, 2, 21, 38)),
+    "sliding_window_causal": ({"causal": True, "window": (6, 0)}, {"causal": True, "window": (6, 0)},
+                              (1, 2, 2, 37, 37)),
+    "sliding_window_n_below_m": ({"causal": True, "window": (9, 0)}, {"causal": True, "window": (9, 0)},
+                                 (1, 2, 2, 26, 39)),
+    "window_both_sides": ({"window": (6, 3)}, {"window": (6, 3)}, (1, 2, 2, 29, 38)),
+    "prefix_lm": ({"mask_mod": attncc.masks.prefix_lm(11)}, {"mask_mod": attncc.masks.prefix_lm(11)},
+                  (1, 2, 2, 35, 35)),
+    "chunked": ({"mask_mod": attncc.masks.chunked(12)}, {"mask_mod": attncc.masks.chunked(12)}, (1, 2, 2, 38, 38)),
+    "chunked_both_ways": ({"mask_mod": attncc.masks.chunked(8, causal=False)},
+                          {"mask_mod": attncc.masks.chunked(8, causal=False)}, (1, 2, 2, 30, 36)),
+    "lagging_chunks": ({"mask_mod": _lagging_chunks}, {"mask_mod": _lagging_chunks}, (1, 2, 2, 33, 27)),
+    "head_windows_gqa": ({"mask_mod": _head_windows}, {"mask_mod": _head_windows}, (1, 4, 2, 36, 36)),
+    "key_padding_with_empty_batch": ({"mask_mod": _padding}, {"mask_mod": _padding}, (3, 2, 1, 20, 37)),
+    "document_mask_residual": ({"mask_mod": _documents}, {"mask_mod": _documents}, (1, 2, 1, 33, 33)),
+}  # fmt: skip
+
+
+def compile_scheduled(fields, heads, kv_heads, pipeline=SCHEDULE_PIPELINE):
+    spec = attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=16, **fields)
+    return attncc.compile(spec, backend="triton", pipeline=pipeline)
+
+
+def region_schedule(attn):
+    (region,) = attn.graph.nodes_of(ops.FlashAttention)
+    return region.op.schedule
+
+
+@requires_triton
+@pytest.mark.parametrize("case", sorted(SCHEDULE_CASES))
+def test_sparsity_schedule_forward_and_backward(case):
+    fields, options, (batch, heads, kv_heads, n, m) = SCHEDULE_CASES[case]
+    attn = compile_scheduled(fields, heads, kv_heads)
+    schedule = region_schedule(attn)
+    assert schedule is not None and schedule.table == (case == "document_mask_residual")
+    assert attn.source.count("lo, hi, full_lo, full_hi = _kv_tiles(") == 2  # forward and dQ
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, 16, seed=len(case))
+    check_forward_backward(attn, options, q, k, v, seed=len(case))
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sparsity_schedule_in_half_precision(dtype):
+    fields, options, (batch, heads, kv_heads, n, m) = SCHEDULE_CASES["key_padding_with_empty_batch"]
+    attn = compile_scheduled(fields, heads, kv_heads)
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, 16, dtype=dtype, seed=3)
+    check_forward_backward(attn, options, q, k, v, seed=3)
+
+
+@requires_triton
+def test_query_tiles_that_see_no_key_give_zero_output_and_gradients():
+    # causal, bottom-right, N = 40 > M = 17: rows 0..22 see nothing, so query tile 0 visits no KV tile
+    attn = compile_scheduled({"causal": True}, 2, 2)
+    q, k, v = random_qkv(1, 2, 2, 40, 17, 16, seed=11)
+    dq, _, _ = check_forward_backward(attn, {"causal": True}, q, k, v)
+    o, lse = attn(q, k, v, return_lse=True)
+    assert torch.equal(o[:, :, :23], torch.zeros_like(o[:, :, :23])) and torch.isneginf(lse[:, :, :23]).all()
+    assert torch.isfinite(lse[:, :, 23:]).all() and torch.equal(dq[:, :, :23], torch.zeros_like(dq[:, :, :23]))
+    # key padding: batch 1 has no key, every tile of it is skipped
+    attn = compile_scheduled({"mask_mod": _padding}, 2, 1)
+    q, k, v = random_qkv(3, 2, 1, 20, 37, 16, seed=12)
+    dq, dk, dv = check_forward_backward(attn, {"mask_mod": _padding}, q, k, v)
+    o, lse = attn(q, k, v, return_lse=True)
+    assert torch.equal(o[1], torch.zeros_like(o[1])) and torch.isneginf(lse[1]).all()
+    assert not (dq[1].any() or dk[1].any() or dv[1].any())
+
+
+@requires_triton
+def test_skipped_tiles_are_never_read():
+    # window (6, 2), N = M = 40, 16 x 16 tiles: query tile 0 (rows 0..15) sees keys < 18 and so never
+    # visits KV tile 2 (keys 32..39). A NaN value there would reach rows 0..15 through P V (0 * NaN)
+    # and dQ through dP = dO V^T if the tile were visited and masked.
+    attn = compile_scheduled({"window": (6, 2)}, 2, 2)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 40, 40, 16, seed=13))
+    poisoned = v.detach().clone()
+    poisoned[:, :, 32:] = float("nan")
+    o, lse = attn(q, k, poisoned, return_lse=True)
+    (dq,) = torch.autograd.grad(o.sum(), q)
+    assert torch.isfinite(o[:, :, :16]).all() and torch.isfinite(lse).all() and torch.isfinite(dq[:, :, :16]).all()
+    reference_o, _ = dense_attention(q.detach(), k.detach(), v.detach(), window=(6, 2))
+    torch.testing.assert_close(o[:, :, :16].double(), reference_o[:, :, :16], atol=2e-6, rtol=2e-6)
+
+
+@requires_triton
+def test_generated_source_prints_the_schedule_bounds():
+    causal = compile_scheduled({"causal": True}, 2, 2).source
+    assert "q_first = start_m * BLOCK_M" in causal and "q_last = tl.minimum(q_first + BLOCK_M, N) - 1" in causal
+    assert causal.count("kv_hi = tl.minimum(M, M - N + q_last + 1)") == 2  # forward and dQ
+    assert causal.count("kv_full_hi = tl.minimum(M, M - N + q_first + 1)") == 2
+    assert "@triton.jit\ndef _kv_tiles(" in causal and "lo, hi = 0, M" not in causal
+    padding = compile_scheduled({"mask_mod": _padding}, 2, 1).source
+    assert "= tl.load(PADDED_LENGTHS_ptr + b * stride_PADDED_LENGTHS_0)" in padding  # a scalar load
+    lagging = compile_scheduled({"mask_mod": _lagging_chunks}, 2, 2).source
+    assert "_floordiv(q_last - 5, 8)" in lagging
+    documents = compile_scheduled({"mask_mod": _documents}, 2, 1).source
+    assert "kv_full_lo, kv_full_hi = 0, 0" in documents  # a residual mask: no tile is full
+    # no schedule: without a mask every whole tile is full; with one (no sparsity pass) every tile is masked
+    dense = compile_scheduled({}, 2, 2).source
+    assert "full_lo, full_hi = 0, M // BLOCK_N * BLOCK_N" in dense and "_kv_tiles" not in dense
+    unscheduled = [name for name in SCHEDULE_PIPELINE if name != "sparsity"]
+    attn = compile_scheduled({"causal": True}, 2, 2, pipeline=unscheduled)
+    assert region_schedule(attn) is None and "full_lo, full_hi = lo, lo" in attn.source
+    q, k, v = random_qkv(1, 2, 2, 21, 30, 16, seed=14)
+    check_forward_backward(attn, {"causal": True}, q, k, v)
 
 
 @requires_triton
@@ -388,7 +525,10 @@ GPU_COMPILE = textwrap.dedent(
 
 @requires_triton
 @pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton's NVIDIA backend")
-@pytest.mark.parametrize("case, dtype", [("document_mask", "bf16"), ("exotic_score_mod", "fp16"), ("mqa", "fp32")])
+@pytest.mark.parametrize(
+    "case, dtype",
+    [("document_mask", "bf16"), ("exotic_score_mod", "fp16"), ("mqa", "fp32"), ("key_padding_per_batch", "fp16")],
+)
 def test_kernels_compile_for_an_h100_without_one(case, dtype):
     """The interpreter accepts more than the compiler: build each kernel for sm_90 to PTX and cubin."""
     attn, _ = compiled_variant(case)
