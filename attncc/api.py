@@ -179,7 +179,15 @@ class CompiledAttention(torch.nn.Module):
                     f"captured tensor {name!r} has {by_name[name].shape[dim]} entries along dim {dim}, but is indexed "
                     f"by {symbol} up to {sizes[symbol] - 1}"
                 )
-        o, lse = self._ops.forward(q, k, v, values)
+        # Passes may simplify a captured tensor away: the program takes those its graph still reads.
+        program_inputs = [by_name[node.op.label] for node in self.graph.captured]
+        try:
+            o, lse = self._ops.forward(q, k, v, program_inputs)
+        except IndexError as error:
+            names = ", ".join(node.op.label for node in self.graph.captured)
+            raise InputError(
+                f"an index into a captured tensor ({names}) is out of range for these inputs: {error}"
+            ) from error
         return (o, lse) if return_lse else o
 
 

@@ -69,7 +69,12 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device="cpu", BLO
     for label, value in (("B", B), ("H", H)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise InputError(f"{label}={value!r} is invalid: a positive integer or None is allowed")
-    block_q, block_kv = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    sizes = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else BLOCK_SIZE
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != 2 or any(
+        isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in sizes
+    ):
+        raise InputError(f"BLOCK_SIZE={BLOCK_SIZE!r} is invalid: a positive integer or a pair of them is allowed")
+    block_q, block_kv = sizes
     batch, heads = B or 1, H or 1
     missing = [c.name for c in traced.captured if c.value is None]
     if missing:

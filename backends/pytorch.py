@@ -145,6 +145,15 @@ class TorchPrinter(PythonCodePrinter):
     def _print_Relational(self, expr):
         return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
 
+    def _print_Infinity(self, expr):
+        return "float('inf')"
+
+    def _print_NegativeInfinity(self, expr):
+        return "float('-inf')"
+
+    def _print_NaN(self, expr):
+        return "float('nan')"
+
     def _print_BooleanTrue(self, expr):
         return "True"
 
@@ -404,6 +413,11 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
         lines.append(f"s = torch.matmul(q_tile * {coefficient!r}, k_tile.transpose(-1, -2))")
         if rest != 0:
             lines.append(f"s = s + {print_expr(rest)}")
+    elif not is_tensor(op.score):  # a constant score (scale 0, or a score_mod that ignores the score)
+        lines.append(
+            f"s = torch.full((*q_tile.shape[:3], k_tile.shape[2]), {print_expr(op.score)}, dtype=torch.float32, "
+            "device=q_tile.device)"
+        )
     else:
         lines.append("score = torch.matmul(q_tile, k_tile.transpose(-1, -2))")
         lines.append(f"s = torch.broadcast_to({print_expr(op.score)}, score.shape).float()")

@@ -52,6 +52,10 @@ def pipeline(names) -> list[Pass]:
         if names not in PIPELINES:
             raise AttnccError(f"pipeline {names!r} is unknown; known pipelines: {', '.join(PIPELINES)}")
         names = PIPELINES[names]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, (str, Pass)) for n in names):
+        raise AttnccError(
+            f"pipeline={names!r} is invalid: a target name ({', '.join(PIPELINES)}) or a list of pass names is allowed"
+        )
     return [parse_pass(n) if isinstance(n, str) else n for n in names]
 
 

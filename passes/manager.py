@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attncc.errors import ValidationError
+from attncc.errors import AttnccError, ValidationError
 from attncc.interpreter import run_reference
 from attncc.ir.graph import Graph, verify
 from attncc.passes.base import Pass
@@ -48,6 +48,10 @@ class PassManager:
     records: list[PassRecord] = field(default_factory=list)
 
     def run(self, graph: Graph) -> Graph:
+        unknown = sorted(set(self.print_after) - {p.name for p in self.passes})
+        if unknown:
+            names = ", ".join(p.name for p in self.passes)
+            raise AttnccError(f"print_after={unknown[0]!r} names no pass of this pipeline; its passes: {names}")
         self.records = []
         probes = self._probe_inputs(graph) if self.validate_each else []
         expected = [run_reference(graph, *qkv, self.captured) for qkv in probes]

@@ -154,9 +154,10 @@ def kv_range(term) -> KVRange | None:
         lowers, uppers = [r.lower for r in ranges], [r.upper for r in ranges]
         lower = None if None in lowers else sympy.Min(*lowers)
         upper = None if None in uppers else sympy.Max(*uppers)
-        # A union of intervals that all start (or all end) unbounded is itself an interval.
-        exact = all(r.exact for r in ranges) and (lower is None or upper is None)
-        return KVRange(lower, upper, exact)
+        # Intervals that all start unbounded (or all end unbounded) nest: their union is the
+        # largest of them. Anything else may leave gaps, so the hull is only a bound.
+        same_open_side = all(x is None for x in lowers) or all(x is None for x in uppers)
+        return KVRange(lower, upper, all(r.exact for r in ranges) and same_open_side)
     return None
 
 

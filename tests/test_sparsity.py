@@ -74,6 +74,7 @@ LINEAR_TERMS = {
     "scaled": lambda a, c: lambda q, kv: 2 * kv <= q + c,
     "prefix": lambda a, c: lambda q, kv: (kv < a) | (kv <= q + c),
     "reversed": lambda a, c: lambda q, kv: q + kv >= a + c,
+    "either_side": lambda a, c: lambda q, kv: (kv < q - a) | (kv > c),  # open on both sides: may leave a gap
 }
 
 term = st.tuples(st.sampled_from(sorted(LINEAR_TERMS)), st.integers(0, 40), st.integers(-20, 20))
@@ -93,7 +94,8 @@ def test_classification_of_random_linear_predicates_is_sound(terms, n, m, block_
 
     mask = trace_mask_mod(mask_mod).expr
     schedule = schedule_for(mask)
-    assert not schedule.table, f"{mask} should have closed-form bounds"
+    if all(name != "either_side" for name, _, _ in terms):
+        assert not schedule.table, f"{mask} should have closed-form bounds"
     scheduled = tile_map(mask, schedule, n, m, block_m, block_n)
     needed = needed_tiles(mask, n, m, block_m, block_n)
     assert not bool(((needed > 0) & (scheduled == 0)).any()), "a tile with a visible element was skipped"

@@ -483,9 +483,12 @@ def _check_scalars(scalars: list, dtype_name: str, torch_dtype, where: str) -> N
         if type(x) not in allowed:
             raise SpecError(f"{where}: value {x!r} is invalid for dtype {dtype_name}: {what} are allowed")
     if torch_dtype.is_floating_point:
+        largest = torch.finfo(torch_dtype).max
         for x in scalars:
             if x != x:
                 raise SpecError(f"{where}: NaN values are not allowed")
+            if abs(x) != math.inf and abs(x) > largest:
+                raise SpecError(f"{where}: value {x} is out of range for {dtype_name} (largest {largest:g}); inf is allowed")
     elif dtype_name != "bool":
         info = torch.iinfo(torch_dtype)
         for x in scalars:
