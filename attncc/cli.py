@@ -1,4 +1,4 @@
-"""The attncc command line: compile, inspect and validate TOML attention specs."""
+"""The attncc command line: compile, inspect, validate and benchmark TOML attention specs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 import attncc
+import attncc.bench
 from attncc.errors import AttnccError
 from attncc.ir.cost import cost_table, parse_sizes
+from attncc.tiles import tile_report
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,6 +48,9 @@ def _inspect(args) -> int:
         stages = [("(input)", attn.unoptimized_graph)] + [(r.description, r.graph) for r in attn.pass_records]
         print(f"cost at {', '.join(f'{k}={v}' for k, v in sizes.items())} (T = 2 bytes):")
         print(cost_table(stages, sizes))
+    if args.tiles:
+        sizes = parse_sizes(args.tiles)
+        print(tile_report(attn, sizes.get("N", 1), sizes.get("M", sizes.get("N", 1)), sizes["B"], args.tile_png))
     if args.dot:
         Path(args.dot).write_text(attn.graph.to_dot() + "\n", encoding="utf-8")
         print(f"wrote {args.dot}")
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--validate-each", action="store_true", help="check every pass against the reference")
     inspect.add_argument("--cost", metavar="N=..,M=..", help="print FLOPs, bytes and peak memory after each pass")
     inspect.add_argument("--dot", help="also write the optimized graph in Graphviz format to this file")
+    inspect.add_argument("--tiles", metavar="N=..,M=..", help="count the tiles computed against the minimum needed")
+    inspect.add_argument("--tile-png", metavar="FILE", help="with --tiles: draw the tile map (needs matplotlib)")
     inspect.set_defaults(run=_inspect)
 
     validate = commands.add_parser("validate", help="check the compiled program against the float64 reference")
@@ -87,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: all")
     validate.add_argument("--seed", type=int, default=0)
     validate.set_defaults(run=_validate)
+
+    bench = commands.add_parser(
+        "bench", help="time attncc against SDPA, naive eager attention and torch.compile(flex_attention)"
+    )
+    attncc.bench.add_arguments(bench)
+    bench.set_defaults(run=attncc.bench.main)
     return parser
 
 

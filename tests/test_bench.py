@@ -1,0 +1,244 @@
+"""attncc bench: what it counts, how it measures memory, that the baselines compute the same attention.
+
+No assertion here is about speed; timings are for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc
+from attncc import bench
+from attncc.bench import BenchCase, CaseSource
+from attncc.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def case(n=6, m=6, heads=2, kv_heads=None, batch=1, head_dim=8, v_head_dim=None, **fields):
+    spec = attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim,
+                                **fields)  # fmt: skip
+    return BenchCase("test", bench.describe_mask(spec), spec, batch, n, m)
+
+
+def brute_force_pairs(batch, heads, n, m, keep) -> int:
+    return sum(bool(keep(b, h, i, j)) for b in range(batch) for h in range(heads) for i in range(n) for j in range(m))
+
+
+DOC = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+VISIBLE_CASES = {
+    "dense": ({}, lambda b, h, i, j: True),
+    "causal square": ({"causal": True}, lambda b, h, i, j: j <= i),
+    "causal bottom right": ({"causal": True, "n": 4, "m": 9}, lambda b, h, i, j: j <= i + 5),
+    "causal top left": ({"causal": "top_left", "n": 9, "m": 4}, lambda b, h, i, j: j <= i),
+    "window": ({"causal": True, "window": (2, 0), "n": 10, "m": 10}, lambda b, h, i, j: i - 2 <= j <= i),
+    "documents": ({"mask_mod": bench.document_causal_mask(DOC), "n": 10, "m": 10},
+                  lambda b, h, i, j: DOC[i] == DOC[j] and j <= i),
+    "per head": ({"mask_mod": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + h, "heads": 3, "batch": 2},
+                 lambda b, h, i, j: j <= i + h),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(VISIBLE_CASES))
+def test_visible_pairs_count_what_the_mask_keeps(name):
+    fields, keep = VISIBLE_CASES[name]
+    sizes = {key: fields.pop(key) for key in ("n", "m", "heads", "batch") if key in fields}
+    c = case(**sizes, **fields)
+    expected = brute_force_pairs(c.batch, c.spec.num_heads, c.n, c.m, keep)
+    assert bench.visible_pairs(c) == expected
+    assert bench.useful_flops(c) == expected * 2 * (c.spec.head_dim + c.spec.v_head_dim)
+
+
+def test_useful_flops_ignore_the_score_mod_and_count_dv():
+    plain = case(n=5, m=7, causal=True, head_dim=8, v_head_dim=4)
+    modded = case(n=5, m=7, causal=True, head_dim=8, v_head_dim=4, softcap=5.0)
+    assert bench.useful_flops(plain) == bench.useful_flops(modded) == bench.visible_pairs(plain) * 2 * (8 + 4)
+
+
+def test_document_ids_fill_the_sequence_with_nonempty_documents():
+    ids = bench.document_ids(1024, 8, seed=3)
+    lengths = torch.bincount(ids)
+    assert ids.shape == (1024,) and len(lengths) == 8 and (lengths >= 1).all()
+    assert (ids[1:] >= ids[:-1]).all()
+    assert torch.equal(ids, bench.document_ids(1024, 8, seed=3))
+    assert not torch.equal(ids, bench.document_ids(1024, 8, seed=4))
+
+
+def test_the_suites_are_the_issues_workloads():
+    cpu = bench.SUITES["cpu"](torch.device("cpu"))
+    assert [c.name for c in cpu] == [f"{mask} N=M={n}" for n in (1024, 4096)
+                                     for mask in ("dense", "causal", "sliding window 256", "document (8 docs)")]  # fmt: skip
+    for c in cpu:
+        assert (c.batch, c.spec.num_heads, c.spec.head_dim, c.dtype, c.n) == (1, 8, 64, torch.float32, c.m)
+        assert c.implementations is None  # everything available on the device
+    window = next(c for c in cpu if c.mask == "sliding window 256")
+    assert window.spec.window == (256, 0) and window.spec.causal
+    passes = bench.SUITES["passes"](torch.device("cpu"))
+    assert [(c.name, c.implementations) for c in passes] == [
+        ("causal N=M=8192", ("attncc-pytorch", "naive")),
+        ("causal N=M=16384", ("attncc-pytorch", "naive")),
+        ("dense N=M=8192", ("attncc-pytorch", "sdpa")),
+    ]
+
+
+def test_naive_memory_formula_at_16384_is_what_the_guard_compares():
+    big = bench.SUITES["passes"](torch.device("cpu"))[1]
+    scores = 8 * 16384 * 16384 * 4
+    assert bench.naive_extra_bytes(big) == 2 * scores + 8 * 16384 * 64 * 4
+    assert bench.mask_bytes(big) == 16384 * 16384
+    needs = bench.naive_extra_bytes(big) + bench.input_bytes(big) + bench.mask_bytes(big)
+    assert 16 * bench.GIB < needs < 17 * bench.GIB
+
+
+def test_memory_guard_skips_and_reports_the_need():
+    c = case(n=64, m=64, causal=True)
+    row = bench.measure(c, "naive", bench._setup_naive, "cpu", memory_limit=1024)
+    assert row["status"] == "skipped"
+    needs = bench.naive_extra_bytes(c) + bench.input_bytes(c) + bench.mask_bytes(c)
+    assert row["needs_bytes"] == needs
+    assert row["note"] == f"out of memory / skipped (needs {needs / bench.GIB:.1f} GiB, limit 0.0 GiB)"
+    assert "median_s" not in row
+
+
+def test_measured_peak_memory_follows_the_naive_formula():
+    """Naive attention at N=M=2048 holds two [8, 2048, 2048] fp32 tensors: 256 MiB, measured in this process."""
+    c = case(n=2048, m=2048, heads=8, head_dim=64, causal=True)
+    rows = bench.run_benchmarks([c], "cpu", ["attncc-pytorch", "naive"], warmup=0, repeats=1)
+    naive, compiled = (next(r for r in rows if r["implementation"] == name) for name in ("naive", "attncc-pytorch"))
+    if naive["peak_bytes"] is None:
+        pytest.skip("peak memory needs Linux's /proc/self/clear_refs")
+    expected = bench.naive_extra_bytes(c)
+    assert 0.85 * expected <= naive["peak_bytes"] <= 1.25 * expected
+    assert compiled["peak_bytes"] < naive["peak_bytes"] / 4  # streaming: no [N, M] score matrix
+    assert naive["max_abs_diff"] < 1e-5 and compiled["compared_to"] is None
+
+
+def write_spec(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "bench.toml"
+    path.write_text("[attention]\n" + body, encoding="utf-8")
+    return str(path)
+
+
+SPEC_FILES = {
+    "gqa causal window, N < M": ("num_heads = 4\nnum_kv_heads = 2\nhead_dim = 16\ncausal = true\nwindow = [7, 0]\n",
+                                 (24, 40)),
+    "alibi causal": ("num_heads = 4\nhead_dim = 16\ncausal = true\nalibi = true\n", (24, 24)),
+    "softcap and window both sides": ("num_heads = 2\nhead_dim = 16\nsoftcap = 5.0\nwindow = [4, 3]\n", (20, 28)),
+    "mask expression with a tensor": ("num_heads = 2\nhead_dim = 16\nmask = 'doc[q_idx] == doc[kv_idx]'\n"
+                                      "[attention.tensors]\ndoc = [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3]\n",
+                                      (16, 16)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_FILES))
+def test_every_baseline_computes_the_same_attention(name, tmp_path):
+    body, (n, m) = SPEC_FILES[name]
+    source = CaseSource(spec_path=write_spec(tmp_path, body), lengths=((n, m),))
+    names = ["attncc-pytorch", "sdpa-math", "sdpa-flash", "naive", "flex-eager"]
+    rows = bench.run_benchmarks(source, "cpu", names, warmup=0, repeats=1, isolate=False)
+    assert [row["implementation"] for row in rows] == names
+    by_name = {row["implementation"]: row for row in rows}
+    assert by_name["attncc-pytorch"]["compared_to"] is None
+    for row in rows[1:]:
+        if row["status"] == "n/a":
+            assert row["implementation"].startswith("sdpa") and "softcap" in name
+            assert row["note"] == "SDPA cannot apply a score_mod or softcap"
+            continue
+        assert row["status"] == "ok", row
+        assert row["compared_to"] == "attncc-pytorch" and row["max_abs_diff"] < 1e-5, row
+        assert row["useful_flops"] == bench.useful_flops(source.cases("cpu")[0])
+
+
+def test_time_calls_counts_warmup_and_repeats():
+    calls = []
+    first, times = bench.time_calls(lambda: calls.append(1), warmup=2, repeats=4, budget_s=1e9)
+    assert len(calls) == 1 + 2 + 4 and len(times) == 4 and first >= 0
+    calls.clear()
+    _, times = bench.time_calls(lambda: calls.append(1), warmup=0, repeats=10, budget_s=0.0)
+    assert len(times) == 3 and len(calls) == 4  # over budget: three timed calls are enough for a median
+
+
+def test_failures_and_missing_implementations_are_rows(tmp_path):
+    path = write_spec(tmp_path, "num_heads = 2\nhead_dim = 8\nmask = 'doc[q_idx] == doc[kv_idx]'\n"
+                                "[attention.tensors]\ndoc = { dtype = 'int64', shape = [64] }\n")  # fmt: skip
+    rows = bench.run_benchmarks(CaseSource(spec_path=path, lengths=((8, 8),)), "cpu",
+                                ["attncc-pytorch", "sdpa-cudnn"], repeats=1, isolate=False)  # fmt: skip
+    assert rows[0]["status"] == "failed"
+    assert "validation cannot invent integer values for captured tensor 'doc'" in rows[0]["note"]
+    assert (rows[1]["status"], rows[1]["note"]) == ("n/a", "not available on cpu")
+    assert rows[0]["useful_flops"] is None  # the mask reads values only a call supplies
+    table = bench.results_table(rows)
+    assert "failed: InputError" in table and "n/a: not available on cpu" in table
+
+
+def test_cli_runs_workers_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(EXAMPLES / "llama3_8b.toml"), "--seq", "32", "--kv-seq", "48", "--impl", "attncc-pytorch",
+            "--impl", "naive", "--warmup", "0", "--repeats", "2", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "useful FLOP/s" in printed.out and f"wrote {out}" in printed.out
+    assert "llama3_8b N=32 M=48 | naive" in printed.err  # progress, one line per run
+    report = json.loads(out.read_text())
+    assert report["command"] == (f"attncc bench {EXAMPLES / 'llama3_8b.toml'} --impl attncc-pytorch --impl naive "
+                                 f"--seq 32 --kv-seq 48 --warmup 0 --repeats 2 --json {out}")  # fmt: skip
+    assert report["machine"]["cores"] >= 1 and report["device"] == "cpu"
+    compiled, naive = report["results"]
+    assert compiled["status"] == naive["status"] == "ok"
+    assert len(compiled["times_s"]) == 2 and compiled["median_s"] > 0 and compiled["compile_s"] > 0
+    assert compiled["compile_warm_s"] > 0 and compiled["peak_bytes"] is not None
+    assert naive["max_abs_diff"] < 1e-5
+    pairs = 32 * sum(i + 48 - 32 + 1 for i in range(32))  # 32 heads; bottom-right causal: query i sees i + 17 keys
+    assert compiled["useful_flops"] == pairs * 2 * (128 + 128)
+    assert compiled["flops_per_s"] == pytest.approx(compiled["useful_flops"] / compiled["median_s"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench"], "give a spec file or --suite NAME"),
+        (["bench", "x.toml", "--suite", "cpu"], "give a spec file or --suite NAME"),
+        (["bench", "--suite", "gpus"], "suite='gpus' is unknown; known suites: cpu, passes"),
+        (["bench", str(EXAMPLES / "gpt2.toml"), "--seq", "0"], "--seq='0' is invalid: positive integers"),
+        (["bench", str(EXAMPLES / "gpt2.toml"), "--seq", "8,16", "--kv-seq", "1,2,3"], "--kv-seq has 3 lengths"),
+        (["bench", str(EXAMPLES / "gpt2.toml"), "--impl", "fastest"], "implementation 'fastest' is unknown; known:"),
+        (["bench", str(EXAMPLES / "gpt2.toml"), "--repeats", "0"], "repeats >= 1"),
+    ],
+)
+def test_cli_argument_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"mask": mask, "implementation": name, "n": n, "median_s": n * scale * 1e-6}
+        for mask in ("dense", "causal")
+        for name, scale in (("attncc-pytorch", 2.0), ("naive", 3.0))
+        for n in (1024, 4096)
+    ] + [{"mask": "causal", "implementation": "naive", "n": 16384, "median_s": None}]
+    path = tmp_path / "bench.png"
+    bench.plot_results(rows, str(path), "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_formatting():
+    assert bench.format_quantity(1.5e9, "FLOP/s") == "1.5 GFLOP/s"
+    assert bench.format_quantity(3 * 2**30, "B", binary=True) == "3 GiB"
+    assert bench.format_quantity(None, "B") == "-"
+    assert bench.format_seconds(0.0123) == "12.3 ms" and bench.format_seconds(2.5) == "2.5 s"
+    assert math.isclose(bench.GIB, 2**30)
+
+
+def test_t5_bucket_boundary_matches_the_reference():
+    """Found by attncc bench's max |o - first| column (fixed in ee9bad0): at |kv_idx - q_idx| = 64 the reference
+    interpreter computed T5's bucket as 8 * (1 / log 16) * log 8 = 5.999999999999999 and floored it to 5."""
+    report = attncc.validate(attncc.load_spec(EXAMPLES / "t5_base.toml"), dtypes=[torch.float32], shapes=[(1, 1, 65)],
+                             verbose=False)  # fmt: skip
+    assert report.ok

@@ -1,0 +1,749 @@
+"""Fuzzing: random specs and mods on every available backend against the independent dense reference.
+
+Mods are built from a small grammar (``Node`` subclasses). Each node renders twice:
+``user`` writes it the way a user writes a mod (Python operators, torch functions,
+captured tensors indexed with traced values), which attncc traces with torch.fx;
+``ref`` evaluates it eagerly on the reference's index tensors, with every float
+computed from indices in float64, for ``tests.reference.dense_attention``, which
+shares no code with attncc.
+
+Profiles (environment variable ``ATTNCC_FUZZ_PROFILE``): ``ci`` (default) is
+derandomised, so CI runs the same examples every time; ``long`` runs random examples,
+per backend 2000 or 12 minutes (triton: 150 or 3 minutes), whichever ends first
+(see docs/fuzzing.md), e.g.
+``ATTNCC_FUZZ_PROFILE=long python -m pytest tests/test_fuzz.py -p no:cacheprovider``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, note, reject, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+
+import attncc
+from attncc.backends import BACKENDS, get_backend
+from tests.reference import assert_attention_matches, dense_attention
+
+PROFILE = os.environ.get("ATTNCC_FUZZ_PROFILE", "ci")
+# examples per backend: the triton backend runs under Triton's interpreter on CPU, which is slow.
+EXAMPLES = {"ci": {"default": 150, "triton": 12}, "long": {"default": 2000, "triton": 150}}
+# time budget per backend: the long profile ends after 15 minutes in all
+SECONDS = {"ci": {"default": math.inf}, "long": {"default": 12 * 60, "triton": 3 * 60}}
+if PROFILE not in EXAMPLES:
+    raise ValueError(f"ATTNCC_FUZZ_PROFILE={PROFILE!r} is invalid: ci or long")
+
+if not torch.cuda.is_available():
+    # Without a GPU the triton backend runs in Triton's interpreter, which must be chosen before
+    # anything imports triton (calling a compiled program may, through torch.compile's machinery).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TABLE_LENGTH = 48  # captured tables are longer than any sequence drawn below
+MAX_LENGTH = 33
+MAX_HEADS = 8
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fuzz_settings(backend: str):
+    return settings(
+        max_examples=EXAMPLES[PROFILE].get(backend, EXAMPLES[PROFILE]["default"]),
+        derandomize=PROFILE == "ci",
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+
+
+# --------------------------------------------------------------------------- the grammar
+
+
+class Node:
+    """An expression of a mod: ``user(env)`` as a user writes it, ``ref(env)`` for the reference."""
+
+    kind: str  # "int", "bool" or "float"
+
+    def user(self, env):
+        raise NotImplementedError
+
+    def ref(self, env):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Var(Node):
+    name: str
+    kind = "int"
+
+    def user(self, env):
+        return env[self.name]
+
+    def ref(self, env):
+        return env[self.name]
+
+    def __repr__(self):
+        return self.name
+
+
+@dataclass(frozen=True)
+class Const(Node):
+    value: int
+    kind = "int"
+
+    def user(self, env):
+        return self.value
+
+    def ref(self, env):
+        return self.value
+
+    def __repr__(self):
+        return str(self.value)
+
+
+@dataclass(frozen=True)
+class IntOp(Node):
+    """Integer arithmetic as Python operators and torch functions; ``a`` is traced, ``c`` maybe a constant."""
+
+    op: str
+    a: Node
+    c: Node
+    kind = "int"
+
+    def user(self, env):
+        a, c = self.a.user(env), self.c.user(env)
+        if self.op in ("min", "max"):
+            if isinstance(c, int):  # what a user writes for a constant bound
+                return torch.clamp(a, max=c) if self.op == "min" else torch.clamp(a, min=c)
+            return torch.minimum(a, c) if self.op == "min" else torch.maximum(a, c)
+        return {"+": lambda: a + c, "-": lambda: a - c, "*": lambda: a * c, "//": lambda: a // c,
+                "%": lambda: a % c}[self.op]()  # fmt: skip
+
+    def ref(self, env):
+        a, c = torch.as_tensor(self.a.ref(env)), torch.as_tensor(self.c.ref(env))
+        return {
+            "+": torch.add,
+            "-": torch.sub,
+            "*": torch.mul,
+            "//": lambda x, y: torch.div(x, y, rounding_mode="floor"),
+            "%": torch.remainder,
+            "min": torch.minimum,
+            "max": torch.maximum,
+        }[self.op](a, c)
+
+    def __repr__(self):
+        return f"({self.a!r} {self.op} {self.c!r})"
+
+
+@dataclass(frozen=True)
+class IntUnary(Node):
+    """abs, neg, clamp(a, low, high), or floor_div_float: ``torch.floor(a / high).long()``."""
+
+    op: str
+    a: Node
+    low: int = 0
+    high: int = 0
+    kind = "int"
+
+    def user(self, env):
+        a = self.a.user(env)
+        if self.op == "abs":
+            return abs(a)
+        if self.op == "neg":
+            return -a
+        if self.op == "clamp":
+            return torch.clamp(a, self.low, self.high)
+        # a float quotient of small integers is exact enough that its floor equals a // high
+        return torch.floor(a / self.high).long()
+
+    def ref(self, env):
+        a = torch.as_tensor(self.a.ref(env))
+        if self.op == "abs":
+            return a.abs()
+        if self.op == "neg":
+            return -a
+        if self.op == "clamp":
+            return a.clamp(self.low, self.high)
+        return torch.floor(a.double() / self.high).long()
+
+    def __repr__(self):
+        if self.op == "clamp":
+            return f"clamp({self.a!r}, {self.low}, {self.high})"
+        if self.op == "floor_div_float":
+            return f"floor({self.a!r} / {self.high})"
+        return f"{self.op}({self.a!r})"
+
+
+@dataclass(frozen=True)
+class Lookup(Node):
+    """A captured table indexed by an expression: ``table[expr % L]`` or ``table2d[h, expr % L]``."""
+
+    table: str
+    index: Node
+    by_head: bool = False
+    bare: bool = False  # index with the bare variable (attncc checks the table's length against N or M)
+
+    @property
+    def kind(self):
+        return {"flags": "bool", "tab": "int"}.get(self.table, "float")
+
+    def position(self, index, env, reference: bool):
+        if self.bare:
+            return index
+        return torch.remainder(torch.as_tensor(index), TABLE_LENGTH) if reference else index % TABLE_LENGTH
+
+    def user(self, env):
+        table = env[self.table]
+        position = self.position(self.index.user(env), env, reference=False)
+        return table[env["h"], position] if self.by_head else table[position]
+
+    def ref(self, env):
+        table = env[self.table]
+        position = self.position(self.index.ref(env), env, reference=True)
+        value = table[env["h"], position] if self.by_head else table[position]
+        return value.double() if value.is_floating_point() else value
+
+    def __repr__(self):
+        index = repr(self.index) if self.bare else f"({self.index!r}) % {TABLE_LENGTH}"
+        return f"{self.table}[h, {index}]" if self.by_head else f"{self.table}[{index}]"
+
+
+@dataclass(frozen=True)
+class Where(Node):
+    cond: Node
+    a: Node
+    c: Node
+
+    @property
+    def kind(self):
+        return self.a.kind
+
+    def user(self, env):
+        return torch.where(self.cond.user(env), self.a.user(env), self.c.user(env))
+
+    def ref(self, env):
+        return torch.where(self.cond.ref(env), torch.as_tensor(self.a.ref(env)), torch.as_tensor(self.c.ref(env)))
+
+    def __repr__(self):
+        return f"where({self.cond!r}, {self.a!r}, {self.c!r})"
+
+
+@dataclass(frozen=True)
+class Compare(Node):
+    op: str
+    a: Node
+    c: Node
+    kind = "bool"
+
+    def user(self, env):
+        a, c = self.a.user(env), self.c.user(env)
+        return {"<": a < c, "<=": a <= c, ">": a > c, ">=": a >= c, "==": a == c, "!=": a != c}[self.op]
+
+    def ref(self, env):
+        a, c = torch.as_tensor(self.a.ref(env)), torch.as_tensor(self.c.ref(env))
+        return {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[self.op](
+            a, c
+        )
+
+    def __repr__(self):
+        return f"({self.a!r} {self.op} {self.c!r})"
+
+
+@dataclass(frozen=True)
+class Logic(Node):
+    op: str  # & | ^ ~
+    a: Node
+    c: Node | None = None
+    kind = "bool"
+
+    def user(self, env):
+        a = self.a.user(env)
+        if self.op == "~":
+            return ~a
+        c = self.c.user(env)
+        return {"&": lambda: a & c, "|": lambda: a | c, "^": lambda: a ^ c}[self.op]()
+
+    def ref(self, env):
+        a = self.a.ref(env)
+        if self.op == "~":
+            return torch.logical_not(a)
+        return {"&": torch.logical_and, "|": torch.logical_or, "^": torch.logical_xor}[self.op](a, self.c.ref(env))
+
+    def __repr__(self):
+        return f"~{self.a!r}" if self.op == "~" else f"({self.a!r} {self.op} {self.c!r})"
+
+
+@dataclass(frozen=True)
+class Score(Node):
+    kind = "float"
+
+    def user(self, env):
+        return env["score"]
+
+    def ref(self, env):
+        return env["score"]
+
+    def __repr__(self):
+        return "score"
+
+
+@dataclass(frozen=True)
+class Bounded(Node):
+    """A bounded float made from an integer expression (so scores stay well conditioned)."""
+
+    op: str  # exp_decay, sigmoid, tanh, sqrt, log, remainder, exp2_decay
+    a: Node
+    c: float
+    kind = "float"
+
+    def user(self, env):
+        a = self.a.user(env)
+        if self.op == "exp_decay":
+            return torch.exp(-abs(a) * self.c)
+        if self.op == "exp2_decay":
+            return torch.exp2(-abs(a) * self.c)
+        if self.op == "sigmoid":
+            return torch.sigmoid(a * self.c)
+        if self.op == "tanh":
+            return torch.tanh(a * self.c)
+        if self.op == "sqrt":
+            return torch.sqrt(abs(a) + 1) * self.c
+        if self.op == "log":
+            return torch.log(abs(a) + 1) * self.c
+        return (a % 17) * self.c
+
+    def ref(self, env):
+        a = torch.as_tensor(self.a.ref(env)).double()
+        return {
+            "exp_decay": lambda: torch.exp(-a.abs() * self.c),
+            "exp2_decay": lambda: torch.exp2(-a.abs() * self.c),
+            "sigmoid": lambda: torch.sigmoid(a * self.c),
+            "tanh": lambda: torch.tanh(a * self.c),
+            "sqrt": lambda: torch.sqrt(a.abs() + 1) * self.c,
+            "log": lambda: torch.log(a.abs() + 1) * self.c,
+            "remainder": lambda: torch.remainder(a, 17) * self.c,
+        }[self.op]()
+
+    def __repr__(self):
+        return f"{self.op}({self.a!r}, {self.c})"
+
+
+@dataclass(frozen=True)
+class FloatOp(Node):
+    op: str  # + - * max min
+    a: Node
+    c: Node
+    kind = "float"
+
+    def user(self, env):
+        a, c = self.a.user(env), self.c.user(env)
+        return {"+": lambda: a + c, "-": lambda: a - c, "*": lambda: a * c,
+                "max": lambda: torch.maximum(a, c), "min": lambda: torch.minimum(a, c)}[self.op]()  # fmt: skip
+
+    def ref(self, env):
+        a, c = torch.as_tensor(self.a.ref(env)).double(), torch.as_tensor(self.c.ref(env)).double()
+        return {"+": torch.add, "-": torch.sub, "*": torch.mul, "max": torch.maximum, "min": torch.minimum}[self.op](
+            a, c
+        )
+
+    def __repr__(self):
+        return f"({self.a!r} {self.op} {self.c!r})"
+
+
+@dataclass(frozen=True)
+class Scaled(Node):
+    a: Node
+    c: float
+    softcap: bool = False  # c * tanh(a / c)
+    kind = "float"
+
+    def user(self, env):
+        a = self.a.user(env)
+        return self.c * torch.tanh(a / self.c) if self.softcap else a * self.c
+
+    def ref(self, env):
+        a = torch.as_tensor(self.a.ref(env)).double()
+        return self.c * torch.tanh(a / self.c) if self.softcap else a * self.c
+
+    def __repr__(self):
+        return f"softcap({self.a!r}, {self.c})" if self.softcap else f"({self.a!r} * {self.c})"
+
+
+@dataclass(frozen=True)
+class HideWhere(Node):
+    """``torch.where(cond, score_expr, -inf)``: a score_mod that hides elements, possibly whole rows."""
+
+    cond: Node
+    a: Node
+    kind = "float"
+
+    def user(self, env):
+        return torch.where(self.cond.user(env), self.a.user(env), -float("inf"))
+
+    def ref(self, env):
+        return torch.where(self.cond.ref(env), torch.as_tensor(self.a.ref(env)).double(), -math.inf)
+
+    def __repr__(self):
+        return f"where({self.cond!r}, {self.a!r}, -inf)"
+
+
+INDEX_NAMES = ("q_idx", "kv_idx", "h", "b")
+
+
+@functools.cache
+def int_exprs(depth: int = 2):
+    """Integer expressions that read at least one index (so every torch function gets a traced value)."""
+    leaves = st.one_of(st.sampled_from(INDEX_NAMES).map(Var), st.sampled_from(("q_idx", "kv_idx")).map(Var))
+    if depth == 0:
+        return leaves
+    inner = int_exprs(depth - 1)
+    operand = st.one_of(inner, st.integers(-6, 6).map(Const))
+    return st.one_of(
+        leaves,
+        st.builds(IntOp, st.sampled_from(("+", "-", "min", "max")), inner, operand),
+        st.builds(IntOp, st.just("*"), inner, st.integers(-3, 3).map(Const)),
+        st.builds(IntOp, st.sampled_from(("//", "%")), inner, st.sampled_from((2, 3, 5, 7, -3)).map(Const)),
+        st.builds(IntUnary, st.sampled_from(("abs", "neg")), inner),
+        st.builds(
+            lambda a, low, width: IntUnary("clamp", a, low, low + width), inner, st.integers(-8, 8), st.integers(0, 12)
+        ),  # fmt: skip
+        st.builds(lambda a, c: IntUnary("floor_div_float", a, high=c), inner, st.sampled_from((2, 3, 4))),
+        st.builds(Lookup, st.just("tab"), inner),
+        st.builds(Where, bool_exprs(depth - 1), inner, operand),
+    )
+
+
+@functools.cache
+def bool_exprs(depth: int = 2):
+    operand = st.one_of(int_exprs(0), st.integers(-6, 40).map(Const))
+    compare = st.builds(
+        Compare, st.sampled_from(("<", "<=", ">", ">=", "==", "!=")), int_exprs(max(0, depth - 1)), operand
+    )
+    leaves = st.one_of(
+        compare,
+        st.builds(Lookup, st.just("flags"), int_exprs(0)),
+        st.builds(
+            Lookup, st.just("flags"), st.sampled_from(("q_idx", "kv_idx")).map(Var), st.just(False), st.just(True)
+        ),  # fmt: skip
+    )
+    if depth == 0:
+        return leaves
+    inner = bool_exprs(depth - 1)
+    return st.one_of(
+        leaves,
+        st.builds(Logic, st.sampled_from(("&", "|", "^")), inner, inner),
+        st.builds(Logic, st.just("~"), inner),
+    )
+
+
+@functools.cache
+def float_terms():
+    """Floats of indices, bounded in magnitude."""
+    return st.one_of(
+        st.builds(
+            Bounded,
+            st.sampled_from(("exp_decay", "exp2_decay", "sigmoid", "tanh", "sqrt", "log", "remainder")),
+            int_exprs(1),
+            st.sampled_from((0.05, 0.1, 0.25, 0.5)),
+        ),  # fmt: skip
+        st.builds(Lookup, st.just("bias"), int_exprs(1)),
+        st.builds(Lookup, st.just("bias2"), int_exprs(1), st.just(True)),
+    )
+
+
+@functools.cache
+def score_exprs(depth: int = 2):
+    """Finite score expressions (no -inf inside: -inf times a negative number is +inf, whose softmax is NaN)."""
+    if depth == 0:
+        return st.one_of(st.just(Score()), st.builds(FloatOp, st.just("+"), st.just(Score()), float_terms()))
+    inner = score_exprs(depth - 1)
+    return st.one_of(
+        inner,
+        st.builds(FloatOp, st.sampled_from(("+", "-")), inner, float_terms()),
+        st.builds(FloatOp, st.just("*"), inner, float_terms()),
+        st.builds(FloatOp, st.sampled_from(("max", "min")), inner, inner),
+        st.builds(Scaled, inner, st.sampled_from((-1.5, -0.5, 0.5, 2.0))),
+        st.builds(Scaled, inner, st.sampled_from((3.0, 10.0)), st.just(True)),
+        st.builds(Where, bool_exprs(1), inner, inner),
+    )
+
+
+@functools.cache
+def score_mods():
+    """A finite score expression, or one that hides some elements (maybe whole rows) with -inf at the top."""
+    return st.one_of(score_exprs(), st.builds(HideWhere, bool_exprs(1), score_exprs(1)))
+
+
+# --------------------------------------------------------------------------- mods and cases
+
+
+def make_tables(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "tab": torch.randint(-5, 6, (TABLE_LENGTH,), generator=generator),
+        "flags": torch.rand(TABLE_LENGTH, generator=generator) < 0.7,
+        "bias": torch.randn(TABLE_LENGTH, generator=generator),
+        "bias2": 0.5 * torch.randn(MAX_HEADS, TABLE_LENGTH, generator=generator),
+    }
+
+
+def user_mods(score_tree: Node | None, mask_tree: Node | None, tables: dict):
+    """(score_mod, mask_mod) written like a user's: closures over the captured tables."""
+    tab, flags, bias, bias2 = tables["tab"], tables["flags"], tables["bias"], tables["bias2"]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        env = {"score": score, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx,
+               "tab": tab, "flags": flags, "bias": bias, "bias2": bias2}  # fmt: skip
+        return score_tree.user(env)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        env = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, "tab": tab, "flags": flags, "bias": bias,
+               "bias2": bias2}  # fmt: skip
+        return mask_tree.user(env)
+
+    return (score_mod if score_tree is not None else None), (mask_mod if mask_tree is not None else None)
+
+
+def reference_mods(score_tree: Node | None, mask_tree: Node | None, tables: dict):
+    """The same mods evaluated eagerly on the reference's index tensors, floats of indices in float64."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score_tree.ref({"score": score, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, **tables})
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask_tree.ref({"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, **tables})
+
+    return (score_mod if score_tree is not None else None), (mask_mod if mask_tree is not None else None)
+
+
+@dataclass
+class FuzzCase:
+    api: str  # "compile" or "flex" (attncc.flex_attention, with or without a block mask)
+    batch: int
+    kv_heads: int
+    groups: int
+    head_dim: int
+    v_head_dim: int
+    shapes: list  # (N, M) pairs, checked with the same program
+    dtype: torch.dtype
+    fields: dict  # spec fields besides the mods
+    score_tree: Node | None
+    mask_tree: Node | None
+    table_seed: int
+    input_seed: int
+    block_mask: bool = False
+
+    @property
+    def heads(self) -> int:
+        return self.kv_heads * self.groups
+
+
+@st.composite
+def fuzz_cases(draw, apis=("compile", "flex")):
+    api = draw(st.sampled_from(apis))
+    kv_heads = draw(st.integers(1, 2))
+    groups = draw(st.sampled_from((1, 2, 3, 4)))
+    head_dim = draw(st.sampled_from((4, 8, 12, 16)))
+    v_head_dim = draw(st.sampled_from((head_dim, head_dim, 8, 6)))
+    lengths = st.tuples(st.integers(1, MAX_LENGTH), st.integers(1, MAX_LENGTH))
+    shapes = draw(st.lists(lengths, min_size=1, max_size=2))
+    fields = {}
+    if api == "compile":
+        causal = draw(st.sampled_from((False, False, True, "top_left")))
+        if causal:
+            fields["causal"] = causal
+        if draw(st.booleans()):
+            left = draw(st.one_of(st.none(), st.integers(0, 12)))
+            right = draw(st.integers(0, 12)) if left is None else draw(st.one_of(st.none(), st.integers(0, 12)))
+            fields["window"] = (left, right)
+        if draw(st.integers(0, 3)) == 0:
+            fields["softcap"] = draw(st.sampled_from((2.0, 5.0, 30.0)))
+        if draw(st.integers(0, 3)) == 0:
+            fields["alibi"] = True
+    if draw(st.integers(0, 2)) == 0:
+        fields["scale"] = draw(st.sampled_from((0.1, 0.5, 1.0)))
+    score_tree = draw(st.one_of(st.none(), score_mods()))
+    mask_tree = draw(st.one_of(st.none(), bool_exprs()))
+    return FuzzCase(
+        api=api,
+        batch=draw(st.integers(1, 2)),
+        kv_heads=kv_heads,
+        groups=groups,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        shapes=shapes,
+        dtype=draw(st.sampled_from(DTYPES)),
+        fields=fields,
+        score_tree=score_tree,
+        mask_tree=mask_tree,
+        table_seed=draw(st.integers(0, 2**16)),
+        input_seed=draw(st.integers(0, 2**16)),
+        block_mask=api == "flex" and mask_tree is not None and draw(st.booleans()),
+    )
+
+
+REFERENCE_OPTIONS = {"causal", "window", "softcap", "alibi", "scale"}
+UNBOUNDED = 10**9
+
+
+def reference_options(fields: dict) -> dict:
+    """The reference's keywords for the spec fields (its window takes numbers, its top-left is a flag)."""
+    options = {key: value for key, value in fields.items() if key in REFERENCE_OPTIONS}
+    if fields.get("causal") == "top_left":
+        options.update(causal=True, top_left=True)
+    if "window" in options:
+        options["window"] = tuple(UNBOUNDED if side is None else side for side in options["window"])
+    return options
+
+
+def report(text: str) -> None:
+    """Hypothesis prints notes with a failing example; check_case also runs outside a test, to replay one."""
+    if currently_in_test_context():
+        note(text)
+
+
+def check_case(case: FuzzCase, backend: str) -> None:
+    """Compile (or flex_attention) the case and compare every shape and dtype with the dense reference."""
+    report(f"score_mod: {case.score_tree!r}\nmask_mod: {case.mask_tree!r}\nfields: {case.fields}")
+    tables = make_tables(case.table_seed)
+    score_mod, mask_mod = user_mods(case.score_tree, case.mask_tree, tables)
+    ref_score, ref_mask = reference_mods(case.score_tree, case.mask_tree, tables)
+    generator = torch.Generator().manual_seed(case.input_seed)
+    program = None
+    if case.api == "compile":
+        spec = attncc.AttentionSpec(num_heads=case.heads, num_kv_heads=case.kv_heads, head_dim=case.head_dim,
+                                    v_head_dim=case.v_head_dim, score_mod=score_mod, mask_mod=mask_mod,
+                                    **case.fields)  # fmt: skip
+        program = attncc.compile(spec, backend=backend)
+    for index, (n, m) in enumerate(case.shapes):
+        # the first shape in every dtype, the others in the drawn one
+        for dtype in DTYPES if index == 0 else (case.dtype,):
+            q = torch.randn(case.batch, case.heads, n, case.head_dim, generator=generator).to(dtype)
+            k = torch.randn(case.batch, case.kv_heads, m, case.head_dim, generator=generator).to(dtype)
+            v = torch.randn(case.batch, case.kv_heads, m, case.v_head_dim, generator=generator).to(dtype)
+            if program is not None:
+                o, lse = program(q, k, v, return_lse=True)
+            else:
+                arguments = {"score_mod": score_mod, "scale": case.fields.get("scale"), "return_lse": True,
+                             "enable_gqa": case.groups > 1, "backend": backend}  # fmt: skip
+                if case.block_mask:
+                    arguments["block_mask"] = attncc.create_block_mask(mask_mod, case.batch, case.heads, n, m)
+                else:
+                    arguments["mask_mod"] = mask_mod
+                o, lse = attncc.flex_attention(q, k, v, **arguments)
+            reference_o, reference_lse = dense_attention(
+                q, k, v, score_mod=ref_score, mask_mod=ref_mask, **reference_options(case.fields)
+            )
+            report(f"N={n} M={m} dtype={dtype}")
+            assert not torch.isnan(o).any(), "NaN in the output"
+            assert_attention_matches(o, lse, reference_o, reference_lse, dtype)
+
+
+def why_not_runnable(name: str) -> str | None:
+    """None if the backend compiles and runs a tiny program on CPU tensors here, else the reason it cannot."""
+    try:
+        module = get_backend(name)
+        if "cpu" not in module.devices:
+            return f"backend {name} does not run on CPU tensors"
+        attn = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=4), backend=name)
+        attn(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4))
+    except (ImportError, attncc.BackendError) as error:
+        return f"backend {name} cannot run on CPU tensors here: {error}"
+    return None
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_random_specs_match_reference(backend):
+    reason = why_not_runnable(backend)
+    if reason is not None:
+        pytest.skip(reason)
+    start = time.monotonic()
+    deadline = start + SECONDS[PROFILE].get(backend, SECONDS[PROFILE]["default"])
+    outcomes = {"passed": 0, "failed": 0}
+
+    @fuzz_settings(backend)
+    @given(case=fuzz_cases())
+    def run(case):
+        if time.monotonic() > deadline and not outcomes["failed"]:
+            reject()  # the time budget is spent: no new examples (a failure found is still shrunk)
+        outcomes["failed"] += 1
+        check_case(case, backend)
+        outcomes["failed"] -= 1
+        outcomes["passed"] += 1
+
+    try:
+        run()
+    finally:  # shown with -s, and for a failing test (docs/fuzzing.md quotes it)
+        print(f"fuzz {backend} ({PROFILE}): {sum(outcomes.values())} examples run (shrinking included), "
+              f"{outcomes['failed']} failed, in {time.monotonic() - start:.0f} s")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- minimised findings
+#
+# The shrunk forms of failures the fuzzer found (docs/fuzzing.md), fixed in ee9bad0 and
+# kept as regression tests.
+
+
+def small_qkv(n=3, m=4, heads=1):
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(1, heads, n, 8, generator=generator), torch.randn(1, heads, m, 8, generator=generator),
+            torch.randn(1, heads, m, 8, generator=generator))  # fmt: skip
+
+
+def test_score_mod_that_hides_everything():
+    """Finding A: a constant score expression made the pytorch region call torch.broadcast_to on a float."""
+    q, k, v = small_qkv()
+    hide_all = attncc.AttentionSpec(num_heads=1, head_dim=8,
+                                    score_mod=lambda score, b, h, q_idx, kv_idx: torch.where(q_idx < 0, score, -math.inf))  # fmt: skip
+    o, lse = attncc.compile(hide_all)(q, k, v, return_lse=True)
+    assert (o == 0).all() and (lse == -math.inf).all()
+
+
+def test_zero_scale_is_uniform_attention():
+    """Finding A: scale=0 makes every score the constant 0."""
+    q, k, v = small_qkv()
+    o = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, scale=0.0))(q, k, v)
+    torch.testing.assert_close(o, v.mean(dim=2, keepdim=True).expand_as(o))
+
+
+def test_captured_tensor_simplified_away():
+    """Finding B: canonicalize dropped ``bias`` from the region, but the module still passed it."""
+    q, k, v = small_qkv()
+    bias = torch.randn(4)
+    flags = torch.tensor([True, False, True, True])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(flags[kv_idx], score + bias[kv_idx], -math.inf) - bias[kv_idx]
+
+    o, lse = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, score_mod=score_mod))(
+        q, k, v, return_lse=True
+    )
+    reference_o, reference_lse = dense_attention(q, k, v, mask_mod=lambda b, h, q_idx, kv_idx: flags[kv_idx])
+    assert_attention_matches(o, lse, reference_o, reference_lse, torch.float32)
+
+
+def test_mask_with_a_disjunction_is_not_full():
+    """Finding E: sparsity called every tile of (q_idx > kv_idx) | (kv_idx > 0) full, so nothing was masked."""
+    q, k, v = small_qkv(n=1, m=2)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx > kv_idx) | (kv_idx > 0)
+
+    o, lse = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, mask_mod=mask_mod))(q, k, v, return_lse=True)
+    reference_o, reference_lse = dense_attention(q, k, v, mask_mod=mask_mod)
+    assert_attention_matches(o, lse, reference_o, reference_lse, torch.float32)
+
+
+def test_positive_infinite_score_gives_nan_rows():
+    """Finding C: +inf in a score expression was printed as a bare ``inf`` (NameError)."""
+    q, k, v = small_qkv()
+    spec = attncc.AttentionSpec(num_heads=1, head_dim=8,
+                                score_mod=lambda score, b, h, q_idx, kv_idx: torch.where(kv_idx == 0, math.inf, score))  # fmt: skip
+    o = attncc.compile(spec)(q, k, v)
+    assert torch.isnan(o).all()  # softmax of +inf is inf - inf, as in FlexAttention
