@@ -250,7 +250,7 @@ class {cls}(torch.autograd.Function):
         o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
         lse = torch.empty(B, kv_heads, rows, device=q.device)
         for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b{captured_args}):
-            q_tile = q_rows[:, :, r0:r1]
+            q_tile = q_rows[:, :, r0:r1]{prescale}
             row_max = torch.full((B, kv_heads, r1 - r0), float("-inf"), device=q.device)
             row_sum = torch.zeros(B, kv_heads, r1 - r0, device=q.device)
             acc = torch.zeros(B, kv_heads, r1 - r0, Dv, device=q.device)
@@ -302,7 +302,7 @@ class {cls}(torch.autograd.Function):
                     q_tile = q_rows[:, :, r0:r1].detach().requires_grad_()
                     k_tile = k_f[:, :, c0:c1].detach().requires_grad_()
                     inputs = [t.detach().requires_grad_() if i in trainable else t for i, t in enumerate(computed)]
-                    s = {cls}.scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, masked, *inputs)
+                    s = {cls}.scores(q_tile{prescale}, k_tile, b, h, q_idx, kv_idx, N, M, masked, *inputs)
                 p = torch.{exp}(s.detach() - lse_units[:, :, r0:r1].unsqueeze(-1))
                 grad_v[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), grad_o[:, :, r0:r1])
                 grad_p = torch.matmul(grad_o[:, :, r0:r1], v_f[:, :, c0:c1].transpose(-1, -2))
@@ -409,8 +409,8 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
     op = node.op
     coefficient, rest = split_linear(op.score)
     lines = []
-    if coefficient is not None:
-        lines.append(f"s = torch.matmul(q_tile * {coefficient!r}, k_tile.transpose(-1, -2))")
+    if coefficient is not None:  # the linear factor is applied to each query tile once, by the caller
+        lines.append("s = torch.matmul(q_tile, k_tile.transpose(-1, -2))")
         if rest != 0:
             lines.append(f"s = s + {print_expr(rest)}")
     elif not is_tensor(op.score):  # a constant score (scale 0, or a score_mod that ignores the score)
@@ -445,6 +445,7 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
     return REGION_TEMPLATE.format(
         cls=cls,
         captured_to_float=f"        originals = {_tuple(captured)}\n{casts}" if captured else "",
+        prescale=f" * {coefficient!r}" if coefficient is not None else "",
         saved_captured=", *originals" if captured else "",
         doc=ir_line.replace('"', "'"),
         block_m=op.block_m or 1 << 30,
