@@ -877,7 +877,7 @@ def format_quantity(value: float | None, unit: str, binary: bool = False) -> str
     base = 1024.0 if binary else 1000.0
     prefixes = ["", "Ki", "Mi", "Gi", "Ti"] if binary else ["", "K", "M", "G", "T", "P"]
     index = 0
-    while abs(value) >= base and index < len(prefixes) - 1:
+    while abs(value) >= 1000.0 and index < len(prefixes) - 1:  # 1020 MiB reads better as 0.996 GiB
         value /= base
         index += 1
     return f"{value:.3g} {prefixes[index]}{unit}"

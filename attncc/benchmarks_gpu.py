@@ -83,9 +83,26 @@ class Unsupported(Exception):
 Maker = Callable[[Case, int, int], Callable]
 
 
-def _attncc_triton(case: Case, head_dim: int, n: int) -> Callable:
-    attn = attncc.compile(case.spec(head_dim), backend="triton").cuda()
+def _attncc_triton(case: Case, head_dim: int, n: int, tile: str | None = None) -> Callable:
+    pipeline = None
+    if tile is not None:
+        from attncc.passes import PIPELINES
+
+        pipeline = [*PIPELINES["triton"][:-1], tile]
+    attn = attncc.compile(case.spec(head_dim), backend="triton", pipeline=pipeline).cuda()
     return lambda q, k, v: attn(q, k, v)
+
+
+def tile_variant(config: str) -> tuple[str, Maker]:
+    """An implementation for ``BMxBNxWARPSxSTAGES`` (e.g. ``128x64x8x2``): attncc triton with those tiles."""
+    try:
+        block_m, block_n, warps, stages = (int(part) for part in config.lower().split("x"))
+    except ValueError:
+        raise attncc.AttnccError(
+            f"tile config {config!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 128x64x8x2"
+        ) from None
+    tile = f"tile{{target=triton,block_m={block_m},block_n={block_n},num_warps={warps},num_stages={stages}}}"
+    return f"attncc triton {config}", lambda case, head_dim, n: _attncc_triton(case, head_dim, n, tile)
 
 
 def _sdpa(backend_name: str) -> Maker:
@@ -204,13 +221,15 @@ def run_gpu_suite(lengths=LENGTHS, head_dims=HEAD_DIMS, cases=CASES, implementat
                   verbose: bool = True) -> list[dict]:  # fmt: skip
     """Validate, then time every implementation on every case; print the table (``verbose``) and return its rows.
 
-    ``implementations`` picks names of ``IMPLEMENTATIONS`` (default: all). Needs a CUDA GPU.
+    ``implementations`` picks names of ``IMPLEMENTATIONS`` (default: all) or gives
+    ``(name, maker)`` pairs such as ``tile_variant("128x64x8x2")``. Needs a CUDA GPU.
     An implementation that fails on a case (no kernel for it, out of memory) gets the
     reason in its row; the suite goes on.
     """
     if not torch.cuda.is_available():
         raise BackendError("run_gpu_suite needs a CUDA GPU, and torch.cuda.is_available() is False on this machine")
-    chosen = {name: IMPLEMENTATIONS[name] for name in (implementations or IMPLEMENTATIONS)}
+    chosen = dict(item if isinstance(item, tuple) else (item, IMPLEMENTATIONS[item])
+                  for item in (implementations or IMPLEMENTATIONS))  # fmt: skip
     rows = []
     for case in cases:
         for head_dim in head_dims:
@@ -231,8 +250,12 @@ def run_gpu_suite(lengths=LENGTHS, head_dims=HEAD_DIMS, cases=CASES, implementat
                                    fwd_bwd_ms=both, fwd_bwd_tflops=3.5 * flops / both / 1e9)  # fmt: skip
                     torch.cuda.empty_cache()
                     rows.append(row)
-                    if verbose:
-                        print(f"{case.name}, D={head_dim}, N={n}, {name}: {row.get('note', 'timed')}",
+                    if verbose:  # each row as it comes, so that a run cut short still says what it measured
+                        measured = row.get("note") or (
+                            f"fwd {forward:.3g} ms {row['fwd_tflops']:.3g} TFLOP/s, "
+                            f"fwd+bwd {both:.3g} ms {row['fwd_bwd_tflops']:.3g} TFLOP/s"
+                        )
+                        print(f"{case.name}, D={head_dim}, N={n}, {name}: {measured}; validation {validation}",
                               file=sys.stderr, flush=True)  # fmt: skip
     if verbose:
         print(format_table(rows, batch))
@@ -261,8 +284,35 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-__all__ = ["CASES", "IMPLEMENTATIONS", "Case", "format_table", "run_gpu_suite"]
+__all__ = ["CASES", "IMPLEMENTATIONS", "Case", "format_table", "run_gpu_suite", "tile_variant"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m attncc.benchmarks_gpu [--length N ...] [--head-dim D ...] [--case NAME ...] [--impl NAME ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m attncc.benchmarks_gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, action="append", help=f"N = M (repeatable; default {LENGTHS})")
+    parser.add_argument("--head-dim", type=int, action="append", help=f"head dim (repeatable; default {HEAD_DIMS})")
+    parser.add_argument("--case", action="append", choices=[case.name for case in CASES],
+                        help="mask case (repeatable; default all)")  # fmt: skip
+    parser.add_argument("--impl", action="append", choices=list(IMPLEMENTATIONS),
+                        help="implementation (repeatable; default all)")  # fmt: skip
+    parser.add_argument("--tiles", action="append", metavar="BMxBNxWxS",
+                        help="also time attncc triton with these tiles, warps and stages (repeatable)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    cases = tuple(case for case in CASES if case.name in args.case) if args.case else CASES
+    implementations = [*(args.impl or ([] if args.tiles else IMPLEMENTATIONS)), *map(tile_variant, args.tiles or ())]
+    rows = run_gpu_suite(tuple(args.length or LENGTHS), tuple(args.head_dim or HEAD_DIMS), cases, implementations,
+                         args.batch)  # fmt: skip
+    if args.json:
+        import json
+
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=1)
 
 
 if __name__ == "__main__":
-    run_gpu_suite()
+    main()

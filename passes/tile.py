@@ -57,13 +57,16 @@ class Tile(Pass):
     target: str
     block_m: int = 0
     block_n: int = 0
+    num_warps: int = 0  # GPU targets: overrides the table's warps and pipeline stages
+    num_stages: int = 0
 
     def choose(self, head_dim: int) -> tuple[int, int, int, int]:
         if self.target not in TILE_TABLE:
             raise BackendError(f"tile: target={self.target!r} is unknown; known targets: {', '.join(TILE_TABLE)}")
         for largest, block_m, block_n, warps, stages in TILE_TABLE[self.target]:
             if head_dim <= largest:
-                return self.block_m or block_m, self.block_n or block_n, warps, stages
+                return (self.block_m or block_m, self.block_n or block_n, self.num_warps or warps,
+                        self.num_stages or stages)  # fmt: skip
         raise AssertionError("the last row of every tile table fits any head dim")
 
     def run(self, graph: Graph) -> Graph:

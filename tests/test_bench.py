@@ -231,6 +231,7 @@ def test_plot_is_a_png(tmp_path):
 def test_formatting():
     assert bench.format_quantity(1.5e9, "FLOP/s") == "1.5 GFLOP/s"
     assert bench.format_quantity(3 * 2**30, "B", binary=True) == "3 GiB"
+    assert bench.format_quantity(1020 * 2**20, "B", binary=True) == "0.996 GiB"
     assert bench.format_quantity(None, "B") == "-"
     assert bench.format_seconds(0.0123) == "12.3 ms" and bench.format_seconds(2.5) == "2.5 s"
     assert math.isclose(bench.GIB, 2**30)
