@@ -17,12 +17,14 @@ Query head ``h`` reads KV head ``h // GROUPS`` (K and V are never repeated). Eac
 kernel visits the KV (or query) tiles ``[lo, hi)`` in three loops: partial tiles,
 full tiles (no mask to evaluate), partial tiles. The forward and dQ kernels print the
 region's sparsity schedule for their query tile and round it to whole KV tiles
-(``_kv_tiles``); the dK/dV kernel visits and masks every query tile. CPU tensors run
-the same kernels in Triton's interpreter (see ``docs/triton.md``).
+(``_kv_tiles``); the dK/dV kernel scans the query tiles' bounds for those whose KV tiles
+include its own (the schedule's transpose). CPU tensors run the same kernels in Triton's
+interpreter (see ``docs/triton.md``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -66,6 +68,39 @@ def import_triton():
 
 
 import_triton()
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the generated kernels here, or None (also when triton is not interpreting).
+
+    Triton 3.6's interpreter turns a loop bound into an int with ``int(array)`` on a
+    one-element array, which numpy 2.4 and later refuse (fixed in later Triton releases);
+    every kernel here loops over a tile range, so one tiny kernel tells.
+    """
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(X):
+        start = tl.program_id(0)
+        for i in range(start, start + 1):
+            tl.store(X + i, i + 1)
+
+    if isinstance(probe, triton.runtime.JITFunction):
+        return None  # compiled for a GPU, not interpreted
+    try:
+        out = torch.zeros(1, dtype=torch.int32)
+        probe[(1,)](out)
+    except Exception as error:  # the interpreter's own failure, whatever its type
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return (
+            f"Triton's interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run a loop over "
+            f"a tile range here ({type(error).__name__}: {first_line[:100]}); on CPU use backend='pytorch', "
+            "or a Triton release whose interpreter supports this numpy (or numpy < 2.4)"
+        )
+    return None if int(out[0]) == 1 else "Triton's interpreter ran a probe kernel but wrote the wrong value"
 
 name = "triton"
 devices = ("cuda", "cpu")
@@ -484,7 +519,32 @@ class RegionWriter:
         args = ", ".join(["qk", *TILE_PARAMS[1:], *self.tile_params()])
         return f"dx = tl.where(p == 0.0, 0.0, ds * _score_grad({args}))  # hidden elements add nothing"
 
-    # -- the KV tiles of one query tile
+    # -- the KV tiles of one query tile, and the query tiles of one KV tile
+    def usable_schedule(self):
+        """The region's sparsity schedule, or None when its bounds read symbols the kernels lack."""
+        schedule = self.op.schedule
+        if schedule is not None and not all(
+            _scalar_bound(e) for e in schedule.expressions()[: 2 if schedule.table else 4]
+        ):
+            return None  # bounds over symbols the kernel lacks: fall back to masking every tile
+        return schedule
+
+    def bound_lines(self, schedule, targets: str = "lo, hi, full_lo, full_hi") -> list[str]:
+        """Lines setting the targets (lo, hi, full_lo, full_hi) from the schedule's bounds of the rows q_first .. q_last."""
+        self.helpers.add("_kv_tiles")
+        writer = TileExpressions(self.printer, self.captured_types)
+        names = ("kv_lo", "kv_hi", "kv_full_lo", "kv_full_hi")
+        expressions = schedule.expressions()[:4]
+        if schedule.table:  # the residual is evaluated on every visited tile: none is full
+            names, expressions = names[:2], expressions[:2]
+        lines = []
+        for name, expr in zip(names, expressions):
+            lines += writer.lines(expr, name)
+        if schedule.table:
+            lines.append("kv_full_lo, kv_full_hi = 0, 0  # the residual mask needs evaluating on every tile")
+        lines.append(f"{targets} = _kv_tiles(kv_lo, kv_hi, kv_full_lo, kv_full_hi, M, BLOCK_N)")
+        return lines
+
     def kv_schedule_lines(self) -> list[str]:
         """Lines of the forward and dQ kernels setting lo, hi, full_lo, full_hi for the query tile start_m.
 
@@ -493,13 +553,9 @@ class RegionWriter:
         with a residual mask no tile is full. Without one, a region without a mask has every
         tile full but the one the sequence end cuts; a masked region visits and masks every tile.
         """
-        op, schedule = self.op, self.op.schedule
-        if schedule is not None and not all(
-            _scalar_bound(e) for e in schedule.expressions()[: 2 if schedule.table else 4]
-        ):
-            schedule = None  # bounds over symbols the kernel lacks: fall back to masking every tile
+        schedule = self.usable_schedule()
         if schedule is None:
-            if op.mask is sympy.true:
+            if self.op.mask is sympy.true:
                 return [
                     "#    No mask: every tile is full but the last, which the sequence end cuts.",
                     "lo, hi = 0, M",
@@ -510,24 +566,66 @@ class RegionWriter:
                 "lo, hi = 0, M",
                 "full_lo, full_hi = lo, lo",
             ]
-        self.helpers.add("_kv_tiles")
-        lines = [
+        return [
             "#    The sparsity schedule of the rows q_first .. q_last, rounded to whole KV tiles by _kv_tiles:",
             f"#    {schedule}",
             "q_first = start_m * BLOCK_M",
             "q_last = tl.minimum(q_first + BLOCK_M, N) - 1",
+            *self.bound_lines(schedule),
         ]
-        writer = TileExpressions(self.printer, self.captured_types)
-        names = ("kv_lo", "kv_hi", "kv_full_lo", "kv_full_hi")
-        expressions = schedule.expressions()[:4]
-        if schedule.table:  # the residual is evaluated on every visited tile: none is full
-            names, expressions = names[:2], expressions[:2]
-        for name, expr in zip(names, expressions):
-            lines += writer.lines(expr, name)
-        if schedule.table:
-            lines.append("kv_full_lo, kv_full_hi = 0, 0  # the residual mask needs evaluating on every tile")
-        lines.append("lo, hi, full_lo, full_hi = _kv_tiles(kv_lo, kv_hi, kv_full_lo, kv_full_hi, M, BLOCK_N)")
-        return lines
+
+    def q_schedule_lines(self) -> list[str]:
+        """Lines of the dK/dV kernel setting lo, hi, full_lo, full_hi (rows) for the KV tile start_n and head h.
+
+        The transpose of the KV schedule: the bounds of every query tile are evaluated,
+        SCAN_TILES query tiles at a time, and the tiles that visit this KV tile give
+        ``[lo, hi)`` (first to last; tiles between that do not visit it are masked, so
+        a bound that is not monotone in q stays correct). The tiles for which it is full
+        give ``[full_lo, full_hi)`` only when they are contiguous; the last query tile,
+        cut by the sequence end, is always masked.
+        """
+        schedule = self.usable_schedule()
+        if schedule is None:
+            if self.op.mask is sympy.true:
+                return [
+                    "# No mask: every query tile is full but the last, which the sequence end cuts.",
+                    "lo, hi = 0, N",
+                    "full_lo, full_hi = 0, N // BLOCK_M * BLOCK_M",
+                ]
+            return [
+                "# No sparsity schedule: every query tile is visited and masked.",
+                "lo, hi = 0, N",
+                "full_lo, full_hi = lo, lo",
+            ]
+        scan = [
+            "tile = chunk + tl.arange(0, SCAN_TILES)",
+            "scanned = tile < q_tiles",
+            "q_first = tl.minimum(tile, q_tiles - 1) * BLOCK_M",
+            "q_last = tl.minimum(q_first + BLOCK_M, N) - 1",
+            *self.bound_lines(schedule, "tile_lo, tile_hi, tile_full_lo, tile_full_hi"),
+            "visits = scanned & (tile_lo <= n_first) & (n_first < tile_hi)",
+            "full = visits & (tile_full_lo <= n_first) & (n_first < tile_full_hi) & (tile < whole_tiles)",
+            "first = tl.minimum(first, tl.min(tl.where(visits, tile, q_tiles)))",
+            "last = tl.maximum(last, tl.max(tl.where(visits, tile, -1)))",
+            "full_first = tl.minimum(full_first, tl.min(tl.where(full, tile, q_tiles)))",
+            "full_last = tl.maximum(full_last, tl.max(tl.where(full, tile, -1)))",
+            "full_count += tl.sum(full.to(tl.int32))",
+        ]
+        return [
+            "# The query tiles whose KV schedule (the forward's, per query tile) includes this KV tile:",
+            f"# {schedule}",
+            "n_first = start_n * BLOCK_N",
+            "q_tiles = tl.cdiv(N, BLOCK_M)",
+            "whole_tiles = N // BLOCK_M  # the last query tile, cut by the sequence end, stays masked",
+            "first, full_first = q_tiles, q_tiles",
+            "last, full_last, full_count = q_tiles * 0 - 1, q_tiles * 0 - 1, q_tiles * 0",
+            "for chunk in range(0, q_tiles, SCAN_TILES):",
+            *("    " + line for line in scan),
+            "lo, hi = first * BLOCK_M, tl.minimum((last + 1) * BLOCK_M, N)",
+            "contiguous = (full_count > 0) & (full_count == full_last - full_first + 1)",
+            "full_lo = tl.where(contiguous, full_first * BLOCK_M, lo)",
+            "full_hi = tl.where(contiguous, (full_last + 1) * BLOCK_M, lo)",
+        ]
 
     # -- everything
     def source(self) -> str:
@@ -548,6 +646,7 @@ class RegionWriter:
             to_units=f" * {LOG2_E!r}  # log2(e): lse in base-2 units" if self.op.exp2 else "",
             dx_line=self.ds_to_dscore(),
             kv_schedule="\n".join("    " + line for line in self.kv_schedule_lines()),
+            q_schedule="\n".join("        " + line for line in self.q_schedule_lines()),
         )
         parts = ["\n".join(f) for f in functions]
         parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
@@ -591,7 +690,8 @@ GROUPS = {groups}  # query heads per KV head: head h reads KV head h // GROUPS
 HEAD_DIM, BLOCK_D = {head_dim}, {block_d}  # q and k head dim; the tile width, a power of two
 HEAD_DIM_V, BLOCK_DV = {head_dim_v}, {block_dv}  # v head dim; its tile width
 BLOCK_M, BLOCK_N = {block_m}, {block_n}  # query rows and keys per tile
-NUM_WARPS, NUM_STAGES = {num_warps}, {num_stages}"""
+NUM_WARPS, NUM_STAGES = {num_warps}, {num_stages}
+SCAN_TILES = tl.constexpr(64)  # query tiles whose bounds the dK/dV kernel evaluates at once"""
 
 HELPERS = {
     "_dot": '''\
@@ -816,12 +916,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
                 + offs_dv[None, :] * stride_vk, mask=kv_ok[:, None]{dv_mask}, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    # -- query schedule: the query tiles [lo, hi) see this KV tile; in [full_lo, full_hi) every key is visible.
-    #    Every query tile is visited and masked (the KV schedule is per query tile; its transpose is not derived).
-    lo, hi = 0, N
-    full_lo, full_hi = lo, lo
     for g in range(GROUPS):
         h = kv_h * GROUPS + g
+        # -- query schedule of head h: the query tiles [lo, hi) see this KV tile; for [full_lo, full_hi) it is full.
+{q_schedule}
         q_base = Q + b.to(tl.int64) * stride_qz + h * stride_qh
         do_base = DO + b.to(tl.int64) * stride_doz + h * stride_doh
         lse_base = LSE + (b * H + h).to(tl.int64) * N
@@ -919,9 +1017,17 @@ INTERPRETED = not isinstance(_attn_fwd, triton.runtime.JITFunction)
 
 
 def _check_device(device):
-    if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+    if device.type == "cuda":
         return
     from attncc.errors import BackendError  # imported here: the module itself needs only torch and triton
+
+    if device.type == "cpu" and INTERPRETED:
+        from attncc.backends.triton import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem is not None:
+            raise BackendError(problem)
+        return
 
     if device.type == "cpu":
         raise BackendError(

@@ -29,15 +29,19 @@ from tests.reference import assert_attention_matches, dense_attention
 from tests.test_numerics import MOD_CASES, SPEC_CASES, random_qkv
 
 TRITON = importlib.util.find_spec("triton")  # finds, does not import: triton's first import decides interpreting
-requires_triton = pytest.mark.skipif(TRITON is None, reason="triton is not installed: pip install attncc[triton]")
+INTERPRETER_PROBLEM = None
+if TRITON is not None:
+    # Import triton through the backend now, while collecting, so that without a GPU it is in interpreter mode
+    # even if a test that runs earlier (torch.compile, say) would import it.
+    INTERPRETER_PROBLEM = importlib.import_module("attncc.backends.triton").interpreter_problem()
+requires_triton = pytest.mark.skipif(
+    TRITON is None or INTERPRETER_PROBLEM is not None,
+    reason=INTERPRETER_PROBLEM or "triton is not installed: pip install attncc[triton]",
+)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HAS_NVIDIA_BACKEND = TRITON is not None and os.path.isdir(
     os.path.join(os.path.dirname(TRITON.origin), "backends", "nvidia")
 )
-if TRITON is not None:
-    # Import triton through the backend now, while collecting, so that without a GPU it is in interpreter mode
-    # even if a test that runs earlier (torch.compile, say) would import it.
-    importlib.import_module("attncc.backends.triton")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL_TILES = [*PIPELINES["triton"][:-1], "tile{target=triton,block_m=16,block_n=16}"]
@@ -390,14 +394,24 @@ def test_skipped_tiles_are_never_read():
     assert torch.isfinite(o[:, :, :16]).all() and torch.isfinite(lse).all() and torch.isfinite(dq[:, :, :16]).all()
     reference_o, _ = dense_attention(q.detach(), k.detach(), v.detach(), window=(6, 2))
     torch.testing.assert_close(o[:, :, :16].double(), reference_o[:, :, :16], atol=2e-6, rtol=2e-6)
+    # and the transpose: KV tile 0 (keys 0..15) is seen by rows up to 21 only, so the dK/dV kernel skips
+    # query tile 2 (rows 32..39); NaN queries there would reach dK and dV of keys 0..15 (through
+    # delta = rowsum(o * dO)) if that tile were visited and masked.
+    poisoned = q.detach().clone()
+    poisoned[:, :, 32:] = float("nan")
+    _, dk, dv = torch.autograd.grad(attn(poisoned, k, v).sum(), (q, k, v), allow_unused=True)
+    assert torch.isfinite(dk[:, :, :16]).all() and torch.isfinite(dv[:, :, :16]).all()
+    assert torch.isnan(dk[:, :, 32:]).any()  # keys 32..39 are seen by the poisoned rows
 
 
 @requires_triton
 def test_generated_source_prints_the_schedule_bounds():
     causal = compile_scheduled({"causal": True}, 2, 2).source
     assert "q_first = start_m * BLOCK_M" in causal and "q_last = tl.minimum(q_first + BLOCK_M, N) - 1" in causal
-    assert causal.count("kv_hi = tl.minimum(M, M - N + q_last + 1)") == 2  # forward and dQ
-    assert causal.count("kv_full_hi = tl.minimum(M, M - N + q_first + 1)") == 2
+    # forward, dQ, and the dK/dV kernel's scan over the query tiles (the transpose of the schedule)
+    assert causal.count("kv_hi = tl.minimum(M, M - N + q_last + 1)") == 3
+    assert causal.count("kv_full_hi = tl.minimum(M, M - N + q_first + 1)") == 3
+    assert "for chunk in range(0, q_tiles, SCAN_TILES):" in causal
     assert "@triton.jit\ndef _kv_tiles(" in causal and "lo, hi = 0, M" not in causal
     padding = compile_scheduled({"mask_mod": _padding}, 2, 1).source
     assert "= tl.load(PADDED_LENGTHS_ptr + b * stride_PADDED_LENGTHS_0)" in padding  # a scalar load
@@ -408,6 +422,7 @@ def test_generated_source_prints_the_schedule_bounds():
     # no schedule: without a mask every whole tile is full; with one (no sparsity pass) every tile is masked
     dense = compile_scheduled({}, 2, 2).source
     assert "full_lo, full_hi = 0, M // BLOCK_N * BLOCK_N" in dense and "_kv_tiles" not in dense
+    assert "full_lo, full_hi = 0, N // BLOCK_M * BLOCK_M" in dense  # dK/dV: every whole query tile is full
     unscheduled = [name for name in SCHEDULE_PIPELINE if name != "sparsity"]
     attn = compile_scheduled({"causal": True}, 2, 2, pipeline=unscheduled)
     assert region_schedule(attn) is None and "full_lo, full_hi = lo, lo" in attn.source
@@ -470,6 +485,19 @@ def test_missing_triton_is_a_backend_error(monkeypatch):
     from attncc.backends import backend_for_device
 
     assert backend_for_device("cuda") == "pytorch"
+
+
+@requires_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's error without a GPU")
+def test_an_interpreter_that_cannot_run_the_kernels_is_a_backend_error(monkeypatch):
+    import attncc.backends.triton as backend
+
+    assert backend.interpreter_problem() is None  # this interpreter runs them (else this test is skipped)
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16), backend="triton")
+    q, k, v = random_qkv(1, 2, 2, 5, 7, 16, seed=4)
+    monkeypatch.setattr(backend, "interpreter_problem", lambda: "Triton's interpreter cannot run a loop here")
+    with pytest.raises(attncc.BackendError, match="interpreter cannot run a loop"):
+        attn(q, k, v)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
