@@ -175,6 +175,8 @@ def test_tile_sets_sizes_per_target_and_head_dim():
     tiled = body(Tile(target="triton").run(fused))[0]
     assert "block_m = 128, block_n = 64" in tiled and "num_stages = 3, num_warps = 8" in tiled
     assert "block_m = 16, block_n = 8" in body(Tile(target="pytorch", block_m=16, block_n=8).run(fused))[0]
+    tuned = body(Tile(target="triton", block_m=64, num_warps=4, num_stages=3).run(fused))[0]
+    assert "block_m = 64, block_n = 64" in tuned and "num_stages = 3, num_warps = 4" in tuned
     with pytest.raises(AttnccError, match="target='tpu' is unknown"):
         Tile(target="tpu").run(fused)
 
