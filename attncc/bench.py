@@ -779,7 +779,8 @@ def _run_worker(job: dict, scratch: Path, timeout_s: float) -> dict | str:
 
 def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implementations: list[str] | None = None, *, warmup: int = 1,
                    repeats: int = 5, budget_s: float = 30.0, memory_limit: int | None = None,
-                   timeout_s: float = 3600.0, isolate: bool = True, progress: Callable | None = None) -> list[dict]:  # fmt: skip
+                   timeout_s: float = 3600.0, isolate: bool = True, progress: Callable | None = None,
+                   rounds: int = 1) -> list[dict]:  # fmt: skip
     """Measure every (case, implementation) of ``source``; one row (a dict) per pair.
 
     ``implementations`` overrides the cases' own lists (names from
@@ -787,7 +788,14 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
     runs each pair in a worker process unless ``isolate=False``; a list of cases (which
     a worker could not rebuild) runs in this process, where compile latencies are not
     cold. ``progress(done, total, row)`` is called after each row.
+
+    ``rounds`` > 1 measures every pair again, round after round (A, B, A, B, ...), so
+    that a slow spell of a shared machine falls on all of them: a row's median is then
+    the median of its rounds' medians, and ``versus_first`` (its time over the first
+    implementation of its case) the median of the rounds' ratios.
     """
+    if rounds < 1:
+        raise AttnccError(f"rounds={rounds} is invalid: at least 1 is allowed")
     device = torch.device(device)
     if isinstance(source, CaseSource):
         cases = source.cases(device)
@@ -805,8 +813,9 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
     limit = memory_limit_default(device) if memory_limit is None else memory_limit
     rows = []
     with tempfile.TemporaryDirectory(prefix="attncc-bench-") as scratch:
-        for position, (index, case, name) in enumerate(jobs):
-            output_path = str(Path(scratch) / f"output-{position}.pt")
+        for position, (index, case, name) in enumerate(jobs * rounds):
+            # outputs are compared once, in the first round
+            output_path = str(Path(scratch) / f"output-{position}.pt") if position < len(jobs) else None
             if name not in runnable:
                 row = _row_without_result(case, name, "n/a", f"not available on {device.type}")
             elif isolate:
@@ -818,17 +827,44 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
             else:
                 row = measure(case, name, runnable[name], device, warmup=warmup, repeats=repeats, budget_s=budget_s,
                               memory_limit=limit, output_path=output_path)  # fmt: skip
-            row["output_path"] = output_path if Path(output_path).exists() else None
+            row["output_path"] = output_path if output_path and Path(output_path).exists() else None
             rows.append(row)
             if progress is not None:
-                progress(position + 1, len(jobs), row)
+                progress(position + 1, len(jobs) * rounds, row)
         _compare_outputs(rows)
+    rows = _merge_rounds([rows[r * len(jobs) : (r + 1) * len(jobs)] for r in range(rounds)])
     flops = {case.name: _useful_flops_if_known(case) for case in cases}
     for row in rows:
         row["useful_flops"] = flops[row["case"]]
         median = row.get("median_s")
         row["flops_per_s"] = flops[row["case"]] / median if median and flops[row["case"]] else None
     return rows
+
+
+def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (case, implementation) from the rows of every round; ``versus_first`` per row."""
+    merged = []
+    for rows in zip(*rounds):
+        row = dict(rows[0])  # the first round's compile latencies are the cold ones
+        if len(rows) > 1 and all(r["status"] == "ok" for r in rows):
+            row["round_medians_s"] = [r["median_s"] for r in rows]
+            row["median_s"] = statistics.median(row["round_medians_s"])
+            row["times_s"] = [t for r in rows for t in r["times_s"]]
+            peaks = [r["peak_bytes"] for r in rows if r.get("peak_bytes") is not None]
+            row["peak_bytes"] = max(peaks) if peaks else None
+        elif len(rows) > 1:
+            failed = next(r for r in rows if r["status"] != "ok")
+            row.update(status=failed["status"], note=failed["note"])
+        merged.append(row)
+    first: dict[str, int] = {}
+    for position, row in enumerate(merged):
+        if row["status"] != "ok":
+            continue
+        if row["case"] not in first:
+            first[row["case"]] = position
+        ratios = [rows[position]["median_s"] / rows[first[row["case"]]]["median_s"] for rows in rounds]
+        row["versus_first"] = statistics.median(ratios)
+    return merged
 
 
 def _useful_flops_if_known(case: BenchCase) -> int | None:
@@ -890,18 +926,20 @@ def format_seconds(value: float | None) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    headers = ["case", "implementation", "median", "useful FLOP/s", "peak extra", "compile cold", "compile warm",
-               "block mask", "max |o - first|", "note"]  # fmt: skip
+    headers = ["case", "implementation", "median", "time / first", "useful FLOP/s", "peak extra", "compile cold",
+               "compile warm", "block mask", "max |o - first|", "note"]  # fmt: skip
     body = []
     for row in rows:
         if row["status"] != "ok":
-            body.append([row["case"], row["implementation"], "-", "-", "-", "-", "-", "-", "-",
+            body.append([row["case"], row["implementation"], "-", "-", "-", "-", "-", "-", "-", "-",
                          f"{row['status']}: {row['note']}"])  # fmt: skip
             continue
         diff = row.get("max_abs_diff")
         versus = "(first)" if row.get("compared_to") is None else f"{diff:.1e}"
+        ratio = row.get("versus_first")
         body.append([
             row["case"], row["implementation"], format_seconds(row.get("median_s")),
+            "-" if ratio is None else f"{ratio:.2f}x",
             format_quantity(row.get("flops_per_s"), "FLOP/s"), format_quantity(row.get("peak_bytes"), "B", True),
             format_seconds(row.get("compile_s")), format_seconds(row.get("compile_warm_s")),
             format_seconds(row.get("block_mask_s")), versus, row.get("note", ""),
@@ -974,6 +1012,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (default 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported (default 5)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every implementation this many times, alternating, and report the median "
+                             "of the rounds (default 1)")  # fmt: skip
     parser.add_argument("--budget", type=float, default=30.0, metavar="S",
                         help="seconds of timed calls after which slow cases stop at 3 repeats (default 30)")  # fmt: skip
     parser.add_argument("--memory-limit", type=float, metavar="GIB",
@@ -1050,8 +1091,9 @@ def main(args: argparse.Namespace) -> int:
         source = CaseSource(suite=args.suite)
     else:
         source = CaseSource(spec_path=args.spec, batch=args.batch, lengths=_lengths(args), dtype=args.dtype)
-    if args.warmup < 0 or args.repeats < 1:
-        raise AttnccError(f"--warmup={args.warmup} --repeats={args.repeats}: warmup >= 0 and repeats >= 1 are allowed")
+    if args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
+        raise AttnccError(f"--warmup={args.warmup} --repeats={args.repeats} --rounds={args.rounds}: "
+                          "warmup >= 0, repeats >= 1 and rounds >= 1 are allowed")  # fmt: skip
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -1060,7 +1102,8 @@ def main(args: argparse.Namespace) -> int:
         raise AttnccError("--device=cuda is invalid: torch sees no CUDA device here")
     limit = None if args.memory_limit is None else int(args.memory_limit * GIB)
     rows = run_benchmarks(source, device, args.impl, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
-                          memory_limit=limit, timeout_s=args.timeout, progress=_progress_printer())  # fmt: skip
+                          memory_limit=limit, timeout_s=args.timeout, progress=_progress_printer(),
+                          rounds=args.rounds)  # fmt: skip
     report = {
         "command": command_line(args),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

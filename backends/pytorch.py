@@ -219,8 +219,11 @@ class {cls}(torch.autograd.Function):
     GROUPS = {groups}
 
     @staticmethod
-    def scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, masked{captured_params}):
-        """One tile of {units} scores: the region's score expression, masked with -inf unless the tile is full."""
+    def scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, masked{captured_params}, out=None):
+        """One tile of {units} scores: the region's score expression, masked with -inf unless the tile is full.
+
+        ``out``: a buffer the tile's q . k may be written to (the forward reuses one for every tile).
+        """
 {score_lines}
     @staticmethod
     def bounds(q_first, q_last, b, h, N, M{captured_params}):
@@ -249,25 +252,31 @@ class {cls}(torch.autograd.Function):
 {captured_to_float}        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
         o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
         lse = torch.empty(B, kv_heads, rows, device=q.device)
+        # one buffer for every tile's scores: fresh multi-MiB tensors per tile cost page faults
+        scores_buffer = torch.empty(B * kv_heads * min(rows, {cls}.BLOCK_M) * min(M, {cls}.BLOCK_N), device=q.device)
         for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b{captured_args}):
             q_tile = q_rows[:, :, r0:r1]{prescale}
             row_max = torch.full((B, kv_heads, r1 - r0), float("-inf"), device=q.device)
             row_sum = torch.zeros(B, kv_heads, r1 - r0, device=q.device)
-            acc = torch.zeros(B, kv_heads, r1 - r0, Dv, device=q.device)
+            acc = torch.zeros(B * kv_heads, r1 - r0, Dv, device=q.device)
             for c0, c1, masked in kv_tiles:
                 kv_idx = torch.arange(c0, c1, device=q.device).view(1, 1, 1, -1)
-                s = {cls}.scores(q_tile, k_f[:, :, c0:c1], b, h, q_idx, kv_idx, N, M, masked{captured_args})
+                shape = (B, kv_heads, r1 - r0, c1 - c0)
+                out = scores_buffer[: math.prod(shape)].view(shape)
+                s = {cls}.scores(q_tile, k_f[:, :, c0:c1], b, h, q_idx, kv_idx, N, M, masked{captured_args}, out=out)
                 # -- online softmax: rescale the running sum and accumulator when the max grows
                 new_max = torch.maximum(row_max, s.amax(dim=-1))
                 safe_max = torch.where(new_max == float("-inf"), 0.0, new_max)
                 p = s.sub_(safe_max.unsqueeze(-1)).{exp}_()
                 rescale = torch.{exp}(row_max - safe_max)
-                row_sum = row_sum * rescale + p.sum(dim=-1)
-                acc.mul_(rescale.unsqueeze(-1)).add_(torch.matmul(p, v_f[:, :, c0:c1]))
+                row_sum.mul_(rescale).add_(p.sum(dim=-1))
+                # acc = acc * rescale + p @ v, the sum done by the matmul
+                acc.mul_(rescale.view(-1, r1 - r0, 1)).baddbmm_(p.reshape(-1, r1 - r0, c1 - c0),
+                                                                v_f[:, :, c0:c1].reshape(-1, c1 - c0, Dv))
                 row_max = new_max
             # -- epilogue: a row that saw no key keeps acc = 0 and gets lse = -inf
             safe_max = torch.where(row_max == float("-inf"), 0.0, row_max)
-            o[:, :, r0:r1] = acc / torch.where(row_sum == 0, 1.0, row_sum).unsqueeze(-1)
+            o[:, :, r0:r1] = acc.view(B, kv_heads, r1 - r0, Dv) / torch.where(row_sum == 0, 1.0, row_sum).unsqueeze(-1)
             lse[:, :, r0:r1] = (safe_max + torch.{log}(row_sum)){to_natural}
         o = o.view(B, H, N, Dv)
         lse = lse.view(B, H, N)
@@ -409,10 +418,11 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
     op = node.op
     coefficient, rest = split_linear(op.score)
     lines = []
+    in_place = coefficient is not None  # s is this function's own tensor (or the caller's buffer)
     if coefficient is not None:  # the linear factor is applied to each query tile once, by the caller
-        lines.append("s = torch.matmul(q_tile, k_tile.transpose(-1, -2))")
+        lines.append("s = torch.matmul(q_tile, k_tile.transpose(-1, -2), out=out)")
         if rest != 0:
-            lines.append(f"s = s + {print_expr(rest)}")
+            lines.append(f"s = s.add_({print_expr(rest)})")
     elif not is_tensor(op.score):  # a constant score (scale 0, or a score_mod that ignores the score)
         lines.append(
             f"s = torch.full((*q_tile.shape[:3], k_tile.shape[2]), {print_expr(op.score)}, dtype=torch.float32, "
@@ -426,7 +436,7 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
         if not is_tensor(op.mask):
             keep = f"torch.tensor({keep}, device=s.device)"
         lines.append("if masked:")
-        lines.append(f'    s = s.masked_fill(~{keep}, float("-inf"))')
+        lines.append(f'    s = s.masked_fill{"_" if in_place else ""}(~{keep}, float("-inf"))')
     lines.append("return s")
     captured_params = "".join(f", {c}" for c in captured)
     table = op.schedule is not None and op.schedule.table

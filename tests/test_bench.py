@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
 
 import attncc
-from attncc import bench
+from attncc import AttnccError, bench
 from attncc.bench import BenchCase, CaseSource
 from attncc.cli import main
 
@@ -163,6 +164,26 @@ def test_time_calls_counts_warmup_and_repeats():
     assert len(times) == 3 and len(calls) == 4  # over budget: three timed calls are enough for a median
 
 
+def test_rounds_alternate_and_merge_into_one_row_per_implementation(tmp_path):
+    body, (n, m) = SPEC_FILES["gqa causal window, N < M"]
+    source = CaseSource(spec_path=write_spec(tmp_path, body), lengths=((n, m),))
+    seen = []
+    rows = bench.run_benchmarks(source, "cpu", ["attncc-pytorch", "naive"], warmup=0, repeats=2, isolate=False,
+                                rounds=3, progress=lambda done, total, row: seen.append((done, total, row["implementation"])))  # fmt: skip
+    assert [name for _, _, name in seen] == ["attncc-pytorch", "naive"] * 3 and seen[-1][:2] == (6, 6)
+    assert [row["implementation"] for row in rows] == ["attncc-pytorch", "naive"]
+    for row in rows:
+        assert len(row["round_medians_s"]) == 3 and len(row["times_s"]) == 6
+        assert row["median_s"] == statistics.median(row["round_medians_s"])
+    first, naive = rows
+    assert first["versus_first"] == 1.0 and naive["max_abs_diff"] < 1e-5
+    ratios = [b / a for a, b in zip(first["round_medians_s"], naive["round_medians_s"])]
+    assert naive["versus_first"] == pytest.approx(statistics.median(ratios))
+    assert f"{naive['versus_first']:.2f}x" in bench.results_table(rows)
+    with pytest.raises(AttnccError, match="rounds=0 is invalid"):
+        bench.run_benchmarks(source, "cpu", ["naive"], rounds=0)
+
+
 def test_failures_and_missing_implementations_are_rows(tmp_path):
     path = write_spec(tmp_path, "num_heads = 2\nhead_dim = 8\nmask = 'doc[q_idx] == doc[kv_idx]'\n"
                                 "[attention.tensors]\ndoc = { dtype = 'int64', shape = [64] }\n")  # fmt: skip
@@ -208,6 +229,7 @@ def test_cli_runs_workers_and_writes_json(tmp_path, capsys):
         (["bench", str(EXAMPLES / "gpt2.toml"), "--seq", "8,16", "--kv-seq", "1,2,3"], "--kv-seq has 3 lengths"),
         (["bench", str(EXAMPLES / "gpt2.toml"), "--impl", "fastest"], "implementation 'fastest' is unknown; known:"),
         (["bench", str(EXAMPLES / "gpt2.toml"), "--repeats", "0"], "repeats >= 1"),
+        (["bench", str(EXAMPLES / "gpt2.toml"), "--rounds", "0"], "rounds >= 1"),
     ],
 )
 def test_cli_argument_errors(argv, message, capsys):
