@@ -235,12 +235,7 @@ class {cls}(torch.autograd.Function):
 {table_lookup}        for index, (r0, r1, q_first, q_last) in enumerate(_row_tiles(N, cls.GROUPS, cls.BLOCK_M)):
             h, q_idx = _packed_rows(r0, r1, N, kv_heads, cls.GROUPS, device)
             lo, hi, full_lo, full_hi = cls.bounds(q_first, q_last, b, h, N, M{captured_args})
-            kv_tiles = []
-            for c0 in range(lo - lo % cls.BLOCK_N, hi, cls.BLOCK_N):
-                c1 = min(c0 + cls.BLOCK_N, M)
-                full = full_lo <= c0 and c1 <= full_hi
-{table_filter}                kv_tiles.append((c0, c1, not full))
-            yield r0, r1, h, q_idx, kv_tiles
+{kv_tiles}            yield r0, r1, h, q_idx, kv_tiles
 
     @staticmethod
     def forward(ctx, q, k, v{captured_params}):
@@ -346,6 +341,28 @@ def _row_tiles(N, groups, block_m):
             yield r0, min(r0 + step, groups * N), 0, N - 1
 
 
+def _kv_chunks(lo, hi, full_lo, full_hi, M, block_n):
+    """The KV tiles (c0, c1, masked) of keys [lo, hi), of which [full_lo, full_hi) are visible to every row.
+
+    A range that fits in one tile is one tile (a band: one matmul per query tile). Otherwise
+    tiles of block_n keys start at lo: masked ones up to the first tile edge at or after
+    full_lo, unmasked ones while whole tiles fit below full_hi, masked ones to hi.
+    """
+    lo, hi = max(lo, 0), min(hi, M)
+    if hi <= lo:
+        return []
+    if hi - lo <= block_n:
+        return [(lo, hi, not (full_lo <= lo and hi <= full_hi))]
+    first_full = lo + -(-max(full_lo - lo, 0) // block_n) * block_n
+    end_full = first_full + max(min(full_hi, hi) - first_full, 0) // block_n * block_n
+    if end_full == first_full:
+        first_full = end_full = hi  # no whole tile is full: mask them all
+    tiles = [(c0, min(c0 + block_n, first_full), True) for c0 in range(lo, first_full, block_n)]
+    tiles += [(c0, c0 + block_n, False) for c0 in range(first_full, end_full, block_n)]
+    tiles += [(c0, min(c0 + block_n, hi), True) for c0 in range(end_full, hi, block_n)]
+    return tiles
+
+
 def _compute_dtype(tensor):
     """Captured float tensors join the float32 arithmetic of the scores (fp16 and bf16 tables too)."""
     return tensor.float() if tensor.is_floating_point() else tensor
@@ -440,16 +457,21 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
     lines.append("return s")
     captured_params = "".join(f", {c}" for c in captured)
     table = op.schedule is not None and op.schedule.table
-    table_source = table_lookup = table_filter = ""
+    table_source = table_lookup = ""
+    kv_tiles = "            kv_tiles = _kv_chunks(lo, hi, full_lo, full_hi, M, cls.BLOCK_N)\n"
     if table:
         versions = "(" + "".join(f"(id({c}), {c}._version), " for c in captured) + ")"
         table_source = TABLE_TEMPLATE.format(captured_params=captured_params, versions=versions,
                                              captured_tuple=_tuple(captured), keep=print_expr(op.mask))  # fmt: skip
         table_lookup = f"        visit, full_tiles = cls.tile_table(B, N, M, kv_heads, device, b{captured_params})\n"
-        table_filter = (
+        kv_tiles = (  # the table's tiles are aligned to BLOCK_N
+            "            kv_tiles = []\n"
+            "            for c0 in range(lo - lo % cls.BLOCK_N, hi, cls.BLOCK_N):\n"
+            "                c1 = min(c0 + cls.BLOCK_N, M)\n"
             "                if not visit[index][c0 // cls.BLOCK_N]:\n"
             "                    continue\n"
-            "                full = full and full_tiles[index][c0 // cls.BLOCK_N]\n"
+            "                full = full_lo <= c0 and c1 <= full_hi and full_tiles[index][c0 // cls.BLOCK_N]\n"
+            "                kv_tiles.append((c0, c1, not full))\n"
         )
     casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
     return REGION_TEMPLATE.format(
@@ -466,7 +488,7 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
         bounds_lines="".join(f"        {line}\n" for line in _bounds_lines(op)),
         table_source=table_source,
         table_lookup=table_lookup,
-        table_filter=table_filter,
+        kv_tiles=kv_tiles,
         captured_params=captured_params,
         captured_args=captured_params,
         exp="exp2" if op.exp2 else "exp",

@@ -23,8 +23,9 @@ from attncc.passes.rewrite import rebuild
 # target -> [(largest head dim, block_m, block_n, num_warps, num_stages)], first fit wins.
 # pytorch: tiles of 512 x 256 keep a tile's scores (0.5 MiB per head) in cache while
 # the matmuls stay large; measured on CPU against SDPA (docs/performance.md).
-# pytorch, banded masks (sliding windows): smaller square tiles follow the band; see band_width.
-BANDED_PYTORCH_TILE = (64, 256)  # smallest and largest tile for a band
+# pytorch, banded masks (sliding windows): query tiles of about half the band, and KV tiles wide
+# enough for a query tile's whole band, so each query tile is one matmul; see band_tiles.
+BANDED_PYTORCH_ROWS = (64, 256)  # smallest and largest query tile for a band
 BANDED_PYTORCH_LIMIT = 1024  # bands at least this wide keep the default tiles
 
 TILE_TABLE = {
@@ -49,6 +50,15 @@ def band_width(schedule) -> int | None:
     rows = sympy.Symbol("rows", integer=True, positive=True)
     width = sympy.simplify((hi - lo).xreplace({q_last: q_first + rows - 1}) - rows + 1)
     return int(width) if width.is_Integer and width > 0 else None
+
+
+def band_tiles(band: int) -> tuple[int, int]:
+    """(block_m, block_n) for a band of ``band`` keys per row: the rows of a query tile see
+    block_m - 1 + band keys, and block_n holds them (rounded up to 64), so the backend
+    computes each query tile with one masked matmul of at most 2x the visible pairs."""
+    smallest, largest = BANDED_PYTORCH_ROWS
+    block_m = max(smallest, min(largest, 1 << max(0, (band // 2 - 1).bit_length())))
+    return block_m, -(-(block_m - 1 + band) // 64) * 64
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,7 @@ class Tile(Pass):
             block_m, block_n, warps, stages = self.choose(head_dim)
             band = band_width(node.op.schedule)
             if self.target == "pytorch" and band is not None and band < BANDED_PYTORCH_LIMIT and not self.block_m:
-                smallest, largest = BANDED_PYTORCH_TILE
-                block_m = block_n = max(smallest, min(largest, 1 << max(0, (band // 4 - 1).bit_length())))
+                block_m, block_n = band_tiles(band)
                 self.count("banded_tiles")
             self.count("regions_tiled")
             op = replace(node.op, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attncc
 from tests.reference import assert_attention_matches, dense_attention
@@ -133,3 +135,41 @@ def test_half_precision_captured_tables_are_read_in_float32(table_dtype):
     q, k, v = random_qkv(1, 2, 2, 17, 19, 16, seed=4)
     o, lse = attncc.compile(spec, pipeline=SMALL_TILES)(q, k, v, return_lse=True)
     assert_attention_matches(o, lse, *dense_attention(q, k, v, score_mod=score_mod), torch.float32)
+
+
+def _generated_module(attn):
+    import sys
+
+    return sys.modules[attn._function.__module__]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    lo=st.integers(-40, 300), width=st.integers(-10, 300), full_lo=st.integers(-40, 320),
+    full_width=st.integers(-10, 320), m=st.integers(1, 300), block_n=st.integers(1, 96),
+)  # fmt: skip
+def test_kv_chunks_cover_the_visit_range_and_unmask_only_full_keys(lo, width, full_lo, full_width, m, block_n):
+    chunks = _generated_module(attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8)))._kv_chunks
+    hi, full_hi = lo + width, full_lo + full_width
+    tiles = chunks(lo, hi, full_lo, full_hi, m, block_n)
+    start, stop = max(lo, 0), min(hi, m)
+    covered = [key for c0, c1, _ in tiles for key in range(c0, c1)]
+    assert covered == list(range(start, stop))  # every visited key once, in order, nothing else
+    for c0, c1, masked in tiles:
+        assert 0 < c1 - c0 <= block_n
+        assert masked or (full_lo <= c0 and c1 <= full_hi)  # a tile without mask holds only full keys
+    if 0 < stop - start <= block_n:
+        assert len(tiles) == 1  # a band is one matmul per query tile
+
+
+def test_banded_query_tiles_take_one_kv_tile():
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True, window=(256, 0)))
+    region = _generated_module(attn).FlashAttention
+    assert region.BLOCK_M + 256 <= region.BLOCK_N  # the band of a query tile fits one KV tile
+    b = torch.arange(1).view(-1, 1, 1, 1)
+    tiles = [kv for *_, kv in region.tiles(1, 4096, 4096, 2, "cpu", b)]
+    assert all(len(kv) == 1 for kv in tiles[1:]) and tiles[-1][0][1] - tiles[-1][0][0] == region.BLOCK_M - 1 + 257
+    q, k, v = random_qkv(1, 2, 2, 700, 700, 16, seed=21)
+    o, lse = attn(q, k, v, return_lse=True)
+    assert_attention_matches(o, lse, *dense_attention(q.double(), k.double(), v.double(), causal=True, window=(256, 0)),
+                             torch.float32)  # fmt: skip

@@ -191,9 +191,11 @@ def test_tile_report_and_png(tmp_path):
 
     attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True, window=(255, 0)))
     report = tile_report(attn, 4096, 4096, png=str(tmp_path / "tiles.png"))
-    assert "tiles of 64 queries x 64 keys at N=4096, M=4096:" in report  # banded: the tile pass follows the band
-    assert "computed 310 of 4096 (7.6%), minimum needed 310, tile efficiency 100.0%" in report
-    assert "full (no mask evaluated) 186, partial (masked) 124" in report
+    # banded: query tiles of half the band, KV tiles that hold a query tile's band (127 + 256 keys)
+    assert "tiles of 128 queries x 384 keys at N=4096, M=4096:" in report
+    assert "computed 52 of 352 (14.8%), minimum needed 52, tile efficiency 100.0%" in report
+    assert "full (no mask evaluated) 0, partial (masked) 52" in report
+    assert "the pytorch backend computes 32 KV tiles (starting at each query tile's first visible key" in report
     assert (tmp_path / "tiles.png").read_bytes().startswith(b"\x89PNG")
 
 
