@@ -40,28 +40,30 @@ def tile_report(attn, n: int, m: int, batch: int = 1, png: str | None = None) ->
         f"minimum needed {minimum}, tile efficiency {100 * minimum / max(computed, 1):.1f}%",
         f"  full (no mask evaluated) {int((scheduled == 2).sum())}, partial (masked) {int((scheduled == 1).sum())}",
     ]
-    chunks = _pytorch_kv_tiles(attn, n, m, batch, captured)
-    if chunks is not None:
+    steps = _pytorch_tiles(attn, n, m, batch, captured)
+    if steps is not None:
+        query_tiles, kv_tiles = steps
+        packed = f", the {region.groups} query heads of a KV head packed as rows" if region.groups > 1 else ""
         where = "" if region.schedule is not None and region.schedule.table else (
-            f" (starting at each query tile's first visible key, not at multiples of {block_n}: a band is one tile)"
+            f"; KV tiles start at each query tile's first visible key, not at multiples of {block_n}"
         )
-        lines.append(f"  the pytorch backend computes {chunks} KV tiles{where}")
+        lines.append(f"  the pytorch backend: {query_tiles} query tiles{packed}, {kv_tiles} KV tiles{where}")
     if png:
         _draw(scheduled, png, f"{computed}/{total} tiles computed (minimum {minimum})")
         lines.append(f"wrote {png}")
     return "\n".join(lines)
 
 
-def _pytorch_kv_tiles(attn, n: int, m: int, batch: int, captured: dict) -> int | None:
-    """How many (query tile, KV tile) steps the pytorch backend's region takes, or None for other backends."""
+def _pytorch_tiles(attn, n: int, m: int, batch: int, captured: dict) -> tuple[int, int] | None:
+    """(query tiles, KV tiles) the pytorch backend's region visits, or None for other backends."""
     module = sys.modules.get(attn._function.__module__)
     region = getattr(module, "FlashAttention", None)
     if attn.backend != "pytorch" or region is None:
         return None
     b = torch.arange(batch).view(-1, 1, 1, 1)
     values = [captured[node.op.label] for node in attn.graph.captured]
-    tiles = region.tiles(batch, n, m, attn.spec.num_kv_heads, "cpu", b, *values)
-    return sum(len(kv_tiles) for *_, kv_tiles in tiles)
+    tiles = [len(kv_tiles) for *_, kv_tiles in region.tiles(batch, n, m, attn.spec.num_kv_heads, "cpu", b, *values)]
+    return len(tiles), sum(tiles)
 
 
 def _draw(scheduled: torch.Tensor, path: str, title: str) -> None:

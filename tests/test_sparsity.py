@@ -195,7 +195,7 @@ def test_tile_report_and_png(tmp_path):
     assert "tiles of 128 queries x 384 keys at N=4096, M=4096:" in report
     assert "computed 52 of 352 (14.8%), minimum needed 52, tile efficiency 100.0%" in report
     assert "full (no mask evaluated) 0, partial (masked) 52" in report
-    assert "the pytorch backend computes 32 KV tiles (starting at each query tile's first visible key" in report
+    assert "the pytorch backend: 32 query tiles, 32 KV tiles; KV tiles start at each query tile's first visible key" in report
     assert (tmp_path / "tiles.png").read_bytes().startswith(b"\x89PNG")
 
 
