@@ -515,3 +515,82 @@ def test_partially_indexed_tensor():
 
 def test_indexing_a_scalar_argument():
     _raises(lambda b, h, q, kv: q[0] > 0, trace_mask_mod, "only captured tensors can be indexed")
+
+
+# --------------------------------------------------------------------------- the trace memo
+
+MEMO_WINDOW = 3
+
+
+def _window_mask(b, h, q_idx, kv_idx):
+    return (kv_idx <= q_idx) & (kv_idx >= q_idx - MEMO_WINDOW)
+
+
+def test_a_function_is_traced_once_while_what_it_reads_is_unchanged():
+    first = trace_mask_mod(_window_mask)
+    assert trace_mask_mod(_window_mask) is first  # memo hit: no second trace
+    global MEMO_WINDOW
+    MEMO_WINDOW = 5  # a global number it reads changed: traced again
+    try:
+        second = trace_mask_mod(_window_mask)
+        assert second is not first and second.expr == (kv_idx <= q_idx) & (kv_idx >= q_idx - 5)
+    finally:
+        MEMO_WINDOW = 3
+    assert trace_mask_mod(_window_mask) is first  # the old value's trace again
+
+
+def test_closure_values_decide_the_memo():
+    def make(width, table):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[(q_idx - kv_idx) % width]
+
+        return score_mod
+
+    table = torch.randn(8)
+    a, same, wider = make(8, table), make(8, table), make(9, table)
+    assert trace_score_mod(same) is trace_score_mod(a)  # same code, same closure values
+    assert trace_score_mod(wider) is not trace_score_mod(a)
+    replaced = torch.randn(8)
+    fresh = trace_score_mod(make(8, replaced))  # another tensor: traced again, and it is the one captured
+    assert fresh is not trace_score_mod(a) and fresh.captured[0].value is replaced
+    table.mul_(2)  # in place: values are read at call time, the trace stays
+    assert trace_score_mod(a) is trace_score_mod(same)
+
+
+def test_what_the_memo_cannot_judge_is_traced_every_time():
+    scale = torch.tensor(2.0)  # 0-d: read at trace time, so a new value must give a new expression
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        return score * scale
+
+    assert trace_score_mod(scaled) is not trace_score_mod(scaled)
+    scale.fill_(3.0)
+    assert trace_score_mod(scaled).expr == 3 * score
+    offsets = [1, 2]  # a list may change in place
+
+    def listed(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offsets[0]
+
+    assert trace_mask_mod(listed) is not trace_mask_mod(listed)
+    offsets[0] = 4
+    assert trace_mask_mod(listed).expr == (kv_idx <= q_idx + 4)
+
+
+def test_helper_functions_are_part_of_the_fingerprint():
+    from attncc.frontend.trace import trace_fingerprint
+
+    def helper(q):
+        return q - MEMO_WINDOW
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx >= helper(q_idx)
+
+    key = trace_fingerprint(mask_mod)
+    assert key is not None and trace_fingerprint(mask_mod) == key
+    global MEMO_WINDOW
+    MEMO_WINDOW = 7
+    try:
+        assert trace_fingerprint(mask_mod) != key and trace_mask_mod(mask_mod).expr == (kv_idx >= q_idx - 7)
+    finally:
+        MEMO_WINDOW = 3
+    assert trace_fingerprint(functools.partial(mask_mod, 0)) is None

@@ -20,8 +20,8 @@ Rules a user may trip over, each reported as a ``ModError``:
 - Only per-element torch functions are supported (see ``supported_functions``);
   reductions, matmuls, random numbers, in-place ops and tensor factories are not.
 - A 0-d captured tensor is read once, at trace time, and baked in as a constant
-  (``.item()``), like a captured Python number; new values of it do recompile
-  only if the caller traces again.
+  (``.item()``), like a captured Python number; a mod that reads one is traced
+  again on every call (the trace memo, ``trace_fingerprint``, cannot see its value).
 - Indexing a captured tensor with constants only (``lengths[0]``) happens eagerly
   during tracing; leading-dimension selects of a captured tensor are recognised
   and become ``lengths[0]`` in the expression. Any other tensor that is not
@@ -78,7 +78,7 @@ def trace_score_mod(fn) -> TracedMod:
     """Trace ``score_mod(score, b, h, q_idx, kv_idx)`` to a number expression."""
     if isinstance(fn, TracedMod):
         return fn
-    traced = _Trace(fn, "score_mod", SCORE_MOD_PARAMS).run()
+    traced = _memoized_trace(fn, "score_mod", SCORE_MOD_PARAMS)
     if is_boolean(traced.expr):
         raise ModError(
             f"score_mod must return a number (the modified score), but {_qualname(fn)} returned the boolean "
@@ -91,7 +91,7 @@ def trace_mask_mod(fn) -> TracedMod:
     """Trace ``mask_mod(b, h, q_idx, kv_idx)`` to a boolean expression (True: the element is kept)."""
     if isinstance(fn, TracedMod):
         return fn
-    traced = _Trace(fn, "mask_mod", MASK_MOD_PARAMS).run()
+    traced = _memoized_trace(fn, "mask_mod", MASK_MOD_PARAMS)
     if not is_boolean(traced.expr):
         raise ModError(
             f"mask_mod must return a boolean (True keeps the element), but {_qualname(fn)} returned the "
@@ -106,8 +106,91 @@ def expression_key(traced: TracedMod) -> str:
     Equal for equal expressions whatever function produced them (two lambdas with the
     same body); captured tensors' values are not part of the key (they are inputs).
     """
+    known = _EXPRESSION_KEYS.get(id(traced))
+    if known is not None and known[0] is traced:
+        return known[1]
     captured = ",".join(f"{c.name}:{c.dtype}:{c.ndim}" for c in traced.captured)
-    return f"{kind(traced.expr)}|{sympy.srepr(traced.expr)}|captured=[{captured}]"
+    key = f"{kind(traced.expr)}|{sympy.srepr(traced.expr)}|captured=[{captured}]"
+    if len(_EXPRESSION_KEYS) >= _MAX_TRACES:
+        _EXPRESSION_KEYS.pop(next(iter(_EXPRESSION_KEYS)))
+    _EXPRESSION_KEYS[id(traced)] = (traced, key)  # holds traced, so its id is not reused while listed
+    return key
+
+
+# --------------------------------------------------------------------------- trace memo
+
+_TRACES: dict[tuple, TracedMod] = {}
+_EXPRESSION_KEYS: dict[int, tuple[TracedMod, str]] = {}
+_MAX_TRACES = 256
+_PLAIN = (type(None), bool, int, float, complex, str)
+
+
+def _memoized_trace(fn, what: str, params: tuple) -> TracedMod:
+    """The trace of ``fn``, reused while everything it can read is unchanged (see ``trace_fingerprint``)."""
+    key = trace_fingerprint(fn)
+    if key is None:
+        return _Trace(fn, what, params).run()
+    key = (what, key)
+    traced = _TRACES.get(key)
+    if traced is None:
+        traced = _Trace(fn, what, params).run()
+        if len(_TRACES) >= _MAX_TRACES:
+            _TRACES.pop(next(iter(_TRACES)))
+        _TRACES[key] = traced
+    return traced
+
+
+def trace_fingerprint(fn, depth: int = 0) -> tuple | None:
+    """A key for everything the trace of a plain Python function depends on, or None when that is unsure.
+
+    The key holds the code object, the defaults, and the values of its closure cells and
+    of the globals its code names: Python numbers and strings by value, tensors by
+    identity, dtype and shape (their values are read at call time, so in-place updates
+    keep the trace valid), modules and builtins by identity, other plain functions by
+    their own fingerprint. Anything else (lists, dicts, objects, classes, 0-d tensors,
+    which are read at trace time, bound methods, partials) makes the function untraceable
+    from memory: it is traced again on every call.
+    """
+    if not isinstance(fn, types.FunctionType) or depth > 4:
+        return None
+    keyword_defaults = tuple(sorted((fn.__kwdefaults__ or {}).items()))
+    parts = [fn.__code__, _value_key(fn.__defaults__, depth), _value_key(keyword_defaults, depth)]
+    for cell in fn.__closure__ or ():
+        try:
+            parts.append(_value_key(cell.cell_contents, depth))
+        except ValueError:  # an empty cell
+            return None
+    for name in sorted(_global_names(fn.__code__)):
+        if name in fn.__globals__:
+            parts.append((name, _value_key(fn.__globals__[name], depth)))
+    return None if any(part is None for part in parts) else tuple(parts)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):  # lambdas and comprehensions inside the mod
+            names |= _global_names(const)
+    return names
+
+
+def _value_key(value, depth: int):
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return None  # read at trace time: its value is in the expression
+        return ("tensor", id(value), value.dtype, tuple(value.shape))
+    if isinstance(value, (torch.dtype, torch.device)):
+        return (type(value), str(value))
+    if isinstance(value, types.FunctionType) and not (value.__module__ or "").startswith("torch"):
+        return trace_fingerprint(value, depth + 1)
+    if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, types.FunctionType)):
+        return ("object", id(value))  # modules, builtins and torch's own functions
+    if isinstance(value, tuple):
+        keys = tuple(_value_key(item, depth) for item in value)
+        return None if any(k is None for k in keys) else ("tuple", keys)
+    return None
 
 
 # --------------------------------------------------------------------------- supported functions
