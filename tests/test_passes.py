@@ -267,6 +267,36 @@ def test_cost_model_formulas():
     assert abs(after.flops - before.flops) / before.flops < 0.01
 
 
+def test_cost_model_counts_the_scores_a_schedule_visits():
+    from attncc.ir.cost import scheduled_flops, visited_fraction
+
+    def region(spec, pipeline_names):
+        graph = run(lower(spec), *pipeline_names)
+        return graph, graph.nodes_of(ops.FlashAttention)[0].op
+
+    causal = attncc.AttentionSpec(num_heads=8, head_dim=64, causal=True)
+    names = pipeline("pytorch")
+    graph, op = region(causal, names[:-1])  # up to sparsity: single rows
+    assert visited_fraction(op, 1000, 1000) == pytest.approx(1001 / 2000)  # row i sees i + 1 keys
+    at = {"B": 1, "N": 8192, "M": 8192}
+    dense = float(graph_cost(graph).at(at).flops)
+    assert scheduled_flops(graph, at) == pytest.approx(dense * 8193 / 16384, rel=1e-3)
+    graph, op = region(causal, names)  # tiles of 512 x 256: whole KV tiles up to each tile's last row
+    assert visited_fraction(op, 1024, 1024) == pytest.approx((512 * 512 + 512 * 1024) / 1024**2)
+    window = attncc.AttentionSpec(num_heads=8, head_dim=64, causal=True, window=(127, 0))
+    _, op = region(window, names[:-1])
+    assert visited_fraction(op, 4096, 4096) == pytest.approx((128 * 4096 - 127 * 128 / 2) / 4096**2)
+    padded = attncc.AttentionSpec(num_heads=8, head_dim=64,
+                                  mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < LENGTHS[b])  # fmt: skip
+    _, op = region(padded, names)
+    assert op.schedule is not None and visited_fraction(op, 64, 64) is None  # lengths are call-time values
+    _, op = region(attncc.AttentionSpec(num_heads=8, head_dim=64), names)
+    assert visited_fraction(op, 64, 64) is None  # no schedule: dense
+
+
+LENGTHS = torch.tensor([5, 9])
+
+
 def test_explain_lists_passes_and_costs():
     text = attncc.compile(LLAMA).explain()
     assert "fused_regions=1" in text and "repeat_kv_removed=2" in text

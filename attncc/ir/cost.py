@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy
+import torch
 from tabulate import tabulate
 
 from attncc.ir import ops
@@ -130,13 +131,58 @@ def _human(value, unit: str) -> str:
     return f"{value:.3g} {prefixes[index]}{unit}"
 
 
+def visited_fraction(op, n: int, m: int) -> float | None:
+    """The fraction of the N x M scores a flash_attention region's schedule visits at these sizes.
+
+    Query tiles of ``block_m`` rows (single rows before the tile pass) visit the keys
+    ``[kv_lo, kv_hi)`` of their bounds, rounded down to a multiple of ``block_n`` as the
+    aligned tile grid does. None without a schedule, or when the bounds read a batch,
+    a head or a captured tensor (their values are only known at call time).
+    """
+    from attncc.interpreter import evaluate  # the interpreter imports the IR, not this module
+
+    schedule = op.schedule
+    if schedule is None:
+        return None
+    bounds = (schedule.kv_lo, schedule.kv_hi)
+    if any(e.atoms(sympy.Indexed) or {str(s) for s in e.free_symbols} - {"q_first", "q_last", "N", "M"} for e in bounds):
+        return None
+    rows = op.block_m or 1
+    starts = torch.arange(0, n, rows)
+    lasts = torch.clamp(starts + rows, max=n) - 1
+    env = {"q_first": starts, "q_last": lasts, "N": n, "M": m}
+    lo, hi = (torch.broadcast_to(torch.as_tensor(evaluate(e, env, {}), dtype=torch.float64), starts.shape)
+              for e in bounds)  # fmt: skip
+    lo, hi = lo.clamp(0, m), hi.clamp(0, m)
+    if op.block_n:
+        lo = torch.floor(lo / op.block_n) * op.block_n
+    visited = ((lasts - starts + 1) * (hi - lo).clamp(min=0)).sum()
+    return float(visited) / (n * m)
+
+
+def scheduled_flops(graph: Graph, sizes: dict, dtype_bytes: int = 2) -> float:
+    """The graph's FLOPs at concrete sizes, each region's counted over the scores its schedule visits."""
+    total = float(graph_cost(graph, dtype_bytes).at(sizes).flops)
+    values = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
+    for node in graph.nodes_of(ops.FlashAttention):
+        n, m = (int(sympy.sympify(node.inputs[i].type.shape[2]).subs(values)) for i in (0, 1))
+        fraction = visited_fraction(node.op, n, m)
+        if fraction is not None:
+            total -= float(node_cost(node, dtype_bytes)[0].subs(values)) * (1 - fraction)
+    return total
+
+
 def cost_table(stages: list[tuple[str, Graph]], sizes: dict, dtype_bytes: int = 2) -> str:
-    """A table of each stage's cost at concrete sizes (stages: (label, graph) pairs)."""
+    """A table of each stage's cost at concrete sizes (stages: (label, graph) pairs).
+
+    FLOPs of a fused region with a schedule count the scores it visits (``scheduled_flops``).
+    """
     rows = []
     for label, graph in stages:
         cost = graph_cost(graph, dtype_bytes).at(sizes)
-        rows.append([label, _human(cost.flops, "FLOP"), _human(cost.bytes, "B"), _human(cost.peak_memory, "B")])
+        flops = scheduled_flops(graph, sizes, dtype_bytes)
+        rows.append([label, _human(flops, "FLOP"), _human(cost.bytes, "B"), _human(cost.peak_memory, "B")])
     return tabulate(rows, headers=["after", "FLOPs", "bytes moved", "peak intermediate memory"])
 
 
-__all__ = ["B", "M", "N", "Cost", "cost_table", "graph_cost", "parse_sizes"]
+__all__ = ["B", "M", "N", "Cost", "cost_table", "graph_cost", "parse_sizes", "scheduled_flops", "visited_fraction"]
