@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import sympy
-from sympy.printing.pycode import PythonCodePrinter
 
 import attncc
-from attncc.backends.source import GeneratedSource, SourceWriter, unique_names
+from attncc.backends.source import ExpressionPrinter, GeneratedSource, SourceWriter, unique_names
 from attncc.ir import ops
 from attncc.ir.expr import INDEX_SYMBOLS, score
 from attncc.ir.graph import Graph
@@ -25,7 +24,7 @@ def is_tensor(expr) -> bool:
     return bool(expr.atoms(sympy.Indexed)) or any(s.name in _TENSOR_SYMBOLS for s in expr.atoms(sympy.Symbol))
 
 
-class TorchPrinter(PythonCodePrinter):
+class TorchPrinter(ExpressionPrinter):
     """Prints IR expressions as torch code over broadcast index grids; plain Python where all is scalar."""
 
     def _print_Indexed(self, expr):
@@ -58,19 +57,13 @@ class TorchPrinter(PythonCodePrinter):
     def _print_Abs(self, expr):
         return f"abs({self._print(expr.args[0])})"
 
-    def _rounding(self, expr, torch_fn: str, math_fn: str):
+    def _rounding(self, expr, fn: str):
         (arg,) = expr.args
         if arg.is_integer:
             return self._print(arg)
         if is_tensor(arg):
-            return f"torch.{torch_fn}({self._print(arg)}).long()"
-        return f"math.{math_fn}({self._print(arg)})"
-
-    def _print_floor(self, expr):
-        return self._rounding(expr, "floor", "floor")
-
-    def _print_ceiling(self, expr):
-        return self._rounding(expr, "ceil", "ceil")
+            return f"torch.{fn}({self._print(arg)}).long()"
+        return f"math.{fn}({self._print(arg)})"
 
     def _print_Pow(self, expr, rational=False):
         base, exponent = expr.args
@@ -89,7 +82,8 @@ class TorchPrinter(PythonCodePrinter):
             return f"({self.parenthesize(base, 60)}).double() ** {self.parenthesize(exponent, 60)}"
         return f"{self.parenthesize(base, 60)} ** {self.parenthesize(exponent, 60)}"
 
-    def _min_max(self, expr, torch_fn: str, python_fn: str):
+    def _min_max(self, expr, torch_fn: str):
+        python_fn = torch_fn[:3]  # min, max
         tensors = [a for a in expr.args if is_tensor(a)]
         scalars = [a for a in expr.args if not is_tensor(a)]
         if not tensors:
@@ -107,12 +101,6 @@ class TorchPrinter(PythonCodePrinter):
             result = f"torch.clamp({result}, {keyword}={bound})"
         return result
 
-    def _print_Min(self, expr):
-        return self._min_max(expr, "minimum", "min")
-
-    def _print_Max(self, expr):
-        return self._min_max(expr, "maximum", "max")
-
     def _print_Piecewise(self, expr):
         *pieces, (otherwise, last_condition) = expr.args
         if last_condition is not sympy.true:
@@ -125,25 +113,14 @@ class TorchPrinter(PythonCodePrinter):
                 result = f"({self._print(value)} if {self._print(condition)} else {result})"
         return result
 
-    def _logical(self, expr, symbol: str, word: str):
+    def _logical(self, expr, symbol: str):
+        word = {"&": "and", "|": "or", "^": "!="}[symbol]  # on Python booleans
         operator = f" {symbol} " if is_tensor(expr) else f" {word} "
         return "(" + operator.join(self._print(a) for a in expr.args) + ")"
-
-    def _print_And(self, expr):
-        return self._logical(expr, "&", "and")
-
-    def _print_Or(self, expr):
-        return self._logical(expr, "|", "or")
-
-    def _print_Xor(self, expr):
-        return self._logical(expr, "^", "!=")
 
     def _print_Not(self, expr):
         (arg,) = expr.args
         return f"(~{self._print(arg)})" if is_tensor(arg) else f"(not {self._print(arg)})"
-
-    def _print_Relational(self, expr):
-        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
 
     def _print_Infinity(self, expr):
         return "float('inf')"
@@ -154,15 +131,9 @@ class TorchPrinter(PythonCodePrinter):
     def _print_NaN(self, expr):
         return "float('nan')"
 
-    def _print_BooleanTrue(self, expr):
-        return "True"
-
-    def _print_BooleanFalse(self, expr):
-        return "False"
-
 
 def print_expr(expr) -> str:
-    return TorchPrinter({"fully_qualified_modules": False, "standard": "python3"}).doprint(expr)
+    return TorchPrinter().doprint(expr)
 
 
 _BASE_NAMES = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sympy.printing.pycode import PythonCodePrinter
+
 
 @dataclass
 class SourceWriter:
@@ -44,3 +46,43 @@ def unique_names(base_names) -> list[str]:
         seen[base] = count + 1
         result.append(base if count == 0 else f"{base}_{count}")
     return result
+
+
+class ExpressionPrinter(PythonCodePrinter):
+    """What the backends' expression printers share: comparisons, boolean constants, and the
+    dispatch of IR functions to three hooks each backend writes in its own language:
+    ``_rounding(expr, fn)`` for floor / ceil, ``_min_max(expr, fn)`` for minimum / maximum,
+    ``_logical(expr, operator)`` for ``&``, ``|``, ``^``."""
+
+    def __init__(self):
+        super().__init__({"fully_qualified_modules": False, "standard": "python3"})
+
+    def _print_floor(self, expr):
+        return self._rounding(expr, "floor")
+
+    def _print_ceiling(self, expr):
+        return self._rounding(expr, "ceil")
+
+    def _print_Min(self, expr):
+        return self._min_max(expr, "minimum")
+
+    def _print_Max(self, expr):
+        return self._min_max(expr, "maximum")
+
+    def _print_And(self, expr):
+        return self._logical(expr, "&")
+
+    def _print_Or(self, expr):
+        return self._logical(expr, "|")
+
+    def _print_Xor(self, expr):
+        return self._logical(expr, "^")
+
+    def _print_Relational(self, expr):
+        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    def _print_BooleanTrue(self, expr):
+        return "True"
+
+    def _print_BooleanFalse(self, expr):
+        return "False"
