@@ -33,10 +33,9 @@ import sys
 import sympy
 import torch
 from sympy.printing.precedence import precedence
-from sympy.printing.pycode import PythonCodePrinter
 
 import attncc
-from attncc.backends.source import GeneratedSource, SourceWriter
+from attncc.backends.source import ExpressionPrinter, GeneratedSource, SourceWriter
 from attncc.errors import BackendError
 from attncc.ir import ops
 from attncc.ir.expr import FloorDiv, b, h, is_boolean, kv_idx, q_idx, score
@@ -130,7 +129,7 @@ def padded(size: int) -> int:
     return max(MIN_TILE, 1 << (size - 1).bit_length())
 
 
-class TritonPrinter(PythonCodePrinter):
+class TritonPrinter(ExpressionPrinter):
     """Prints IR expressions as Triton code on one [BLOCK_M, BLOCK_N] tile.
 
     ``q_idx`` is a column [BLOCK_M, 1], ``kv_idx`` a row [1, BLOCK_N], ``b`` and ``h``
@@ -141,7 +140,7 @@ class TritonPrinter(PythonCodePrinter):
     """
 
     def __init__(self):
-        super().__init__({"fully_qualified_modules": False, "standard": "python3"})
+        super().__init__()
         self.helpers: set[str] = set()
 
     def _print(self, expr, **kwargs):
@@ -214,12 +213,6 @@ class TritonPrinter(PythonCodePrinter):
             return self._print(arg)
         return f"tl.{fn}({self._float(arg)}).to(tl.int32)"
 
-    def _print_floor(self, expr):
-        return self._rounding(expr, "floor")
-
-    def _print_ceiling(self, expr):
-        return self._rounding(expr, "ceil")
-
     def _print_sign(self, expr):
         x = self._print(expr.args[0])
         return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
@@ -235,12 +228,6 @@ class TritonPrinter(PythonCodePrinter):
         for arg in reversed(args[:-1]):
             result = f"tl.{fn}({arg}, {result})"
         return result
-
-    def _print_Min(self, expr):
-        return self._min_max(expr, "minimum")
-
-    def _print_Max(self, expr):
-        return self._min_max(expr, "maximum")
 
     def _print_Piecewise(self, expr):
         *pieces, (otherwise, last_condition) = expr.args
@@ -258,26 +245,8 @@ class TritonPrinter(PythonCodePrinter):
     def _logical(self, expr, symbol: str):
         return "(" + f" {symbol} ".join(self._print(a) for a in expr.args) + ")"
 
-    def _print_And(self, expr):
-        return self._logical(expr, "&")
-
-    def _print_Or(self, expr):
-        return self._logical(expr, "|")
-
-    def _print_Xor(self, expr):
-        return self._logical(expr, "^")
-
     def _print_Not(self, expr):
         return f"(~{self._print(expr.args[0])})"
-
-    def _print_Relational(self, expr):
-        return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
-
-    def _print_BooleanTrue(self, expr):
-        return "True"
-
-    def _print_BooleanFalse(self, expr):
-        return "False"
 
     def _print_Derivative(self, expr):
         raise BackendError(f"the triton backend cannot differentiate {expr.expr}; use backend='pytorch'")
@@ -648,6 +617,8 @@ class RegionWriter:
             kv_schedule="\n".join("    " + line for line in self.kv_schedule_lines()),
             q_schedule="\n".join("        " + line for line in self.q_schedule_lines()),
         )
+        for name, call in LOOP_CALLS.items():
+            fields[name] = "\n".join(call.format(tiles=tiles, tile_args=fields["tile_args"]) for tiles in TILE_RANGES)
         parts = ["\n".join(f) for f in functions]
         parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
         return "\n\n\n".join(parts)
@@ -756,6 +727,24 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)''',
 }
 
+# The three loops of every kernel over its tile range: partial tiles, full tiles (no mask), partial tiles.
+TILE_RANGES = ("lo, full_lo, True", "full_lo, full_hi, False", "full_hi, hi, True")
+# One loop's call in each kernel; {tiles} is one of TILE_RANGES.
+LOOP_CALLS = {
+    "fwd_loops": '''\
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                                    b, h, offs_m, N, M, {tile_args}
+                                    {tiles}, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
+    "dkdv_loops": '''\
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
+                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
+                                      {tiles}, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
+    "dq_loops": '''\
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
+                            b, h, offs_m, N, M, {tile_args}
+                            {tiles}, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
+}
+
 FORWARD = '''\
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
@@ -815,15 +804,7 @@ def _attn_fwd(Q, K, V, O, LSE,{pointers}
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # -- KV schedule: visit the tiles [lo, hi); those in [full_lo, full_hi) are full (every key visible).
 {kv_schedule}
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                                    b, h, offs_m, N, M, {tile_args}
-                                    lo, full_lo, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                                    b, h, offs_m, N, M, {tile_args}
-                                    full_lo, full_hi, False, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                                    b, h, offs_m, N, M, {tile_args}
-                                    full_hi, hi, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+{fwd_loops}
     # -- epilogue: o = acc / l, lse = m + log l; a row that saw no key keeps o = 0 and gets lse = -inf
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -924,15 +905,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
         do_base = DO + b.to(tl.int64) * stride_doz + h * stride_doh
         lse_base = LSE + (b * H + h).to(tl.int64) * N
         delta_base = DELTA + (b * H + h).to(tl.int64) * N
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
-                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
-                                      lo, full_lo, True, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
-                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
-                                      full_lo, full_hi, False, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
-                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
-                                      full_hi, hi, True, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+{dkdv_loops}
     tl.store(DK + b.to(tl.int64) * stride_dkz + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkk, _round(dk, DK.dtype.element_ty, INTERPRET_BF16), mask=kv_ok[:, None]{d_mask})
     tl.store(DV + b.to(tl.int64) * stride_dvz + kv_h * stride_dvh + offs_n[:, None] * stride_dvn
@@ -999,15 +972,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,{pointers}
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # -- KV schedule, as in the forward kernel
 {kv_schedule}
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                            b, h, offs_m, N, M, {tile_args}
-                            lo, full_lo, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                            b, h, offs_m, N, M, {tile_args}
-                            full_lo, full_hi, False, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                            b, h, offs_m, N, M, {tile_args}
-                            full_hi, hi, True, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)
+{dq_loops}
     tl.store(DQ + b.to(tl.int64) * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, _round(dq, DQ.dtype.element_ty, INTERPRET_BF16), mask=q_ok[:, None]{d_mask})'''
 
