@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -107,6 +108,11 @@ class CompiledAttention(torch.nn.Module):
     def op(self):
         """The program's forward custom op, ``attncc::program_<hash>(q, k, v, captured) -> (o, lse)``."""
         return self._ops.forward
+
+    @property
+    def module(self):
+        """The loaded generated module (its region classes and helpers, e.g. ``FlashAttention.tiles``)."""
+        return sys.modules[self._function.__module__]
 
     @property
     def source(self) -> str:

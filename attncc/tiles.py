@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from attncc.errors import AttnccError
@@ -56,8 +54,7 @@ def tile_report(attn, n: int, m: int, batch: int = 1, png: str | None = None) ->
 
 def _pytorch_tiles(attn, n: int, m: int, batch: int, captured: dict) -> tuple[int, int] | None:
     """(query tiles, KV tiles) the pytorch backend's region visits, or None for other backends."""
-    module = sys.modules.get(attn._function.__module__)
-    region = getattr(module, "FlashAttention", None)
+    region = getattr(attn.module, "FlashAttention", None)
     if attn.backend != "pytorch" or region is None:
         return None
     b = torch.arange(batch).view(-1, 1, 1, 1)

@@ -137,19 +137,13 @@ def test_half_precision_captured_tables_are_read_in_float32(table_dtype):
     assert_attention_matches(o, lse, *dense_attention(q, k, v, score_mod=score_mod), torch.float32)
 
 
-def _generated_module(attn):
-    import sys
-
-    return sys.modules[attn._function.__module__]
-
-
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(
     lo=st.integers(-40, 300), width=st.integers(-10, 300), full_lo=st.integers(-40, 320),
     full_width=st.integers(-10, 320), m=st.integers(1, 300), block_n=st.integers(1, 96),
 )  # fmt: skip
 def test_kv_chunks_cover_the_visit_range_and_unmask_only_full_keys(lo, width, full_lo, full_width, m, block_n):
-    chunks = _generated_module(attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8)))._kv_chunks
+    chunks = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8)).module._kv_chunks
     hi, full_hi = lo + width, full_lo + full_width
     tiles = chunks(lo, hi, full_lo, full_hi, m, block_n)
     start, stop = max(lo, 0), min(hi, m)
@@ -164,7 +158,7 @@ def test_kv_chunks_cover_the_visit_range_and_unmask_only_full_keys(lo, width, fu
 
 def test_banded_query_tiles_take_one_kv_tile():
     attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True, window=(256, 0)))
-    region = _generated_module(attn).FlashAttention
+    region = attn.module.FlashAttention
     assert region.BLOCK_M + 256 <= region.BLOCK_N  # the band of a query tile fits one KV tile
     b = torch.arange(1).view(-1, 1, 1, 1)
     tiles = [kv for *_, kv in region.tiles(1, 4096, 4096, 2, "cpu", b)]

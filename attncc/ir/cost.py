@@ -160,9 +160,12 @@ def visited_fraction(op, n: int, m: int) -> float | None:
     return float(visited) / (n * m)
 
 
-def scheduled_flops(graph: Graph, sizes: dict, dtype_bytes: int = 2) -> float:
-    """The graph's FLOPs at concrete sizes, each region's counted over the scores its schedule visits."""
-    total = float(graph_cost(graph, dtype_bytes).at(sizes).flops)
+def scheduled_flops(graph: Graph, sizes: dict, dtype_bytes: int = 2, cost: Cost | None = None) -> float:
+    """The graph's FLOPs at concrete sizes, each region's counted over the scores its schedule visits.
+
+    ``cost``: the graph's ``graph_cost(...).at(sizes)``, when the caller has it already.
+    """
+    total = float((cost or graph_cost(graph, dtype_bytes).at(sizes)).flops)
     values = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
     for node in graph.nodes_of(ops.FlashAttention):
         n, m = (int(sympy.sympify(node.inputs[i].type.shape[2]).subs(values)) for i in (0, 1))
@@ -180,7 +183,7 @@ def cost_table(stages: list[tuple[str, Graph]], sizes: dict, dtype_bytes: int = 
     rows = []
     for label, graph in stages:
         cost = graph_cost(graph, dtype_bytes).at(sizes)
-        flops = scheduled_flops(graph, sizes, dtype_bytes)
+        flops = scheduled_flops(graph, sizes, dtype_bytes, cost)
         rows.append([label, _human(flops, "FLOP"), _human(cost.bytes, "B"), _human(cost.peak_memory, "B")])
     return tabulate(rows, headers=["after", "FLOPs", "bytes moved", "peak intermediate memory"])
 
