@@ -22,6 +22,7 @@ from attncc.errors import (  # noqa: E402
 )
 from attncc.flex import BlockMask, create_block_mask, flex_attention  # noqa: E402
 from attncc.frontend.spec_file import load_spec  # noqa: E402
+from attncc.merge import merge_attention_states  # noqa: E402
 from attncc.spec import AttentionSpec  # noqa: E402
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "create_block_mask",
     "flex_attention",
     "load_spec",
+    "merge_attention_states",
     "nn",
     "validate",
 ]
