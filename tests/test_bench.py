@@ -98,7 +98,7 @@ def test_naive_memory_formula_at_16384_is_what_the_guard_compares():
 
 def test_memory_guard_skips_and_reports_the_need():
     c = case(n=64, m=64, causal=True)
-    row = bench.measure(c, "naive", bench._setup_naive, "cpu", memory_limit=1024)
+    row = bench.measure(c, "naive", bench.peers._setup_naive, "cpu", memory_limit=1024)
     assert row["status"] == "skipped"
     needs = bench.naive_extra_bytes(c) + bench.input_bytes(c) + bench.mask_bytes(c)
     assert row["needs_bytes"] == needs

@@ -1,0 +1,97 @@
+"""Named benchmark suites, and ``CaseSource``: where a worker process rebuilds its cases from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import attncc
+from attncc.bench.cases import DTYPES, BenchCase, describe_mask, document_causal_mask, document_ids
+from attncc.errors import AttnccError
+from attncc.spec import AttentionSpec
+
+
+def cpu_suite(device) -> list[BenchCase]:
+    """B=1, H=8, D=64, fp32, N=M in {1024, 4096}: dense, causal, sliding window 256, 8 packed documents."""
+    cases = []
+    for n in (1024, 4096):
+        masks = {
+            "dense": {},
+            "causal": {"causal": True},
+            "sliding window 256": {"causal": True, "window": (256, 0)},
+            "document (8 docs)": {"mask_mod": document_causal_mask(document_ids(n, 8, seed=n, device=device))},
+        }
+        for mask, fields in masks.items():
+            spec = AttentionSpec(num_heads=8, head_dim=64, **fields)
+            cases.append(BenchCase(f"{mask} N=M={n}", mask, spec, 1, n, n))
+    return cases
+
+
+def passes_suite(device) -> list[BenchCase]:
+    """The [passes] issue's benchmark: streaming memory against naive eager attention, time against SDPA."""
+    causal = AttentionSpec(num_heads=8, head_dim=64, causal=True)
+    dense = AttentionSpec(num_heads=8, head_dim=64)
+    against_naive = ("attncc-pytorch", "naive")
+    return [
+        BenchCase("causal N=M=8192", "causal", causal, 1, 8192, 8192, implementations=against_naive),
+        BenchCase("causal N=M=16384", "causal", causal, 1, 16384, 16384, implementations=against_naive),
+        BenchCase("dense N=M=8192", "dense", dense, 1, 8192, 8192, implementations=("attncc-pytorch", "sdpa")),
+    ]
+
+
+def sparsity_suite(device) -> list[BenchCase]:
+    """The [sparsity] issue's benchmark: B=1, H=8, N=M=8192, D=64, fp32.
+
+    Causal sliding window 256 against SDPA with a dense boolean mask and against
+    torch.compile(flex_attention); dense causal against SDPA(is_causal=True); 8 packed
+    documents of random lengths (causal within each) against SDPA with the dense mask.
+    """
+    n = 8192
+    window = AttentionSpec(num_heads=8, head_dim=64, causal=True, window=(256, 0))
+    causal = AttentionSpec(num_heads=8, head_dim=64, causal=True)
+    documents = AttentionSpec(num_heads=8, head_dim=64,
+                              mask_mod=document_causal_mask(document_ids(n, 8, seed=n, device=device)))  # fmt: skip
+    return [
+        BenchCase(f"sliding window 256 N=M={n}", "sliding window 256", window, 1, n, n,
+                  implementations=("attncc-pytorch", "sdpa", "flex-compiled")),  # fmt: skip
+        BenchCase(f"causal N=M={n}", "causal", causal, 1, n, n, implementations=("attncc-pytorch", "sdpa")),
+        BenchCase(f"document (8 docs) N=M={n}", "document (8 docs)", documents, 1, n, n,
+                  implementations=("attncc-pytorch", "sdpa")),  # fmt: skip
+    ]
+
+
+# Named suites: name -> function(device) -> cases. A new suite is one line here
+# (e.g. "gpu": gpu_suite); workers rebuild a suite's cases by name, so a suite
+# function must return the same cases every time it is called.
+SUITES: dict[str, Callable[[torch.device], list[BenchCase]]] = {
+    "cpu": cpu_suite,
+    "passes": passes_suite,
+    "sparsity": sparsity_suite,
+}
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """Where cases come from, so that a worker process can rebuild them: a suite, or a spec file at sizes."""
+
+    suite: str | None = None
+    spec_path: str | None = None
+    batch: int = 1
+    lengths: tuple[tuple[int, int], ...] = ()
+    dtype: str = "float32"
+
+    def cases(self, device) -> list[BenchCase]:
+        device = torch.device(device)
+        if self.suite is not None:
+            if self.suite not in SUITES:
+                raise AttnccError(f"suite={self.suite!r} is unknown; known suites: {', '.join(SUITES)}")
+            return SUITES[self.suite](device)
+        spec = attncc.load_spec(self.spec_path)
+        label = describe_mask(spec)
+        return [
+            BenchCase(f"{Path(self.spec_path).stem} N={n} M={m}", label, spec, self.batch, n, m, DTYPES[self.dtype])
+            for n, m in self.lengths
+        ]
