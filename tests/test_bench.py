@@ -5,6 +5,7 @@ No assertion here is about speed; timings are for docs/performance.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -17,6 +18,7 @@ import attncc
 from attncc import AttnccError, bench
 from attncc.bench import BenchCase, CaseSource
 from attncc.cli import main
+from attncc.passes import PIPELINES
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -224,7 +226,12 @@ def test_cli_runs_workers_and_writes_json(tmp_path, capsys):
     [
         (["bench"], "give a spec file or --suite NAME"),
         (["bench", "x.toml", "--suite", "cpu"], "give a spec file or --suite NAME"),
-        (["bench", "--suite", "gpus"], "suite='gpus' is unknown; known suites: cpu, passes"),
+        (["bench", "--suite", "gpus"], "suite='gpus' is unknown; known suites: cpu, passes, sparsity, gpu"),
+        (["bench", "--suite", "gpu", "--case", "diagonal"], "case 'diagonal' is not in suite 'gpu'; its cases: dense,"),
+        (["bench", "--suite", "gpu", "--seq", "100"], "no case of suite 'gpu' has the lengths [(100, 100)]"),
+        (["bench", str(EXAMPLES / "gpt2.toml"), "--case", "causal"], "--case and --head-dim narrow a suite"),
+        (["bench", str(EXAMPLES / "gpt2.toml"), "--impl", "attncc-triton@64x64"],
+         "'attncc-triton@64x64' is invalid: attncc-triton@BLOCK_MxBLOCK_NxWARPSxSTAGES"),
         (["bench", str(EXAMPLES / "gpt2.toml"), "--seq", "0"], "--seq='0' is invalid: positive integers"),
         (["bench", str(EXAMPLES / "gpt2.toml"), "--seq", "8,16", "--kv-seq", "1,2,3"], "--kv-seq has 3 lengths"),
         (["bench", str(EXAMPLES / "gpt2.toml"), "--impl", "fastest"], "implementation 'fastest' is unknown; known:"),
@@ -265,3 +272,59 @@ def test_t5_bucket_boundary_matches_the_reference():
     report = attncc.validate(attncc.load_spec(EXAMPLES / "t5_base.toml"), dtypes=[torch.float32], shapes=[(1, 1, 65)],
                              verbose=False)  # fmt: skip
     assert report.ok
+
+
+def test_gpu_suite_cases():
+    cases = bench.SUITES["gpu"](torch.device("cpu"))
+    assert len(cases) == 7 * 3 * 2
+    assert all(c.backward and c.dtype == torch.bfloat16 and c.batch == 4 and c.spec.num_heads == 32 for c in cases)
+    assert {c.mask for c in cases} == {"dense", "causal", "sliding window 1024", "gqa 32/8 causal", "document (8 docs)",
+                                       "alibi causal", "softcap 50 causal"}  # fmt: skip
+    narrowed = CaseSource(suite="gpu", lengths=((8192, 8192),), masks=("causal", "dense"), head_dims=(128,))
+    assert [c.name for c in narrowed.cases("cpu")] == ["dense D=128 N=M=8192", "causal D=128 N=M=8192"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_gpu_suite_needs_cuda(capsys):
+    assert main(["bench", "--suite", "gpu", "--device", "cuda", "--case", "causal", "--seq", "4096"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_tile_variant_reaches_the_tile_pass(monkeypatch):
+    assert bench.peers.tile_variant("sdpa") is None
+    compiled = []
+    real_compile = attncc.compile
+    monkeypatch.setattr(attncc, "compile", lambda spec, **options: compiled.append(options) or real_compile(spec, **options))
+    bench.peers.tile_variant("attncc-triton@64x32x4x2")(case(n=5, m=7), "cpu")
+    assert compiled[0]["backend"] == "triton"
+    assert compiled[0]["pipeline"] == [*PIPELINES["triton"][:-1],
+                                       "tile{target=triton,block_m=64,block_n=32,num_warps=4,num_stages=2}"]  # fmt: skip
+
+
+def test_backward_timing_and_validation_in_one_run():
+    """--backward adds forward + backward columns; --validate checks outputs and gradients against float64."""
+    cases = [case(n=9, m=13, heads=4, kv_heads=2, causal=True), case(n=7, m=7, window=(2, 1), softcap=5.0)]
+    cases = [dataclasses.replace(c, name=f"test {i}", backward=True) for i, c in enumerate(cases)]
+    rows = bench.run_benchmarks(cases, "cpu", ["attncc-pytorch", "naive"], warmup=0, repeats=2, validate=True)
+    for row in rows:
+        assert row["status"] == "ok" and row["validation"].startswith("ok ("), row
+        assert row["fwd_bwd_median_s"] > 0 and len(row["fwd_bwd_times_s"]) == 2
+        assert row["fwd_bwd_flops_per_s"] == pytest.approx(3.5 * row["useful_flops"] / row["fwd_bwd_median_s"])
+    assert rows[1]["versus_first_fwd_bwd"] > 0
+    table = bench.results_table(rows)
+    assert "fwd+bwd / first" in table and "validation" in table and "ok (" in table
+
+
+def test_validation_catches_a_wrong_implementation():
+    c = dataclasses.replace(case(n=8, m=8, causal=True), backward=True)
+
+    def wrong_scale(bench_case, device):
+        def bind(q, k, v):
+            return lambda: bench.naive_attention(q, k, v, 0.9, ~bench.cases.keep_mask(bench_case, device))
+
+        return bench.peers.Setup(bind)
+
+    verdict = bench.check.check_implementation(c, wrong_scale, "cpu", bench.runner.make_inputs)
+    assert verdict.startswith("FAIL (")
+    right = bench.check.check_implementation(c, bench.peers._setup_naive, "cpu", bench.runner.make_inputs)
+    assert right.startswith("ok (")

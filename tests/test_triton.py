@@ -500,36 +500,6 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_a_backend_error(monkeypat
         attn(q, k, v)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
-def test_gpu_suite_needs_cuda():
-    from attncc.benchmarks_gpu import run_gpu_suite
-
-    with pytest.raises(attncc.BackendError, match="needs a CUDA GPU"):
-        run_gpu_suite()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors without a GPU")
-def test_gpu_suite_command_line():
-    from attncc.benchmarks_gpu import main, tile_variant
-
-    name, _ = tile_variant("64x64x4x3")
-    assert name == "attncc triton 64x64x4x3"
-    with pytest.raises(attncc.AttnccError, match=r"'64x64' is not BLOCK_MxBLOCK_NxWARPSxSTAGES"):
-        main(["--tiles", "64x64"])
-    with pytest.raises(SystemExit):  # argparse names the choices
-        main(["--case", "diagonal"])
-    with pytest.raises(attncc.BackendError, match="needs a CUDA GPU"):
-        main(["--length", "1024", "--case", "causal", "--tiles", "64x64x4x3"])
-
-
-def test_gpu_suite_counts_visible_pairs_of_its_masks():
-    from attncc.benchmarks_gpu import CASES
-
-    for case in CASES:
-        keep = case.keep(1100, "cpu")
-        assert case.visible_pairs(1100) == (1100 * 1100 if keep is None else int(keep.sum())), case.name
-
-
 GPU_COMPILE = textwrap.dedent(
     """
     import importlib.util, json, sys

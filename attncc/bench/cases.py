@@ -23,7 +23,8 @@ class BenchCase:
     """One attention problem: a spec at fixed sizes.
 
     ``mask`` labels the case in tables and plots; ``implementations`` limits what runs
-    (None: every implementation available on the device).
+    (None: every implementation available on the device); ``backward`` also times
+    forward + backward.
     """
 
     name: str
@@ -34,6 +35,7 @@ class BenchCase:
     m: int
     dtype: torch.dtype = torch.float32
     implementations: tuple[str, ...] | None = None
+    backward: bool = False
 
 
 def document_ids(length: int, documents: int, seed: int = 0, device="cpu") -> torch.Tensor:

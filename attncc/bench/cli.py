@@ -22,14 +22,28 @@ from attncc.errors import AttnccError
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``attncc bench``."""
     parser.add_argument("spec", nargs="?", help="a TOML spec file to time (or give --suite)")
-    parser.add_argument("--suite", help=f"a named suite instead of a spec: {', '.join(SUITES)}")
+    parser.add_argument("--suite", help=f"a named suite instead of a spec file: {', '.join(SUITES)}")
     parser.add_argument("--impl", action="append", metavar="NAME",
                         help="repeatable; default: every implementation available on the device "
-                             "(attncc-<backend>, sdpa-<backend>, naive, flex-compiled; also sdpa, flex-eager)")  # fmt: skip
+                             "(attncc-<backend>, sdpa-<backend>, naive, flex-compiled; also sdpa, flex-eager, "
+                             "and attncc-triton@BMxBNxWxS for Triton tiles, warps and stages)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", default="1024", help="query lengths N, comma-separated (spec files)")
+    parser.add_argument("--seq", help="query lengths N, comma-separated (spec files: default 1024; suites: only "
+                                      "the cases of these lengths)")  # fmt: skip
     parser.add_argument("--kv-seq", help="key lengths M, comma-separated (default: M = N)")
+    parser.add_argument("--case", action="append", metavar="MASK",
+                        help="suites: only the cases of this mask label (repeatable), e.g. causal")  # fmt: skip
+    parser.add_argument("--head-dim", type=int, action="append", metavar="D",
+                        help="suites: only the cases of this head dim (repeatable)")  # fmt: skip
+    parser.add_argument("--backward", action="store_true",
+                        help="also time forward + backward (the gpu suite always does)")  # fmt: skip
+    parser.add_argument("--validate", action="store_true",
+                        help="check every implementation against float64 attention (and its gradients with "
+                             "--backward) before timing it")  # fmt: skip
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure in this process instead of one worker process per row (compile "
+                             "latencies are then warm, and no second compile is timed)")  # fmt: skip
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (default 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported (default 5)")
@@ -57,7 +71,7 @@ def _lengths(args) -> tuple[tuple[int, int], ...]:
             raise AttnccError(f"{flag}={text!r} is invalid: positive integers separated by commas are allowed")
         return values
 
-    queries = numbers(args.seq, "--seq")
+    queries = numbers(args.seq or "1024", "--seq")
     keys = numbers(args.kv_seq, "--kv-seq") if args.kv_seq else queries
     if len(keys) == 1:
         keys = keys * len(queries)
@@ -109,9 +123,14 @@ def main(args: argparse.Namespace) -> int:
     if (args.spec is None) == (args.suite is None):
         raise AttnccError("give a spec file or --suite NAME (one of them)")
     if args.suite is not None:
-        source = CaseSource(suite=args.suite)
+        lengths = _lengths(args) if args.seq or args.kv_seq else ()
+        source = CaseSource(suite=args.suite, lengths=lengths, masks=tuple(args.case or ()),
+                            head_dims=tuple(args.head_dim or ()), backward=args.backward)  # fmt: skip
     else:
-        source = CaseSource(spec_path=args.spec, batch=args.batch, lengths=_lengths(args), dtype=args.dtype)
+        if args.case or args.head_dim:
+            raise AttnccError("--case and --head-dim narrow a suite: use them with --suite, not with a spec file")
+        source = CaseSource(spec_path=args.spec, batch=args.batch, lengths=_lengths(args), dtype=args.dtype,
+                            backward=args.backward)  # fmt: skip
     if args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
         raise AttnccError(f"--warmup={args.warmup} --repeats={args.repeats} --rounds={args.rounds}: "
                           "warmup >= 0, repeats >= 1 and rounds >= 1 are allowed")  # fmt: skip
@@ -124,7 +143,8 @@ def main(args: argparse.Namespace) -> int:
     limit = None if args.memory_limit is None else int(args.memory_limit * GIB)
     rows = run_benchmarks(source, device, args.impl, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
                           memory_limit=limit, timeout_s=args.timeout, progress=_progress_printer(),
-                          rounds=args.rounds)  # fmt: skip
+                          rounds=args.rounds, validate=args.validate, isolate=not args.in_process,
+                          warm_compile=not args.in_process)  # fmt: skip
     report = {
         "command": command_line(args),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -142,4 +162,5 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         plot_results(rows, args.plot, f"attncc bench on {report['machine'].get('gpu') or report['machine']['cpu']}")
         print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
-    return 0 if all(row["status"] != "failed" for row in rows) else 1
+    failed = [row for row in rows if row["status"] == "failed" or row.get("validation", "").startswith("FAIL")]
+    return 1 if failed else 0

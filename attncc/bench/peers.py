@@ -63,21 +63,40 @@ class Setup:
     precomputed_bytes: int = 0
 
 
-def _setup_attncc(backend: str):
+def _setup_attncc(backend: str, pipeline: list[str] | None = None):
     def setup(case: BenchCase, device) -> Setup:
-        attn, seconds = timed(lambda: attncc.compile(case.spec, backend=backend))
+        attn, seconds = timed(lambda: attncc.compile(case.spec, backend=backend, pipeline=pipeline))
         attn = attn.to(device)
         sizes = {"B": case.batch, "N": case.n, "M": case.m}
         peak = graph_cost(attn.graph, dtype_bytes=case.dtype.itemsize).at(sizes).peak_memory
         extra = int(peak) if sympy.sympify(peak).is_number else None
 
         def warm() -> float:
-            return timed(lambda: attncc.compile(case.spec, backend=backend))[1]
+            return timed(lambda: attncc.compile(case.spec, backend=backend, pipeline=pipeline))[1]
 
         captured = captured_values(case.spec, device)  # spec files may leave their values to the call
         return Setup(lambda q, k, v: lambda: attn(q, k, v, **captured), extra, seconds, warm_compile=warm)
 
     return setup
+
+
+def tile_variant(name: str) -> Callable | None:
+    """``attncc-triton@BMxBNxWxS`` (e.g. ``attncc-triton@128x64x8x2``): attncc's Triton backend with those
+    tiles, warps and stages; None for any other name."""
+    from attncc.passes import PIPELINES
+
+    prefix = "attncc-triton@"
+    if not name.startswith(prefix):
+        return None
+    try:
+        block_m, block_n, warps, stages = (int(part) for part in name[len(prefix) :].lower().split("x"))
+    except ValueError:
+        raise AttnccError(
+            f"implementation {name!r} is invalid: attncc-triton@BLOCK_MxBLOCK_NxWARPSxSTAGES, "
+            "e.g. attncc-triton@128x64x8x2, is allowed"
+        ) from None
+    tile = f"tile{{target=triton,block_m={block_m},block_n={block_n},num_warps={warps},num_stages={stages}}}"
+    return _setup_attncc("triton", [*PIPELINES["triton"][:-1], tile])
 
 
 def naive_attention(q, k, v, scale: float, hidden: torch.Tensor | None = None, score_fn=None):
@@ -277,6 +296,11 @@ def optional_implementations(device) -> dict[str, Callable]:
     if _flex_importable():
         found["flex-eager"] = _setup_flex(compiled=False)
     return found
+
+
+def runnable_implementations(device) -> dict[str, Callable]:
+    """Everything that runs on this device, by default or when asked for by name."""
+    return {**available_implementations(device), **optional_implementations(device)}
 
 
 def _flex_importable() -> bool:

@@ -32,26 +32,46 @@ def format_seconds(value: float | None) -> str:
     return f"{value * 1000:.3g} ms" if value < 1 else f"{value:.3g} s"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _versus(row: dict) -> str:
+    return "(first)" if row.get("compared_to") is None else f"{row['max_abs_diff']:.1e}"
+
+
+# (header, cell of an "ok" row); the forward + backward and validation columns appear only when a row has them
+COLUMNS = [
+    ("median", lambda row: format_seconds(row.get("median_s"))),
+    ("time / first", lambda row: _ratio(row.get("versus_first"))),
+    ("useful FLOP/s", lambda row: format_quantity(row.get("flops_per_s"), "FLOP/s")),
+    ("fwd+bwd", lambda row: format_seconds(row.get("fwd_bwd_median_s"))),
+    ("fwd+bwd / first", lambda row: _ratio(row.get("versus_first_fwd_bwd"))),
+    ("fwd+bwd FLOP/s", lambda row: format_quantity(row.get("fwd_bwd_flops_per_s"), "FLOP/s")),
+    ("peak extra", lambda row: format_quantity(row.get("peak_bytes"), "B", True)),
+    ("compile cold", lambda row: format_seconds(row.get("compile_s"))),
+    ("compile warm", lambda row: format_seconds(row.get("compile_warm_s"))),
+    ("block mask", lambda row: format_seconds(row.get("block_mask_s"))),
+    ("max |o - first|", _versus),
+    ("validation", lambda row: row.get("validation", "-")),
+]
+OPTIONAL_COLUMNS = {"fwd+bwd": "fwd_bwd_median_s", "fwd+bwd / first": "fwd_bwd_median_s",
+                    "fwd+bwd FLOP/s": "fwd_bwd_median_s", "validation": "validation"}  # fmt: skip
+
+
 def results_table(rows: list[dict]) -> str:
-    headers = ["case", "implementation", "median", "time / first", "useful FLOP/s", "peak extra", "compile cold",
-               "compile warm", "block mask", "max |o - first|", "note"]  # fmt: skip
+    columns = [(header, cell) for header, cell in COLUMNS
+               if header not in OPTIONAL_COLUMNS or any(OPTIONAL_COLUMNS[header] in row for row in rows)]  # fmt: skip
     body = []
     for row in rows:
         if row["status"] != "ok":
-            body.append([row["case"], row["implementation"], "-", "-", "-", "-", "-", "-", "-", "-",
-                         f"{row['status']}: {row['note']}"])  # fmt: skip
+            failed = ["-"] * len(columns)
+            if "validation" in row and columns[-1][0] == "validation":
+                failed[-1] = row["validation"]
+            body.append([row["case"], row["implementation"], *failed, f"{row['status']}: {row['note']}"])
             continue
-        diff = row.get("max_abs_diff")
-        versus = "(first)" if row.get("compared_to") is None else f"{diff:.1e}"
-        ratio = row.get("versus_first")
-        body.append([
-            row["case"], row["implementation"], format_seconds(row.get("median_s")),
-            "-" if ratio is None else f"{ratio:.2f}x",
-            format_quantity(row.get("flops_per_s"), "FLOP/s"), format_quantity(row.get("peak_bytes"), "B", True),
-            format_seconds(row.get("compile_s")), format_seconds(row.get("compile_warm_s")),
-            format_seconds(row.get("block_mask_s")), versus, row.get("note", ""),
-        ])  # fmt: skip
-    return tabulate(body, headers=headers)
+        body.append([row["case"], row["implementation"], *(cell(row) for _, cell in columns), row.get("note", "")])
+    return tabulate(body, headers=["case", "implementation", *(header for header, _ in columns), "note"])
 
 
 def machine_description(device) -> dict:

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from attncc.bench.cases import BenchCase, input_bytes, useful_flops
-from attncc.bench.peers import SDPA_BACKENDS, Unsupported, available_implementations, optional_implementations
+from attncc.bench.check import check_implementation
+from attncc.bench.peers import (
+    SDPA_BACKENDS,
+    Unsupported,
+    available_implementations,
+    runnable_implementations,
+    tile_variant,
+)
 from attncc.bench.suites import CaseSource
 from attncc.bench.timing import GIB, memory_limit_default, peak_extra_memory, time_calls
 from attncc.errors import AttnccError
@@ -33,16 +40,21 @@ def make_inputs(case: BenchCase, device, seed: int = 0) -> tuple[torch.Tensor, t
 
 
 def measure(case: BenchCase, implementation: str, setup: Callable, device, *, warmup: int = 1, repeats: int = 5,
-            budget_s: float = 30.0, memory_limit: int | None = None, output_path: str | None = None) -> dict:  # fmt: skip
+            budget_s: float = 30.0, memory_limit: int | None = None, output_path: str | None = None,
+            validate: bool = False, warm_compile: bool = True) -> dict:  # fmt: skip
     """Run one implementation on one case in this process; a result row (see ``run_benchmarks``).
 
     An implementation that cannot express the case gives status "n/a", one over the
-    memory limit "skipped", one that raises "failed"; the note says why.
+    memory limit "skipped", one that raises "failed"; the note says why. ``validate``
+    first checks it against float64 attention (``attncc.bench.check``); ``warm_compile``
+    compiles a second time to time a warm compile (FlexAttention: after resetting dynamo).
     """
     row = _row_without_result(case, implementation, "ok", "")
     limit = memory_limit_default(device) if memory_limit is None else memory_limit
     try:
-        _measure_into(row, case, setup, device, warmup, repeats, budget_s, limit, output_path)
+        if validate:
+            row["validation"] = check_implementation(case, setup, device, make_inputs)
+        _measure_into(row, case, setup, device, warmup, repeats, budget_s, limit, output_path, warm_compile)
     except Unsupported as reason:
         row.update(status="n/a", note=str(reason))
     except torch.OutOfMemoryError:
@@ -54,7 +66,7 @@ def measure(case: BenchCase, implementation: str, setup: Callable, device, *, wa
 
 
 def _measure_into(row: dict, case: BenchCase, setup: Callable, device, warmup: int, repeats: int, budget_s: float,
-                  limit: int, output_path: str | None) -> None:  # fmt: skip
+                  limit: int, output_path: str | None, warm_compile: bool) -> None:  # fmt: skip
     prepared = setup(case, device)
     row.update(compile_s=prepared.compile_s, block_mask_s=prepared.block_mask_s)
     if prepared.extra_bytes is not None:
@@ -75,7 +87,18 @@ def _measure_into(row: dict, case: BenchCase, setup: Callable, device, warmup: i
     if output_path is not None:
         torch.save(output.detach().cpu(), output_path)
     del output
-    if prepared.warm_compile is not None:  # last: FlexAttention's resets torch.compile's caches
+    if case.backward:
+        leaves = [t.requires_grad_() for t in make_inputs(case, device)]
+        call = prepared.bind(*leaves)
+        grad_o = torch.randn_like(call())
+
+        def forward_backward():
+            return torch.autograd.grad(call(), leaves, grad_o)
+
+        _, backward_times = time_calls(forward_backward, warmup, repeats, budget_s)
+        row.update(fwd_bwd_times_s=backward_times, fwd_bwd_median_s=statistics.median(backward_times))
+        del leaves, call, grad_o
+    if warm_compile and prepared.warm_compile is not None:  # last: FlexAttention's resets torch.compile's caches
         warm = prepared.warm_compile()
         row["compile_warm_s"] = max(0.0, warm - median) if prepared.compiles_on_first_call else warm
 
@@ -90,10 +113,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     case = CaseSource(**{**job["source"], "lengths": tuple(map(tuple, job["source"]["lengths"]))}).cases(device)[
         job["index"]
     ]
-    implementations = {**available_implementations(device), **optional_implementations(device)}
-    row = measure(case, job["implementation"], implementations[job["implementation"]], device,
-                  warmup=job["warmup"], repeats=job["repeats"], budget_s=job["budget_s"],
-                  memory_limit=job["memory_limit"], output_path=job["output_path"])  # fmt: skip
+    setup = tile_variant(job["implementation"]) or runnable_implementations(device)[job["implementation"]]
+    row = measure(case, job["implementation"], setup, device, warmup=job["warmup"], repeats=job["repeats"],
+                  budget_s=job["budget_s"], memory_limit=job["memory_limit"], output_path=job["output_path"],
+                  validate=job["validate"], warm_compile=job["warm_compile"])  # fmt: skip
     print(RESULT_MARKER + json.dumps(row), flush=True)
     return 0
 
@@ -125,11 +148,12 @@ def _run_worker(job: dict, scratch: Path, timeout_s: float) -> dict | str:
 def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implementations: list[str] | None = None, *, warmup: int = 1,
                    repeats: int = 5, budget_s: float = 30.0, memory_limit: int | None = None,
                    timeout_s: float = 3600.0, isolate: bool = True, progress: Callable | None = None,
-                   rounds: int = 1) -> list[dict]:  # fmt: skip
+                   rounds: int = 1, validate: bool = False, warm_compile: bool = True) -> list[dict]:  # fmt: skip
     """Measure every (case, implementation) of ``source``; one row (a dict) per pair.
 
     ``implementations`` overrides the cases' own lists (names from
-    ``available_implementations``, plus ``sdpa`` and ``flex-eager``). A ``CaseSource``
+    ``available_implementations``, plus ``sdpa``, ``flex-eager`` and Triton tile variants
+    ``attncc-triton@BMxBNxWxS``). A ``CaseSource``
     runs each pair in a worker process unless ``isolate=False``; a list of cases (which
     a worker could not rebuild) runs in this process, where compile latencies are not
     cold. ``progress(done, total, row)`` is called after each row.
@@ -137,7 +161,10 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
     ``rounds`` > 1 measures every pair again, round after round (A, B, A, B, ...), so
     that a slow spell of a shared machine falls on all of them: a row's median is then
     the median of its rounds' medians, and ``versus_first`` (its time over the first
-    implementation of its case) the median of the rounds' ratios.
+    implementation of its case) the median of the rounds' ratios. Cases with ``backward``
+    also time forward + backward (``fwd_bwd_*`` fields, ``versus_first_fwd_bwd``).
+    ``validate`` checks each implementation against float64 attention before timing it
+    (``validation`` field). ``warm_compile=False`` skips the second, warm compile.
     """
     if rounds < 1:
         raise AttnccError(f"rounds={rounds} is invalid: at least 1 is allowed")
@@ -146,11 +173,14 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
         cases = source.cases(device)
     else:
         cases, isolate = list(source), False
-    runnable = {**available_implementations(device), **optional_implementations(device)}
+    runnable = runnable_implementations(device)
     known = sorted(set(runnable) | {f"attncc-{b}" for b in _backend_names()} | set(SDPA_BACKENDS) | {"naive"})
     for name in implementations or ():
-        if name not in known:
-            raise AttnccError(f"implementation {name!r} is unknown; known: {', '.join(known)}")
+        variant = tile_variant(name)
+        if variant is not None:
+            runnable[name] = variant
+        elif name not in known:
+            raise AttnccError(f"implementation {name!r} is unknown; known: {', '.join(known)}, attncc-triton@BMxBNxWxS")
     jobs = []
     for index, case in enumerate(cases):
         names = implementations or case.implementations or list(available_implementations(device))
@@ -166,12 +196,13 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
             elif isolate:
                 job = {"source": asdict(source), "index": index, "implementation": name, "device": str(device),
                        "warmup": warmup, "repeats": repeats, "budget_s": budget_s, "memory_limit": limit,
-                       "output_path": output_path}  # fmt: skip
+                       "output_path": output_path, "validate": validate, "warm_compile": warm_compile}  # fmt: skip
                 result = _run_worker(job, Path(scratch), timeout_s)
                 row = result if isinstance(result, dict) else _row_without_result(case, name, "failed", result)
             else:
                 row = measure(case, name, runnable[name], device, warmup=warmup, repeats=repeats, budget_s=budget_s,
-                              memory_limit=limit, output_path=output_path)  # fmt: skip
+                              memory_limit=limit, output_path=output_path, validate=validate,
+                              warm_compile=warm_compile)  # fmt: skip
             row["output_path"] = output_path if output_path and Path(output_path).exists() else None
             rows.append(row)
             if progress is not None:
@@ -183,6 +214,9 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
         row["useful_flops"] = flops[row["case"]]
         median = row.get("median_s")
         row["flops_per_s"] = flops[row["case"]] / median if median and flops[row["case"]] else None
+        both = row.get("fwd_bwd_median_s")
+        # the backward does 2.5 times the forward's matmul work (five matmuls instead of two)
+        row["fwd_bwd_flops_per_s"] = 3.5 * flops[row["case"]] / both if both and flops[row["case"]] else None
     return rows
 
 
@@ -192,9 +226,11 @@ def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
     for rows in zip(*rounds):
         row = dict(rows[0])  # the first round's compile latencies are the cold ones
         if len(rows) > 1 and all(r["status"] == "ok" for r in rows):
-            row["round_medians_s"] = [r["median_s"] for r in rows]
-            row["median_s"] = statistics.median(row["round_medians_s"])
-            row["times_s"] = [t for r in rows for t in r["times_s"]]
+            for key in ("", "fwd_bwd_"):
+                if f"{key}median_s" in row:
+                    row[f"{key}round_medians_s"] = [r[f"{key}median_s"] for r in rows]
+                    row[f"{key}median_s"] = statistics.median(row[f"{key}round_medians_s"])
+                    row[f"{key}times_s"] = [t for r in rows for t in r[f"{key}times_s"]]
             peaks = [r["peak_bytes"] for r in rows if r.get("peak_bytes") is not None]
             row["peak_bytes"] = max(peaks) if peaks else None
         elif len(rows) > 1:
@@ -207,8 +243,10 @@ def _merge_rounds(rounds: list[list[dict]]) -> list[dict]:
             continue
         if row["case"] not in first:
             first[row["case"]] = position
-        ratios = [rows[position]["median_s"] / rows[first[row["case"]]]["median_s"] for rows in rounds]
-        row["versus_first"] = statistics.median(ratios)
+        for key, versus in (("median_s", "versus_first"), ("fwd_bwd_median_s", "versus_first_fwd_bwd")):
+            if key in row and key in merged[first[row["case"]]]:
+                ratios = [rows[position][key] / rows[first[row["case"]]][key] for rows in rounds]
+                row[versus] = statistics.median(ratios)
     return merged
 
 

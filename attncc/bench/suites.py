@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,35 +63,87 @@ def sparsity_suite(device) -> list[BenchCase]:
     ]
 
 
-# Named suites: name -> function(device) -> cases. A new suite is one line here
-# (e.g. "gpu": gpu_suite); workers rebuild a suite's cases by name, so a suite
-# function must return the same cases every time it is called.
+GPU_IMPLEMENTATIONS = ("attncc-triton", "flex-compiled", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
+
+
+def gpu_suite(device) -> list[BenchCase]:
+    """Training shapes on a GPU: B=4, H=32, bf16, N=M in {4096, 8192, 16384}, D in {64, 128}, forward and
+    forward + backward, for dense, causal, sliding window 1024, GQA 32/8 causal, 8 packed documents, ALiBi
+    (causal) and softcap 50 (causal); attncc's Triton kernels against compiled FlexAttention and SDPA's
+    backends. Narrow it with ``--case``, ``--head-dim`` and ``--seq``."""
+    cases = []
+    for head_dim in (64, 128):
+        for n in (4096, 8192, 16384):
+            masks = {
+                "dense": {},
+                "causal": {"causal": True},
+                "sliding window 1024": {"causal": True, "window": (1024, 0)},
+                "gqa 32/8 causal": {"causal": True, "num_kv_heads": 8},
+                "document (8 docs)": {"mask_mod": document_causal_mask(document_ids(n, 8, seed=n, device=device))},
+                "alibi causal": {"causal": True, "alibi": True},
+                "softcap 50 causal": {"causal": True, "softcap": 50.0},
+            }
+            for mask, fields in masks.items():
+                spec = AttentionSpec(num_heads=32, head_dim=head_dim, **fields)
+                cases.append(BenchCase(f"{mask} D={head_dim} N=M={n}", mask, spec, 4, n, n, torch.bfloat16,
+                                       GPU_IMPLEMENTATIONS, backward=True))  # fmt: skip
+    return cases
+
+
+# Named suites: name -> function(device) -> cases. A new suite is one line here; workers
+# rebuild a suite's cases by name, so a suite function must return the same cases every
+# time it is called.
 SUITES: dict[str, Callable[[torch.device], list[BenchCase]]] = {
     "cpu": cpu_suite,
     "passes": passes_suite,
     "sparsity": sparsity_suite,
+    "gpu": gpu_suite,
 }
 
 
 @dataclass(frozen=True)
 class CaseSource:
-    """Where cases come from, so that a worker process can rebuild them: a suite, or a spec file at sizes."""
+    """Where cases come from, so that a worker process can rebuild them: a suite, or a spec file at sizes.
+
+    A spec file is timed at ``lengths``; a suite's cases are narrowed to the given ``lengths``,
+    ``masks`` (case labels) and ``head_dims`` when those are not empty. ``backward`` also
+    times forward + backward for every case.
+    """
 
     suite: str | None = None
     spec_path: str | None = None
     batch: int = 1
     lengths: tuple[tuple[int, int], ...] = ()
     dtype: str = "float32"
+    masks: tuple[str, ...] = ()
+    head_dims: tuple[int, ...] = ()
+    backward: bool = False
 
     def cases(self, device) -> list[BenchCase]:
         device = torch.device(device)
         if self.suite is not None:
             if self.suite not in SUITES:
                 raise AttnccError(f"suite={self.suite!r} is unknown; known suites: {', '.join(SUITES)}")
-            return SUITES[self.suite](device)
-        spec = attncc.load_spec(self.spec_path)
-        label = describe_mask(spec)
-        return [
-            BenchCase(f"{Path(self.spec_path).stem} N={n} M={m}", label, spec, self.batch, n, m, DTYPES[self.dtype])
-            for n, m in self.lengths
-        ]
+            cases = SUITES[self.suite](device)
+            labels = list(dict.fromkeys(case.mask for case in cases))
+            for mask in self.masks:
+                if mask not in labels:
+                    raise AttnccError(f"case {mask!r} is not in suite {self.suite!r}; its cases: {', '.join(labels)}")
+            cases = [
+                case
+                for case in cases
+                if (not self.masks or case.mask in self.masks)
+                and (not self.head_dims or case.spec.head_dim in self.head_dims)
+                and (not self.lengths or (case.n, case.m) in self.lengths)
+            ]
+            if not cases:
+                raise AttnccError(f"no case of suite {self.suite!r} has the lengths {list(self.lengths)}, head dims "
+                                  f"{list(self.head_dims)} and masks {list(self.masks)} asked for")  # fmt: skip
+        else:
+            spec = attncc.load_spec(self.spec_path)
+            label = describe_mask(spec)
+            cases = [
+                BenchCase(f"{Path(self.spec_path).stem} N={n} M={m}", label, spec, self.batch, n, m, DTYPES[self.dtype])
+                for n, m in self.lengths
+            ]
+        return [replace(case, backward=True) for case in cases] if self.backward else cases
