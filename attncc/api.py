@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,10 +71,15 @@ def compile(  # noqa: A001
         captured=examples,
     )
     graph = manager.run(unoptimized)
+    path, function = load_program(graph, target)
+    return CompiledAttention(spec, unoptimized, graph, manager.records, target.name, path, function, captured)
+
+
+def load_program(graph: Graph, target) -> tuple[Path, Callable]:
+    """The generated source of an optimized graph for a backend (from the cache, generated if missing), loaded."""
     key = content_key(str(graph), target.name, generator_fingerprint(target))
     path = cached_source(key, ".py", lambda: target.generate(graph).source)
-    module = load_module(path)
-    return CompiledAttention(spec, unoptimized, graph, manager.records, target.name, path, module.attention, captured)
+    return path, load_module(path).attention
 
 
 class CompiledAttention(torch.nn.Module):
@@ -84,6 +91,11 @@ class CompiledAttention(torch.nn.Module):
     ``torch.compile(fullgraph=True)`` and autograd treat it as one opaque node.
     ``graph`` is the optimized IR the backend compiled, ``unoptimized_graph`` the
     textbook graph it came from (the meaning), ``pass_records`` what each pass did.
+
+    The module copies (``copy.deepcopy``) and pickles (``torch.save(model)``): it saves
+    its graphs, spec and buffers, not the loaded code, and a fresh process regenerates
+    the program from the optimized graph through the cache. Python callables in the
+    spec (``score_mod``, ``mask_mod``) are saved as their traced expressions.
     """
 
     def __init__(self, spec, unoptimized_graph: Graph, graph: Graph, pass_records, backend: str, path, function,
@@ -103,6 +115,19 @@ class CompiledAttention(torch.nn.Module):
                 self.captured.register_buffer(name, info.value, persistent=False)
         self._index_uses = graph_index_uses(unoptimized_graph)
         self._ops = program_ops(Path(path).stem, function, graph)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_function"], state["_ops"]
+        state["spec"] = portable_spec(self.spec)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from attncc.backends import get_backend
+
+        self.__dict__.update(state)
+        self.path, self._function = load_program(self.graph, get_backend(self.backend))
+        self._ops = program_ops(Path(self.path).stem, self._function, self.graph)
 
     @property
     def op(self):
@@ -195,6 +220,14 @@ class CompiledAttention(torch.nn.Module):
                 f"an index into a captured tensor ({names}) is out of range for these inputs: {error}"
             ) from error
         return (o, lse) if return_lse else o
+
+
+def portable_spec(spec: AttentionSpec) -> AttentionSpec:
+    """The spec with Python callables (mods) replaced by their traced expressions, so that it pickles."""
+    if not (callable(spec.score_mod) or callable(spec.mask_mod)):
+        return spec
+    score_mod, mask_mod = trace_mods(spec)
+    return dataclasses.replace(spec, score_mod=score_mod, mask_mod=mask_mod)
 
 
 def check_inputs(spec: AttentionSpec, q, k, v) -> None:
