@@ -392,7 +392,9 @@ class RegionWriter:
             raise BackendError(
                 f"the triton backend needs tile sizes on the region; run tile{{target=triton}} first: {ir_line}"
             )
-        for label, size in (("block_m", op.block_m), ("block_n", op.block_n)):
+        tiles = (("block_m", op.block_m), ("block_n", op.block_n), ("bwd_block_m", op.bwd_block_m or op.block_m),
+                 ("bwd_block_n", op.bwd_block_n or op.block_n))  # fmt: skip
+        for label, size in tiles:
             if size < MIN_TILE or size & (size - 1):
                 raise BackendError(
                     f"tile {label}={size} is invalid for triton: a power of two >= {MIN_TILE} is allowed"
@@ -635,6 +637,10 @@ class RegionWriter:
             block_n=op.block_n,
             num_warps=op.num_warps or 4,
             num_stages=op.num_stages or 2,
+            bwd_block_m=op.bwd_block_m or op.block_m,
+            bwd_block_n=op.bwd_block_n or op.block_n,
+            bwd_num_warps=op.bwd_num_warps or op.num_warps or 4,
+            bwd_num_stages=op.bwd_num_stages or op.num_stages or 2,
         )
 
     def autograd_function(self) -> str:
@@ -662,6 +668,8 @@ HEAD_DIM, BLOCK_D = {head_dim}, {block_d}  # q and k head dim; the tile width, a
 HEAD_DIM_V, BLOCK_DV = {head_dim_v}, {block_dv}  # v head dim; its tile width
 BLOCK_M, BLOCK_N = {block_m}, {block_n}  # query rows and keys per tile
 NUM_WARPS, NUM_STAGES = {num_warps}, {num_stages}
+BWD_BLOCK_M, BWD_BLOCK_N = {bwd_block_m}, {bwd_block_n}  # the backward kernels' tiles
+BWD_NUM_WARPS, BWD_NUM_STAGES = {bwd_num_warps}, {bwd_num_stages}
 SCAN_TILES = tl.constexpr(64)  # query tiles whose bounds the dK/dV kernel evaluates at once"""
 
 HELPERS = {
@@ -1012,10 +1020,10 @@ def _refuse_captured_gradients(needs_input_grad):
         )
 
 
-def _meta(q):
-    """The constexpr arguments of the attention kernels, for inputs like q."""
+def _meta(q, block_m=BLOCK_M, block_n=BLOCK_N):
+    """The constexpr arguments of the attention kernels, for inputs like q (and tiles of block_m x block_n)."""
     return dict(
-        GROUPS=GROUPS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        GROUPS=GROUPS, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs get fp32 products, not tf32
         INTERPRET_BF16=INTERPRETED and q.dtype == torch.bfloat16,
@@ -1055,24 +1063,25 @@ class FlashAttention(torch.autograd.Function):
         M = k.shape[2]
         dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
         delta = torch.empty_like(lse)
-        rows = (triton.cdiv(N, BLOCK_M), B * H)
+        rows = (triton.cdiv(N, BWD_BLOCK_M), B * H)
         _attn_bwd_preprocess[rows](
             o, do, dlse, delta, *o.stride(), *do.stride(), H, N,
-            BLOCK_M=BLOCK_M, HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV, num_warps=NUM_WARPS,
+            BLOCK_M=BWD_BLOCK_M, HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV, num_warps=BWD_NUM_WARPS,
         )
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         captured_strides = [s for t in captured for s in t.stride()]
-        _attn_bwd_dkdv[(triton.cdiv(M, BLOCK_N), B * k.shape[1])](
+        meta = _meta(q, BWD_BLOCK_M, BWD_BLOCK_N)
+        _attn_bwd_dkdv[(triton.cdiv(M, BWD_BLOCK_N), B * k.shape[1])](
             q, k, v, do, lse, delta, dk, dv, *captured,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *captured_strides,
-            H, N, M, **_meta(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )
         _attn_bwd_dq[rows](
             q, k, v, do, lse, delta, dq, *captured,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *captured_strides,
-            H, N, M, **_meta(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )
         return (dq, dk, dv) + (None,) * len(captured)'''
 

@@ -69,6 +69,11 @@ class Tile(Pass):
     block_n: int = 0
     num_warps: int = 0  # GPU targets: overrides the table's warps and pipeline stages
     num_stages: int = 0
+    # the backward kernels' own tiles, warps and stages (GPU targets); 0: the forward's
+    bwd_block_m: int = 0
+    bwd_block_n: int = 0
+    bwd_num_warps: int = 0
+    bwd_num_stages: int = 0
 
     def choose(self, head_dim: int) -> tuple[int, int, int, int]:
         if self.target not in TILE_TABLE:
@@ -90,7 +95,11 @@ class Tile(Pass):
                 block_m, block_n = band_tiles(band)
                 self.count("banded_tiles")
             self.count("regions_tiled")
-            op = replace(node.op, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+            op = replace(node.op, block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
+                         bwd_block_m=self.bwd_block_m, bwd_block_n=self.bwd_block_n,
+                         bwd_num_warps=self.bwd_num_warps, bwd_num_stages=self.bwd_num_stages)  # fmt: skip
+            if any((self.bwd_block_m, self.bwd_block_n, self.bwd_num_warps, self.bwd_num_stages)):
+                self.count("backward_tiles")
             return builder.add(op, *inputs)
 
         return rebuild(graph, rule)

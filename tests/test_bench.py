@@ -296,9 +296,15 @@ def test_tile_variant_reaches_the_tile_pass(monkeypatch):
     real_compile = attncc.compile
     monkeypatch.setattr(attncc, "compile", lambda spec, **options: compiled.append(options) or real_compile(spec, **options))
     bench.peers.tile_variant("attncc-triton@64x32x4x2")(case(n=5, m=7), "cpu")
+    bench.peers.tile_variant("attncc-triton@64x32x4x2/32x64x2x1")(case(n=5, m=7), "cpu")
     assert compiled[0]["backend"] == "triton"
     assert compiled[0]["pipeline"] == [*PIPELINES["triton"][:-1],
                                        "tile{target=triton,block_m=64,block_n=32,num_warps=4,num_stages=2}"]  # fmt: skip
+    assert compiled[1]["pipeline"][-1] == ("tile{target=triton,block_m=64,block_n=32,num_warps=4,num_stages=2,"
+                                           "bwd_block_m=32,bwd_block_n=64,bwd_num_warps=2,bwd_num_stages=1}")  # fmt: skip
+    for bad in ("attncc-triton@64x32x4", "attncc-triton@64x32x4x2/1x2", "attncc-triton@1x1x1x1/1x1x1x1/1x1x1x1"):
+        with pytest.raises(AttnccError, match="is invalid: attncc-triton@BLOCK_MxBLOCK_NxWARPSxSTAGES"):
+            bench.peers.tile_variant(bad)
 
 
 def test_backward_timing_and_validation_in_one_run():

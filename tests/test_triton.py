@@ -354,6 +354,21 @@ def test_sparsity_schedule_forward_and_backward(case):
 
 
 @requires_triton
+def test_backward_kernels_take_tiles_of_their_own():
+    """Forward tiles of 32 x 16 and backward tiles of 16 x 32: the backward's own query-tile scan and KV bounds."""
+    tiles = "tile{target=triton,block_m=32,block_n=16,bwd_block_m=16,bwd_block_n=32,bwd_num_warps=2}"
+    fields, options, (batch, heads, kv_heads, n, m) = SCHEDULE_CASES["head_windows_gqa"]
+    attn = compile_scheduled(fields, heads, kv_heads, [*PIPELINES["triton"][:-1], tiles])
+    assert "BLOCK_M, BLOCK_N = 32, 16" in attn.source and "BWD_BLOCK_M, BWD_BLOCK_N = 16, 32" in attn.source
+    assert "NUM_WARPS, NUM_STAGES = 8, 3" in attn.source and "BWD_NUM_WARPS, BWD_NUM_STAGES = 2, 3" in attn.source
+    assert "bwd_block_m = 16, bwd_block_n = 32" in str(attn.graph)
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, 16, seed=3)
+    check_forward_backward(attn, options, q, k, v, seed=3)
+    with pytest.raises(attncc.BackendError, match="tile bwd_block_n=24 is invalid for triton"):
+        compile_scheduled(fields, heads, kv_heads, [*PIPELINES["triton"][:-1], "tile{target=triton,bwd_block_n=24}"])
+
+
+@requires_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_sparsity_schedule_in_half_precision(dtype):
     fields, options, (batch, heads, kv_heads, n, m) = SCHEDULE_CASES["key_padding_with_empty_batch"]

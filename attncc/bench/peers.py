@@ -82,20 +82,30 @@ def _setup_attncc(backend: str, pipeline: list[str] | None = None):
 
 def tile_variant(name: str) -> Callable | None:
     """``attncc-triton@BMxBNxWxS`` (e.g. ``attncc-triton@128x64x8x2``): attncc's Triton backend with those
-    tiles, warps and stages; None for any other name."""
+    tiles, warps and stages; ``attncc-triton@FORWARD/BACKWARD`` gives the backward kernels their own
+    (``attncc-triton@128x64x8x2/64x64x4x3``). None for any other name."""
     from attncc.passes import PIPELINES
 
     prefix = "attncc-triton@"
     if not name.startswith(prefix):
         return None
+    configs = name[len(prefix) :].lower().split("/")
     try:
-        block_m, block_n, warps, stages = (int(part) for part in name[len(prefix) :].lower().split("x"))
+        if len(configs) > 2:
+            raise ValueError
+        values = [[int(part) for part in config.split("x")] for config in configs]
+        if any(len(config) != 4 for config in values):
+            raise ValueError
     except ValueError:
         raise AttnccError(
-            f"implementation {name!r} is invalid: attncc-triton@BLOCK_MxBLOCK_NxWARPSxSTAGES, "
-            "e.g. attncc-triton@128x64x8x2, is allowed"
+            f"implementation {name!r} is invalid: attncc-triton@BLOCK_MxBLOCK_NxWARPSxSTAGES, optionally followed "
+            "by /BLOCK_MxBLOCK_NxWARPSxSTAGES for the backward, e.g. attncc-triton@128x64x8x2/64x64x4x3, is allowed"
         ) from None
-    tile = f"tile{{target=triton,block_m={block_m},block_n={block_n},num_warps={warps},num_stages={stages}}}"
+    keys = ("block_m", "block_n", "num_warps", "num_stages")
+    options = dict(zip(keys, values[0]))
+    if len(values) == 2:
+        options.update(zip((f"bwd_{key}" for key in keys), values[1]))
+    tile = "tile{target=triton," + ",".join(f"{key}={value}" for key, value in options.items()) + "}"
     return _setup_attncc("triton", [*PIPELINES["triton"][:-1], tile])
 
 

@@ -233,7 +233,9 @@ class FlashAttention(Op):
     ``acc`` of the weighted values, rescaled whenever ``m`` grows, over KV tiles of
     ``block_n`` keys; then o = acc / l and lse = m + log l. Tile sizes 0 mean
     "not chosen yet" (one tile spans the whole axis). ``num_warps`` and
-    ``num_stages`` are launch parameters for GPU targets (0 where unused).
+    ``num_stages`` are launch parameters for GPU targets (0 where unused). The
+    ``bwd_*`` fields give the backward kernels tiles, warps and stages of their own
+    (0: the forward's).
     ``schedule`` (from the sparsity pass) bounds the KV tiles each query tile
     visits and marks those that need no mask (see ``attncc.ir.schedule``).
     """
@@ -247,6 +249,10 @@ class FlashAttention(Op):
     block_n: int = 0
     num_warps: int = 0
     num_stages: int = 0
+    bwd_block_m: int = 0
+    bwd_block_n: int = 0
+    bwd_num_warps: int = 0
+    bwd_num_stages: int = 0
     schedule: TileSchedule | None = None
 
     def captured_inputs(self):
