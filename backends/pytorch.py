@@ -212,7 +212,7 @@ class {cls}(torch.autograd.Function):
     def forward(ctx, q, k, v{captured_params}):
         B, H, N, D = q.shape
         M, Dv = k.shape[2], v.shape[3]
-        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
+{platform_forward}        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
         q_rows = q.reshape(B, kv_heads, rows, D).float()
         k_f, v_f = k.float(), v.float()
 {captured_to_float}        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
@@ -254,7 +254,7 @@ class {cls}(torch.autograd.Function):
         q, k, v, o, lse, *captured = ctx.saved_tensors
         B, H, N, D = q.shape
         M, Dv = k.shape[2], v.shape[3]
-        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
+{platform_backward}        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
         q_rows = q.reshape(B, kv_heads, rows, D).float()
         k_f, v_f = k.float(), v.float()
         grad_o = grad_o.float().reshape(B, kv_heads, rows, Dv)
@@ -392,6 +392,37 @@ def _tuple(names: list[str]) -> str:
     return "(" + "".join(f"{n}, " for n in names).rstrip() + ")"
 
 
+# torch's fused CPU attention kernel (FlashAttention's algorithm, lse included): is_causal is top-left aligned.
+# It turns a query row holding NaN or inf into o = 0, lse = 0: such inputs take the streaming loop, which
+# propagates them as the reference does.
+PLATFORM_FORWARD = """\
+        if {condition} and bool(q.isfinite().all()):
+            # plain{causal_note} attention: torch's fused CPU kernel computes the region in float32, lse included
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.float(), k.float(), v.float(), 0.0, {is_causal}, scale={scale!r})
+            ctx.save_for_backward(q, k, v, o, lse)
+            return o.to(q.dtype), lse
+"""
+PLATFORM_BACKWARD = """\
+        if {condition} and bool(q.isfinite().all()) and (grad_lse is None or not grad_lse.any()):
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_o.float(), q.float(), k.float(), v.float(), o.float(), lse, 0.0, {is_causal}, scale={scale!r})
+            return tuple(grad.to(q.dtype) for grad in grads)
+"""
+
+
+def _platform_lines(op) -> tuple[str, str]:
+    """The forward's and backward's call of the fused kernel the tile pass chose (``op.fused_kernel``), if any."""
+    if not op.fused_kernel:
+        return "", ""
+    coefficient, _ = split_linear(op.score)
+    scale = coefficient * (math.log(2) if op.exp2 else 1.0)
+    condition = 'q.device.type == "cpu"' + (" and N == M" if op.fused_kernel == "causal_bottom_right" else "")
+    causal = op.fused_kernel != "dense"
+    fields = dict(condition=condition, is_causal=causal, scale=scale, causal_note=" causal" if causal else "")
+    return PLATFORM_FORWARD.format(**fields), PLATFORM_BACKWARD.format(**fields)
+
+
 def _bounds_lines(op) -> list[str]:
     schedule = op.schedule
     if schedule is None:
@@ -445,7 +476,10 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
             "                kv_tiles.append((c0, c1, not full))\n"
         )
     casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
+    platform_forward, platform_backward = _platform_lines(op)
     return REGION_TEMPLATE.format(
+        platform_forward=platform_forward,
+        platform_backward=platform_backward,
         cls=cls,
         captured_to_float=f"        originals = {_tuple(captured)}\n{casts}" if captured else "",
         prescale=f" * {coefficient!r}" if coefficient is not None else "",

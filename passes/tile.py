@@ -14,9 +14,10 @@ import sympy
 
 from attncc.errors import BackendError
 from attncc.ir import ops
+from attncc.ir.expr import kv_idx, q_idx, score
 from attncc.ir.graph import Graph
 from attncc.ir.schedule import q_first, q_last
-from attncc.ir.types import M
+from attncc.ir.types import M, N
 from attncc.passes.base import Pass
 from attncc.passes.rewrite import rebuild
 
@@ -34,6 +35,25 @@ TILE_TABLE = {
     "triton": [(64, 128, 64, 8, 3), (128, 128, 64, 8, 2), (1 << 30, 64, 32, 8, 1)],
     "cuda": [(64, 128, 64, 4, 2), (128, 64, 64, 4, 2), (1 << 30, 64, 32, 4, 1)],
 }
+
+
+def fused_kernel(node) -> str:
+    """The platform's fused attention kernel that computes this region exactly, or "".
+
+    torch's fused CPU kernel (FlashAttention's algorithm, lse included) computes a score
+    of scale * q . k over one head dim, with no mask ("dense") or a causal one aligned
+    top-left ("causal_top_left", any N and M) or bottom-right ("causal_bottom_right",
+    the same kernel when N == M). Captured tensors rule it out.
+    """
+    op = node.op
+    coefficient = sympy.expand(op.score).coeff(score)
+    q, _, v = (operand.type for operand in node.inputs[:3])
+    linear = coefficient.is_number and coefficient != 0 and sympy.expand(op.score - coefficient * score) == 0
+    if not linear or len(node.inputs) > 3 or q.shape[3] != v.shape[3]:
+        return ""
+    masks = {sympy.true: "dense", sympy.Le(kv_idx, q_idx): "causal_top_left",
+             sympy.Le(kv_idx, M - N + q_idx): "causal_bottom_right"}  # fmt: skip
+    return masks.get(op.mask, "")
 
 
 def band_width(schedule) -> int | None:
@@ -69,6 +89,8 @@ class Tile(Pass):
     block_n: int = 0
     num_warps: int = 0  # GPU targets: overrides the table's warps and pipeline stages
     num_stages: int = 0
+    # pytorch: plain (causal) attention runs on the platform's fused kernel unless tiles are given or this is 0
+    fused_kernel: int = 1
     # the backward kernels' own tiles, warps and stages (GPU targets); 0: the forward's
     bwd_block_m: int = 0
     bwd_block_n: int = 0
@@ -100,6 +122,10 @@ class Tile(Pass):
                          bwd_num_warps=self.bwd_num_warps, bwd_num_stages=self.bwd_num_stages)  # fmt: skip
             if any((self.bwd_block_m, self.bwd_block_n, self.bwd_num_warps, self.bwd_num_stages)):
                 self.count("backward_tiles")
+            explicit_tiles = self.block_m or self.block_n
+            if self.target == "pytorch" and self.fused_kernel and not explicit_tiles and fused_kernel(node):
+                op = replace(op, fused_kernel=fused_kernel(node))
+                self.count("fused_kernel")
             return builder.add(op, *inputs)
 
         return rebuild(graph, rule)

@@ -167,3 +167,59 @@ def test_banded_query_tiles_take_one_kv_tile():
     o, lse = attn(q, k, v, return_lse=True)
     assert_attention_matches(o, lse, *dense_attention(q.double(), k.double(), v.double(), causal=True, window=(256, 0)),
                              torch.float32)  # fmt: skip
+
+
+FUSED_CASES = {  # fields, reference options, (B, H, Hkv, N, M, D), the kernel the tile pass picks
+    "dense": ({}, {}, (2, 4, 2, 37, 53, 16), "dense"),
+    "causal top-left": ({"causal": "top_left"}, {"causal": True, "top_left": True}, (1, 4, 4, 41, 29, 16),
+                        "causal_top_left"),
+    "causal bottom-right, N == M": ({"causal": True}, {"causal": True}, (1, 6, 2, 45, 45, 32), "causal_bottom_right"),
+    "causal bottom-right, N != M": ({"causal": True}, {"causal": True}, (1, 2, 2, 19, 44, 16), "causal_bottom_right"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_plain_attention_runs_on_the_fused_kernel(case, dtype):
+    """Dense and causal regions call torch's fused CPU kernel (bottom-right only when N == M), forward and
+    backward; a loss that uses lse differentiates through the streaming loop instead. Both match float64."""
+    fields, options, (batch, heads, kv_heads, n, m, d), kernel = FUSED_CASES[case]
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, **fields))
+    assert f"fused_kernel = {kernel}" in str(attn.graph)
+    assert "_scaled_dot_product_flash_attention_for_cpu(" in attn.source
+    q, k, v = (t.requires_grad_() for t in random_qkv(batch, heads, kv_heads, n, m, d, dtype=dtype, seed=n))
+    o, lse = attn(q, k, v, return_lse=True)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_o, reference_lse = dense_attention(*leaves, **options)
+    assert_attention_matches(o, lse, reference_o.detach(), reference_lse.detach(), dtype)
+    grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+    for with_lse in (False, True):
+        grad_lse = torch.randn(lse.shape, generator=torch.Generator().manual_seed(2)) if with_lse else None
+        outputs = (o, lse) if with_lse else (o,)
+        grads = torch.autograd.grad(outputs, (q, k, v), (grad_o.to(dtype), grad_lse)[: len(outputs)], retain_graph=True)
+        reference_outputs = (reference_o, reference_lse) if with_lse else (reference_o,)
+        reference_grad_outputs = (grad_o.double(), None if grad_lse is None else grad_lse.double())
+        reference_grads = torch.autograd.grad(reference_outputs, leaves, reference_grad_outputs[: len(outputs)],
+                                              retain_graph=True)  # fmt: skip
+        for grad, expected in zip(grads, reference_grads):
+            assert grad.dtype == dtype
+            scale = float(expected.abs().max())
+            tolerance = 2e-5 if dtype == torch.float32 else 8 * 2.0**-9
+            torch.testing.assert_close(grad.double(), expected, atol=tolerance * scale, rtol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "fields, pipeline",
+    [
+        ({"causal": True, "window": (8, 0)}, None),
+        ({"softcap": 20.0}, None),
+        ({"mask_mod": lambda b, h, q_idx, kv_idx: kv_idx != 3}, None),
+        ({"v_head_dim": 8}, None),
+        ({"causal": True}, SMALL_TILES),
+        ({"causal": True}, [*SMALL_TILES[:-1], "tile{target=pytorch,fused_kernel=0}"]),
+    ],
+    ids=["window", "softcap", "mask_mod", "v_head_dim", "explicit tiles", "fused_kernel=0"],
+)
+def test_other_regions_stream_their_tiles(fields, pipeline):
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, **fields), pipeline=pipeline)
+    assert "fused_kernel" not in str(attn.graph) and "_scaled_dot_product_flash_attention" not in attn.source

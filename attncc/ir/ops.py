@@ -235,7 +235,9 @@ class FlashAttention(Op):
     "not chosen yet" (one tile spans the whole axis). ``num_warps`` and
     ``num_stages`` are launch parameters for GPU targets (0 where unused). The
     ``bwd_*`` fields give the backward kernels tiles, warps and stages of their own
-    (0: the forward's).
+    (0: the forward's). ``fused_kernel`` (pytorch target) names the platform's fused
+    attention kernel that computes the region exactly ("dense", "causal_top_left", or
+    "causal_bottom_right", which holds when N == M); "" streams the tiles.
     ``schedule`` (from the sparsity pass) bounds the KV tiles each query tile
     visits and marks those that need no mask (see ``attncc.ir.schedule``).
     """
@@ -253,6 +255,7 @@ class FlashAttention(Op):
     bwd_block_n: int = 0
     bwd_num_warps: int = 0
     bwd_num_stages: int = 0
+    fused_kernel: str = ""
     schedule: TileSchedule | None = None
 
     def captured_inputs(self):
