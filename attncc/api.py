@@ -12,7 +12,7 @@ from tabulate import tabulate
 
 from attncc.cache import cached_source, content_key, generator_fingerprint, load_module
 from attncc.errors import InputError, SpecError
-from attncc.frontend.lower import lower, merged_captured, trace_mods
+from attncc.frontend.lower import lower, merged_captured, sharded_captured, trace_mods
 from attncc.frontend.mod import Captured, ir_dtype
 from attncc.integrations.custom_op import program_ops
 from attncc.interpreter import run_reference
@@ -45,13 +45,17 @@ def compile(  # noqa: A001
     validate_each: bool = False,
     print_after_all: bool = False,
     print_after: tuple[str, ...] = (),
+    sharded: bool = False,
 ) -> CompiledAttention:
     """Compile a spec into a module computing ``o`` (and ``lse``) from ``q, k, v``.
 
     ``pipeline`` is a target name or a list of passes (default: the backend's
     pipeline); ``validate_each`` checks every pass numerically against the graph
     before it (translation validation); ``print_after_all`` / ``print_after``
-    print the IR after every / the named passes.
+    print the IR after every / the named passes. ``sharded`` compiles a program for
+    shards of longer sequences (context parallelism): it takes the captured int64 tensor
+    ``shard = (first query position, first key position, global N, global M)`` and its
+    masks and mods see global positions (``attncc.distributed`` passes it).
     """
     from attncc import passes
     from attncc.backends import get_backend
@@ -61,7 +65,9 @@ def compile(  # noqa: A001
     target = get_backend(backend)
     score_mod, mask_mod = trace_mods(spec)
     captured = merged_captured(score_mod, mask_mod)
-    unoptimized = lower(spec, (score_mod, mask_mod))
+    if sharded:
+        captured = sharded_captured(captured)
+    unoptimized = lower(spec, (score_mod, mask_mod), sharded=sharded)
     examples = example_captured(captured, torch.Generator().manual_seed(0), "cpu") if validate_each else {}
     manager = passes.PassManager(
         passes.pipeline(pipeline or backend),
@@ -133,6 +139,16 @@ class CompiledAttention(torch.nn.Module):
     def op(self):
         """The program's forward custom op, ``attncc::program_<hash>(q, k, v, captured) -> (o, lse)``."""
         return self._ops.forward
+
+    @property
+    def backward_op(self):
+        """The backward custom op ``(q, k, v, o, lse, grad_o, grad_lse, captured, trainable) -> grads``.
+
+        It recomputes each tile's probabilities as ``exp(s - lse)``, so ``o`` and ``lse``
+        may be those of attention over a larger key set that includes ``k``: the grads are
+        then this key set's share (ring attention's backward).
+        """
+        return self._ops.backward
 
     @property
     def module(self):

@@ -15,6 +15,7 @@ import numbers
 import torch
 
 from attncc.api import CompiledAttention, compile
+from attncc.distributed import LAYOUTS, context_parallel_attention, shard_positions
 from attncc.errors import InputError, SpecError
 from attncc.spec import AttentionSpec
 
@@ -69,13 +70,19 @@ class Attention(torch.nn.Module):
     ``scale``, ``alibi``, ``score_mod`` and ``mask_mod`` are AttentionSpec fields
     (bottom-right alignment). ``rope=True`` rotates q and k by their positions
     (``rope_base``); positions continue after the cache. ``forward(x, cache=None)``.
+
+    With ``context_parallel_group`` (a ``torch.distributed`` process group), ``x`` is this
+    rank's shard of the sequence (``attncc.distributed.shard(x, group, layout, dim=1)``
+    with ``context_parallel_layout``) and so is the output: attention runs over the whole
+    sequence across the group, RoPE rotates by global positions.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, bias: bool = False, causal: bool | str = True, window=None,
                  softcap: float | None = None, scale: float | None = None, alibi: bool = False,
                  score_mod=None, mask_mod=None, rope: bool = False, rope_base: float = 10000.0,
-                 backend: str = "pytorch", device=None, dtype=None):  # fmt: skip
+                 backend: str = "pytorch", context_parallel_group=None, context_parallel_layout: str = "zigzag",
+                 device=None, dtype=None):  # fmt: skip
         super().__init__()
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, numbers.Integral) or embed_dim <= 0:
             raise SpecError(f"embed_dim={embed_dim!r} is invalid: a positive integer is allowed")
@@ -94,6 +101,13 @@ class Attention(torch.nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.rope = rope
         self.rope_base = float(rope_base)
+        if context_parallel_layout not in LAYOUTS:
+            raise SpecError(
+                f"context_parallel_layout={context_parallel_layout!r} is invalid: allowed are "
+                f"{', '.join(map(repr, LAYOUTS))}"
+            )
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = context_parallel_layout
         factory = {"device": device, "dtype": dtype}
         self.q_proj = torch.nn.Linear(embed_dim, self.num_heads * head_dim, bias=bias, **factory)
         self.k_proj = torch.nn.Linear(embed_dim, self.num_kv_heads * head_dim, bias=bias, **factory)
@@ -110,17 +124,27 @@ class Attention(torch.nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"x is {shape}: a tensor [batch, length, {self.embed_dim}] is allowed")
         batch, length, _ = x.shape
+        parallel = self.context_parallel_group is not None
+        if parallel and cache is not None:
+            raise InputError("a KV cache cannot be used with context_parallel_group: decode without the group")
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope:
             start = 0 if cache is None else len(cache)
             positions = torch.arange(start, start + length, device=x.device)
+            if parallel:
+                group, layout = self.context_parallel_group, self.context_parallel_layout
+                positions = shard_positions(length, group, layout).to(x.device)
             q = rotary(q, positions, self.rope_base)
             k = rotary(k, positions, self.rope_base)
         if cache is not None:
             k, v = cache.update(k, v)
-        o = self.attention(q, k, v)
+        if parallel:
+            o = context_parallel_attention(q, k, v, spec=self.spec, group=self.context_parallel_group,
+                                           layout=self.context_parallel_layout, backend=self.attention.backend)  # fmt: skip
+        else:
+            o = self.attention(q, k, v)
         return self.o_proj(o.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import sympy
 
 from attncc.ir import ops
-from attncc.ir.expr import kv_idx, q_idx, score
+from attncc.ir.expr import score
 from attncc.ir.graph import Graph
-from attncc.ir.types import M, N
 from attncc.passes.base import Pass
 from attncc.passes.rewrite import captured_operands, compose, rebuild
 
@@ -33,11 +32,6 @@ def simplify(expr):
         if isinstance(simpler, sympy.logic.boolalg.Boolean) == isinstance(expr, sympy.logic.boolalg.Boolean):
             return simpler if sympy.count_ops(simpler) < sympy.count_ops(expr) else expr
     return sympy.piecewise_fold(expr) if isinstance(expr, sympy.Expr) else expr
-
-
-def alibi_as_score_mod(op: ops.Alibi) -> sympy.Expr:
-    position = q_idx if op.alignment == "top_left" else q_idx + M - N
-    return score - op.slope * sympy.Abs(position - kv_idx)
 
 
 @dataclass(frozen=True)
@@ -55,7 +49,7 @@ class Canonicalize(Pass):
         source = inputs[0] if inputs else None
         if isinstance(op, ops.Alibi):
             self.count("alibi_to_score_mod")
-            return self.score_mod(alibi_as_score_mod(op), source, builder)
+            return self.score_mod(op.as_score_mod(), source, builder)
         if isinstance(op, ops.RepeatKV) and op.groups == 1:
             self.count("identities_removed")
             return source

@@ -7,7 +7,7 @@ import sympy
 from attncc.errors import ModError
 from attncc.frontend.mod import Captured, TracedMod
 from attncc.ir import ops
-from attncc.ir.expr import captured_names, h, kv_idx, number, q_idx, score
+from attncc.ir.expr import captured_names, captured_symbol, h, kv_idx, number, q_idx, score
 from attncc.ir.graph import Graph, GraphBuilder
 from attncc.ir.types import B, M, N, TensorType
 from attncc.spec import AttentionSpec
@@ -58,6 +58,20 @@ def mask_predicate(spec: AttentionSpec, mask_mod: TracedMod | None):
     return sympy.And(*terms)
 
 
+SHARD = Captured("shard", "i64", 1)
+_shard = captured_symbol(SHARD.name, SHARD.dtype)
+
+
+def global_positions(expr):
+    """``expr`` over a shard's local positions, reading its global ones from the captured tensor ``shard``.
+
+    ``shard = (first query position, first key position, global N, global M)``: query i
+    of the shard is global query ``i + shard[0]``, key j global key ``j + shard[1]``.
+    The offsets are runtime values, so every shard runs one compiled program.
+    """
+    return expr.xreplace({q_idx: q_idx + _shard[0], kv_idx: kv_idx + _shard[1], N: _shard[2], M: _shard[3]})
+
+
 def merged_captured(*mods: TracedMod | None) -> dict[str, Captured]:
     """The captured tensors of all mods by name; one name must mean one tensor."""
     merged: dict[str, Captured] = {}
@@ -84,20 +98,36 @@ def captured_type(captured: Captured) -> TensorType:
     return TensorType(tuple(shape), captured.dtype)
 
 
-def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None] | None = None) -> Graph:
+def sharded_captured(captured: dict[str, Captured]) -> dict[str, Captured]:
+    """The captured tensors of a sharded program: the mods' tensors and ``shard``."""
+    if SHARD.name in captured:
+        raise ModError(
+            f"captured tensor name {SHARD.name!r} is reserved for the shard positions of context parallelism; "
+            "rename the tensor in the mod"
+        )
+    return {**captured, SHARD.name: SHARD}
+
+
+def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None] | None = None, *,
+          sharded: bool = False) -> Graph:  # fmt: skip
     """The textbook graph: repeat_kv, QK^T, scale, alibi, score_mod, softcap, mask, softmax, PV.
 
     ``traced`` is the spec's (score_mod, mask_mod) from ``trace_mods`` (traced here if omitted).
+    ``sharded``: q and k are shards of longer sequences; masks, ALiBi and mods see global
+    positions read from the captured tensor ``shard`` (see ``global_positions``).
     """
     score_mod, mask_mod = trace_mods(spec) if traced is None else traced
+    positions = global_positions if sharded else (lambda expr: expr)
+    captured_tensors = merged_captured(score_mod, mask_mod)
+    if sharded:
+        captured_tensors = sharded_captured(captured_tensors)
     H, Hkv, D, Dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
     g = GraphBuilder()
     q = g.input("q", "query", TensorType((B, H, N, D), "T"))
     k = g.input("k", "key", TensorType((B, Hkv, M, D), "T"))
     v = g.input("v", "value", TensorType((B, Hkv, M, Dv), "T"))
-    captured = {
-        name: g.input(name, "captured", captured_type(c)) for name, c in merged_captured(score_mod, mask_mod).items()
-    }
+    # In name order, the order in which fused regions take them, so a region can be the whole program.
+    captured = {name: g.input(name, "captured", captured_type(c)) for name, c in sorted(captured_tensors.items())}
 
     if spec.groups > 1:
         k = g.add(ops.RepeatKV(spec.groups), k)
@@ -105,14 +135,18 @@ def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None]
     s = g.add(ops.Matmul(transpose_b=True), q, k)
     factor = number(spec.scale) if spec.scale is not None else 1 / sympy.sqrt(D)
     s = g.add(ops.Scale(factor), s)
-    if spec.alibi:
+    if spec.alibi and sharded:
+        bias = positions(ops.Alibi(alibi_slope(H), spec.alignment).as_score_mod())
+        s = g.add(ops.ScoreMod(bias), s, *_captured_operands(bias, captured))
+    elif spec.alibi:
         s = g.add(ops.Alibi(alibi_slope(H), spec.alignment), s)
     if score_mod is not None:
-        s = g.add(ops.ScoreMod(score_mod.expr), s, *_captured_operands(score_mod.expr, captured))
+        expr = positions(score_mod.expr)
+        s = g.add(ops.ScoreMod(expr), s, *_captured_operands(expr, captured))
     if spec.softcap is not None:
         cap = number(spec.softcap)
         s = g.add(ops.ScoreMod(cap * sympy.tanh(score / cap)), s)
-    predicate = mask_predicate(spec, mask_mod)
+    predicate = positions(mask_predicate(spec, mask_mod))
     if predicate is not sympy.true:
         s = g.add(ops.Mask(predicate), s, *_captured_operands(predicate, captured))
     p = g.add(ops.Softmax(), s)

@@ -13,9 +13,18 @@ from typing import ClassVar
 import sympy
 
 from attncc.errors import IRError
-from attncc.ir.expr import INDEX_SYMBOLS, LENGTH_SYMBOLS, captured_names, free_symbol_names, is_boolean, score
+from attncc.ir.expr import (
+    INDEX_SYMBOLS,
+    LENGTH_SYMBOLS,
+    captured_names,
+    free_symbol_names,
+    is_boolean,
+    kv_idx,
+    q_idx,
+    score,
+)
 from attncc.ir.schedule import TileSchedule
-from attncc.ir.types import TensorType
+from attncc.ir.types import M, N, TensorType
 
 ALIGNMENTS = ("bottom_right", "top_left")
 
@@ -151,6 +160,11 @@ class Alibi(Op):
             raise IRError(f"alibi alignment {self.alignment!r} is not one of {ALIGNMENTS}")
         _check_expression(self, self.slope, {"h"})
         return inputs[0]
+
+    def as_score_mod(self) -> sympy.Expr:
+        """The bias as a score expression: ``score - slope(h) * |q_pos - kv_idx|``."""
+        position = q_idx if self.alignment == "top_left" else q_idx + M - N
+        return score - self.slope * sympy.Abs(position - kv_idx)
 
 
 @dataclass(frozen=True)

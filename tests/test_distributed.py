@@ -1,0 +1,238 @@
+"""Context parallelism on 2 and 4 gloo processes: shards against the float64 attention of the whole sequence.
+
+Each world size starts one process group for the module; every case runs on every rank,
+which checks its own output shard and gradients against the reference of the whole
+sequence (computed on every rank, from the same seeds) and reports back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attncc
+from attncc import distributed as cp
+from tests.reference import dense_attention
+
+TIMEOUT = datetime.timedelta(seconds=30)
+
+
+def _qkv(seed, batch, heads, kv_heads, length, dim, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(batch, h, length, dim, generator=generator).to(dtype)  # noqa: E731
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def _close(actual, expected, tolerance, what):
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=tolerance, rtol=tolerance, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def check_attention(seed, shape, layout, reference, *, dtype=torch.float32, tolerance=1e-5, **call):
+    """One rank's output, lse and q/k/v gradients against autograd through the float64 reference."""
+    batch, heads, kv_heads, length, dim = shape
+    q, k, v = _qkv(seed, batch, heads, kv_heads, length, dim, dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    weight_o, weight_lse = (
+        torch.randn(batch, heads, length, dim, generator=generator),
+        torch.randn(batch, heads, length, generator=generator),
+    )
+    local = [cp.shard(t, layout=layout).requires_grad_() for t in (q, k, v)]
+    o, lse = cp.context_parallel_attention(*local, layout=layout, return_lse=True, **call)
+    loss = (o.float() * cp.shard(weight_o, layout=layout)).sum()
+    loss = loss + (torch.where(lse.isinf(), 0.0, lse) * cp.shard(weight_lse, layout=layout)).sum()
+    loss.backward()
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_o, ref_lse = dense_attention(*leaves, **reference)
+    ((ref_o * weight_o).sum() + (torch.where(ref_lse.isinf(), 0.0, ref_lse) * weight_lse).sum()).backward()
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    _close(o, cp.shard(ref_o, layout=layout), tolerance, "o")
+    _close(lse, cp.shard(ref_lse, layout=layout), 1e-5, "lse")
+    assert torch.equal(torch.isinf(lse), cp.shard(torch.isinf(ref_lse), layout=layout))
+    for name, leaf, ref in zip("qkv", local, leaves):
+        _close(leaf.grad, cp.shard(ref.grad, layout=layout), 2e-5 if dtype == torch.float32 else tolerance, f"d{name}")
+    return o
+
+
+def case_causal_zigzag_gqa():
+    check_attention(
+        1, (2, 4, 2, 37, 16), "zigzag", {"causal": True}, spec=attncc.AttentionSpec(4, 16, num_kv_heads=2, causal=True)
+    )
+
+
+def case_causal_contiguous():
+    mask = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx  # noqa: E731
+    check_attention(2, (1, 2, 2, 41, 8), "contiguous", {"causal": True}, mask_mod=mask)
+
+
+def case_sliding_window_both_layouts():
+    spec = attncc.AttentionSpec(2, 8, causal=True, window=(5, 0))
+    for layout in cp.LAYOUTS:
+        check_attention(3, (1, 2, 2, 48, 8), layout, {"causal": True, "window": (5, 0)}, spec=spec)
+
+
+def case_window_contiguous_pairs_are_neighbours():
+    """A window narrower than a shard: only the diagonal and the previous shard have work."""
+    world = dist.get_world_size()
+    spec = attncc.AttentionSpec(2, 8, causal=True, window=(5, 0))
+    program = cp._program(spec, "pytorch")
+    plan = cp.plan_ring(program, dist.group.WORLD, dist.get_rank(), world, "contiguous", "ring", 16 * world,
+                        16 * world, {}, 1, 2, (1, 2, 16, 8), 8, "cpu")  # fmt: skip
+    kinds = plan.kinds()
+    for q_rank in range(world):
+        for kv_rank in range(world):
+            if dist.get_rank() in (q_rank, kv_rank):
+                expected = "partial" if kv_rank in (q_rank, q_rank - 1) else "empty"
+                assert kinds[q_rank][kv_rank] == expected, (q_rank, kv_rank, kinds)
+
+
+def case_documents_with_global_ids_and_all_gather():
+    lengths = torch.tensor([9, 14, 3, 20, 6])
+    doc = torch.repeat_interleave(torch.arange(5), lengths)
+
+    def mask(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    for exchange in cp.KV_EXCHANGES:
+        check_attention(4, (1, 2, 1, 52, 8), "zigzag", {"mask_mod": mask}, mask_mod=mask, enable_gqa=True,
+                        kv_exchange=exchange)  # fmt: skip
+
+
+def case_alibi_and_bidirectional_window():
+    spec = attncc.AttentionSpec(3, 8, alibi=True, window=(4, 7))
+    check_attention(5, (1, 3, 3, 45, 8), "contiguous", {"alibi": True, "window": (4, 7)}, spec=spec)
+    check_attention(5, (1, 3, 3, 45, 8), "zigzag", {"alibi": True, "window": (4, 7)}, spec=spec)
+
+
+def case_score_mod_with_trainable_bias_table():
+    table = torch.randn(2, 9, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    reference_table = table.detach().double().requires_grad_()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+    def reference_mod(score, b, h, q_idx, kv_idx):
+        return score + reference_table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+    check_attention(7, (1, 2, 2, 30, 8), "zigzag", {"score_mod": reference_mod, "causal": True}, score_mod=score_mod,
+                    mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx)  # fmt: skip
+    _close(table.grad, reference_table.grad, 2e-5, "d table")
+
+
+def case_no_mask_and_tiny_shards():
+    """Plain attention (the program reads no position) on shards of one or two positions."""
+    check_attention(13, (1, 2, 2, 2 * dist.get_world_size() + 1, 8), "zigzag", {}, spec=attncc.AttentionSpec(2, 8))
+
+
+def case_bfloat16():
+    spec = attncc.AttentionSpec(2, 16, causal=True)
+    check_attention(8, (1, 2, 2, 40, 16), "zigzag", {"causal": True}, dtype=torch.bfloat16, tolerance=8e-3, spec=spec)
+
+
+def case_unshard_inverts_shard():
+    x = torch.randn(2, 3, 23, 5, generator=torch.Generator().manual_seed(12))
+    for layout in cp.LAYOUTS:
+        for dim in (2, 1, -1):
+            assert torch.equal(cp.unshard(cp.shard(x, layout=layout, dim=dim), layout=layout, dim=dim), x)
+
+
+def _expect_error(call, *fragments):
+    try:
+        call()
+    except cp.DistributedError as error:
+        for fragment in fragments:
+            assert fragment in str(error), str(error)
+        return
+    raise AssertionError("no DistributedError")
+
+
+def case_mismatched_inputs_fail_on_every_rank():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = attncc.AttentionSpec(2, 8, causal=True)
+    q, k, v = (cp.shard(t) for t in _qkv(9, 1, 2, 2, 32, 8))
+    layouts = "contiguous" if rank == world - 1 else "zigzag"
+    _expect_error(lambda: cp.context_parallel_attention(q, k, v, spec=spec, layout=layouts), "different layout",
+                  f"rank {world - 1}: 'contiguous'")  # fmt: skip
+    short = q[:, :, 1:] if rank == 1 else q
+    _expect_error(lambda: cp.context_parallel_attention(short, k, v, spec=spec), "query shards of lengths",
+                  "not a 'zigzag' sharding")  # fmt: skip
+    name = "diagonal" if rank == 0 else "zigzag"
+    _expect_error(lambda: cp.context_parallel_attention(q, k, v, spec=spec, layout=name), "rank 0 of the group",
+                  "layout='diagonal' is invalid")  # fmt: skip
+    wrong = q.double() if rank == 1 else q
+    _expect_error(lambda: cp.context_parallel_attention(wrong, k, v, spec=spec), "rank 1 of the group", "float64")
+    _expect_error(lambda: cp.unshard(q[:, :, : 1 + 2 * rank]), "not a 'zigzag' sharding")
+    _expect_error(lambda: cp.shard(q, group="world"), "ProcessGroup or None is allowed")
+    other = attncc.AttentionSpec(2, 8, causal=rank == 0)
+    _expect_error(lambda: cp.context_parallel_attention(q, k, v, spec=other), "different program")
+
+
+def case_attention_module():
+    torch.manual_seed(10)
+    serial = attncc.nn.Attention(32, 4, num_kv_heads=2, causal=True, rope=True)
+    parallel = attncc.nn.Attention(
+        32, 4, num_kv_heads=2, causal=True, rope=True, context_parallel_group=dist.group.WORLD
+    )
+    parallel.load_state_dict(serial.state_dict())
+    x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(11))
+    expected = serial(x)
+    expected.sum().backward()
+    out = parallel(cp.shard(x, dim=1))
+    out.sum().backward()
+    _close(out, cp.shard(expected.detach(), dim=1), 2e-5, "module output")
+    for (name, p), q in zip(parallel.named_parameters(), serial.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        _close(grad, q.grad, 5e-5, f"d{name}")
+
+
+CASES = {name: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def _worker(rank: int, world: int, init: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=TIMEOUT)
+    torch.set_num_threads(1)
+    outcome, durations = {}, {}
+    for name, case in CASES.items():
+        try:
+            start = time.perf_counter()
+            case()
+            outcome[name] = "ok"
+            durations[name] = time.perf_counter() - start
+        except Exception:  # noqa: BLE001 - every failure is reported to the test
+            outcome[name] = traceback.format_exc()
+    with open(f"{results}.{rank}", "w") as file:
+        json.dump({"outcome": outcome, "seconds": durations}, file)
+    dist.destroy_process_group()
+
+
+def _run_world(world: int, tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp(f"world{world}")
+    results = str(folder / "results")
+    mp.start_processes(_worker, args=(world, f"file://{folder / 'store'}", results), nprocs=world,
+                       start_method="spawn")  # fmt: skip
+    outcomes = []
+    for rank in range(world):
+        with open(f"{results}.{rank}") as file:
+            outcomes.append(json.load(file)["outcome"])
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    return {world: _run_world(world, tmp_path_factory) for world in (2, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_context_parallel(worlds, world, case):
+    failures = [f"rank {rank}:\n{outcome[case]}" for rank, outcome in enumerate(worlds[world]) if outcome[case] != "ok"]
+    assert not failures, "\n".join(failures)
