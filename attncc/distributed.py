@@ -286,15 +286,8 @@ class RingPlan:
     v_dim: int
 
     def kinds(self) -> list[list[str]]:
-        """Per (query rank, KV rank): empty, full (every pair full), or partial."""
-        table = []
-        for q_rank in range(self.world):
-            row = []
-            for kv_rank in range(self.world):
-                pairs = self.pairs.get((q_rank, kv_rank), [])
-                row.append("empty" if not pairs else ("full" if all(p.kind == "full" for p in pairs) else "partial"))
-            table.append(row)
-        return table
+        """Per (query rank, KV rank): empty, full (every block pair full) or partial; known for this rank's row and column."""
+        return _kinds(self.pairs, self.world)
 
     def program_inputs(self, pair: Pair) -> list[torch.Tensor]:
         """The program's captured inputs for a pair: the mods' tensors with the pair's ``shard`` in its place."""
@@ -333,15 +326,15 @@ def _pair_kind(program: CompiledAttention, shard: torch.Tensor, captured: dict, 
     return "partial"
 
 
-def plan_ring(program, group, rank, world, layout, exchange, q_len, kv_len, captured, batch, heads, kv_shape,
-              v_dim, device) -> RingPlan:  # fmt: skip
-    """The pairs every rank computes; every rank derives the same plan from the same global facts."""
+def block_pairs(program, world: int, layout: str, q_len: int, kv_len: int, captured: dict, batch: int, heads: int,
+                involving: int | None = None, device="cpu") -> dict[tuple[int, int], list[Pair]]:  # fmt: skip
+    """Per (query rank, KV rank) the block pairs with visible keys (only pairs with rank ``involving``, if given)."""
     q_blocks = [rank_blocks(q_len, layout, world, r) for r in range(world)]
     kv_blocks = [rank_blocks(kv_len, layout, world, r) for r in range(world)]
     pairs = {}
     for q_rank in range(world):
         for kv_rank in range(world):
-            if rank not in (q_rank, kv_rank):
+            if involving is not None and involving not in (q_rank, kv_rank):
                 continue
             found = []
             for i, qb in enumerate(q_blocks[q_rank]):
@@ -352,6 +345,40 @@ def plan_ring(program, group, rank, world, layout, exchange, q_len, kv_len, capt
                         found.append(Pair(i, j, kind, position.to(device)))
             if found:
                 pairs[(q_rank, kv_rank)] = found
+    return pairs
+
+
+def _kinds(pairs: dict, world: int) -> list[list[str]]:
+    table = []
+    for q_rank in range(world):
+        row = []
+        for kv_rank in range(world):
+            found = pairs.get((q_rank, kv_rank), [])
+            row.append("empty" if not found else ("full" if all(p.kind == "full" for p in found) else "partial"))
+        table.append(row)
+    return table
+
+
+def pair_kinds(spec: AttentionSpec, world: int, length: int, layout: str = "zigzag", batch: int = 1,
+               backend: str = "pytorch") -> list[list[str]]:  # fmt: skip
+    """Per (query rank, KV rank) of ``world`` ranks sharing ``length`` positions: "empty", "full" or "partial".
+
+    "empty" pairs are skipped and their KV shards never sent; "full" means no element is masked.
+    The mods' captured tensors (of the whole sequence) are read as the mods capture them.
+    """
+    _check_choice("layout", layout, LAYOUTS)
+    program = _program(spec, backend)
+    captured, _ = _captured_tensors(spec)
+    pairs = block_pairs(program, world, layout, length, length, captured, batch, spec.num_heads)
+    return _kinds(pairs, world)
+
+
+def plan_ring(program, group, rank, world, layout, exchange, q_len, kv_len, captured, batch, heads, kv_shape,
+              v_dim, device) -> RingPlan:  # fmt: skip
+    """The pairs this rank computes or feeds; every rank derives them from the same global facts."""
+    q_blocks = [rank_blocks(q_len, layout, world, r) for r in range(world)]
+    kv_blocks = [rank_blocks(kv_len, layout, world, r) for r in range(world)]
+    pairs = block_pairs(program, world, layout, q_len, kv_len, captured, batch, heads, rank, device)
     labels = [n.op.label for n in program.graph.captured]
     inputs = [captured[label] for label in labels if label != SHARD.name]
     shard_index = labels.index(SHARD.name) if SHARD.name in labels else None
@@ -638,6 +665,7 @@ __all__ = [
     "DistributedError",
     "LAYOUTS",
     "chunk_bounds",
+    "pair_kinds",
     "context_parallel_attention",
     "plan_ring",
     "shard",

@@ -79,21 +79,6 @@ def case_sliding_window_both_layouts():
         check_attention(3, (1, 2, 2, 48, 8), layout, {"causal": True, "window": (5, 0)}, spec=spec)
 
 
-def case_window_contiguous_pairs_are_neighbours():
-    """A window narrower than a shard: only the diagonal and the previous shard have work."""
-    world = dist.get_world_size()
-    spec = attncc.AttentionSpec(2, 8, causal=True, window=(5, 0))
-    program = cp._program(spec, "pytorch")
-    plan = cp.plan_ring(program, dist.group.WORLD, dist.get_rank(), world, "contiguous", "ring", 16 * world,
-                        16 * world, {}, 1, 2, (1, 2, 16, 8), 8, "cpu")  # fmt: skip
-    kinds = plan.kinds()
-    for q_rank in range(world):
-        for kv_rank in range(world):
-            if dist.get_rank() in (q_rank, kv_rank):
-                expected = "partial" if kv_rank in (q_rank, q_rank - 1) else "empty"
-                assert kinds[q_rank][kv_rank] == expected, (q_rank, kv_rank, kinds)
-
-
 def case_documents_with_global_ids_and_all_gather():
     lengths = torch.tensor([9, 14, 3, 20, 6])
     doc = torch.repeat_interleave(torch.arange(5), lengths)
@@ -218,7 +203,7 @@ def _run_world(world: int, tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp(f"world{world}")
     results = str(folder / "results")
     mp.start_processes(_worker, args=(world, f"file://{folder / 'store'}", results), nprocs=world,
-                       start_method="spawn")  # fmt: skip
+                       start_method="fork")  # fmt: skip
     outcomes = []
     for rank in range(world):
         with open(f"{results}.{rank}") as file:
@@ -236,3 +221,46 @@ def worlds(tmp_path_factory):
 def test_context_parallel(worlds, world, case):
     failures = [f"rank {rank}:\n{outcome[case]}" for rank, outcome in enumerate(worlds[world]) if outcome[case] != "ok"]
     assert not failures, "\n".join(failures)
+
+
+def test_window_pairs_are_neighbours_and_causal_pairs_skip_the_future():
+    """A window narrower than a shard: only the diagonal and the previous shard have work."""
+    window = cp.pair_kinds(attncc.AttentionSpec(2, 8, causal=True, window=(5, 0)), 4, 64, layout="contiguous")
+    assert window == [
+        ["partial", "empty", "empty", "empty"],
+        ["partial", "partial", "empty", "empty"],
+        ["empty", "partial", "partial", "empty"],
+        ["empty", "empty", "partial", "partial"],
+    ]
+    causal = cp.pair_kinds(attncc.AttentionSpec(2, 8, causal=True), 4, 64, layout="contiguous")
+    assert causal == [["partial" if q == kv else "full" if kv < q else "empty" for kv in range(4)] for q in range(4)]
+    zigzag = cp.pair_kinds(attncc.AttentionSpec(2, 8, causal=True), 4, 64)
+    assert all(kind != "empty" for row in zigzag for kind in row)  # every rank holds an early and a late chunk
+
+
+def test_chunks_follow_tensor_split():
+    assert cp.chunk_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    for length in (8, 13):
+        for layout in cp.LAYOUTS:
+            blocks = [cp.rank_blocks(length, layout, 4, r) for r in range(4)]
+            starts = sorted(b.start for rank in blocks for b in rank)
+            assert sum(b.length for rank in blocks for b in rank) == length and starts[0] == 0
+    assert [b.start for b in cp.rank_blocks(16, "zigzag", 4, 1)] == [2, 12]
+
+
+def test_sharded_program_reads_global_positions_from_shard():
+    text = str(attncc.compile(attncc.AttentionSpec(2, 8, causal=True), sharded=True).unoptimized_graph)
+    assert "%shard: i64[shard_d0]" in text
+    assert "kv_idx + shard[1] <= q_idx + shard[0] - shard[2] + shard[3]" in text
+
+
+def test_reserved_captured_name_is_rejected():
+    shard = torch.zeros(8, dtype=torch.long)
+    spec = attncc.AttentionSpec(2, 8, mask_mod=lambda b, h, q_idx, kv_idx: shard[q_idx] == shard[kv_idx])
+    with pytest.raises(attncc.ModError, match="'shard' is reserved"):
+        attncc.compile(spec, sharded=True)
+
+
+def test_calls_without_a_process_group_fail_clearly():
+    with pytest.raises(cp.DistributedError, match="init_process_group"):
+        cp.shard(torch.zeros(1, 1, 4, 2))
