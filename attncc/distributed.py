@@ -302,6 +302,11 @@ class RingPlan:
     def global_rank(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank)
 
+    def transfers(self, step: int) -> bool:
+        """Whether this rank receives or sends a KV shard at ``step``."""
+        source, target = self.sources(step)
+        return (self.rank, source) in self.pairs or (target, self.rank) in self.pairs
+
     def sources(self, step: int) -> tuple[int, int]:
         """At ``step``, this rank receives the KV shard of the first rank and sends its own to the second."""
         return (self.rank - step) % self.world, (self.rank + step) % self.world
@@ -411,7 +416,7 @@ class KVExchange:
         return list(zip(*result))
 
     def _post(self, step: int):
-        """Start step ``step``'s transfers; returns the receive buffers and requests (None if nothing arrives)."""
+        """Start step ``step``'s transfers; returns the receive buffers (None if nothing arrives) and their requests."""
         plan = self.plan
         source, target = plan.sources(step)
         ops_ = []
@@ -431,7 +436,7 @@ class KVExchange:
         requests = dist.batch_isend_irecv(ops_) if ops_ else []
         if buffers is None:
             self.sends += requests
-            return None
+            return None, []
         return buffers, requests
 
     def __iter__(self):
@@ -447,18 +452,23 @@ class KVExchange:
                 )
             return
         own = (self.k, self.v) if (plan.rank, plan.rank) in plan.pairs else (None, None)
+        # Each transfer starts while the step with work before it computes: steps without any are skipped.
+        active = iter([step for step in range(1, plan.world) if plan.transfers(step)])
+        posted = next(active, None)
+        pending = self._post(posted) if posted is not None else None
         yield 0, plan.rank, *own
-        pending = self._post(1) if plan.world > 1 else None
         for step in range(1, plan.world):
-            current = pending
-            pending = self._post(step + 1) if step + 1 < plan.world else None
-            if current is None:
+            buffers, requests = None, []
+            if step == posted:
+                buffers, requests = pending
+                posted = next(active, None)
+                pending = self._post(posted) if posted is not None else None
+            if buffers is None:
                 yield step, plan.sources(step)[0], None, None
                 continue
-            (k, v), requests = current
             for request in requests:
                 request.wait()
-            yield step, plan.sources(step)[0], k, v
+            yield step, plan.sources(step)[0], *buffers
 
     def finish(self) -> None:
         for request in self.sends:
