@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 4 examples/context_parallel_balance.py --length 65536
 
 For a causal mask and a causal 4K window, each rank times its forward pass (after one
-call that compiles and warms up) with one thread: the CPU seconds its process spent
+short call that compiles the program) with one thread: the CPU seconds its process spent
 (its share of the work; waiting for another rank's shard costs none) and the wall
 seconds of the call (a rank returns once the ranks it sends to have received, so
 the slowest rank sets them all). Rank 0 prints both and the ratio of the busiest
@@ -22,9 +22,10 @@ from attncc import distributed as cp
 
 
 def timed_forward(spec, q, k, v, layout: str) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of this rank's second forward call."""
+    """(CPU seconds, wall seconds) of this rank's forward call, after a short one that compiles the program."""
+    short = [cp.shard(t[:, :, : 8 * dist.get_world_size()], layout=layout) for t in (q, k, v)]
+    cp.context_parallel_attention(*short, spec=spec, layout=layout)
     local = [cp.shard(t, layout=layout) for t in (q, k, v)]
-    cp.context_parallel_attention(*local, spec=spec, layout=layout)
     dist.barrier()
     cpu, wall = time.process_time(), time.perf_counter()
     cp.context_parallel_attention(*local, spec=spec, layout=layout)

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 import attncc
 from attncc import distributed as cp
+from attncc import parallel_cost
 from tests.reference import dense_attention
 
 TIMEOUT = datetime.timedelta(seconds=30)
@@ -264,3 +265,26 @@ def test_reserved_captured_name_is_rejected():
 def test_calls_without_a_process_group_fail_clearly():
     with pytest.raises(cp.DistributedError, match="init_process_group"):
         cp.shard(torch.zeros(1, 1, 4, 2))
+
+
+def test_cost_model_counts_visible_scores_per_rank_pair():
+    causal = attncc.AttentionSpec(2, 8, causal=True)
+    lo, hi = parallel_cost.row_intervals(causal, 8)
+    assert lo.tolist() == [0] * 8 and hi.tolist() == list(range(1, 9))
+    assert parallel_cost.visible_scores(lo, hi, 2, "contiguous").tolist() == [[10, 0], [16, 10]]
+    assert parallel_cost.visible_scores(lo, hi, 2, "zigzag").tolist() == [[10, 8], [8, 10]]
+    lo, hi = parallel_cost.row_intervals(causal, 8, documents=[3, 5])
+    assert lo.tolist() == [0, 0, 0, 3, 3, 3, 3, 3] and hi.tolist() == list(range(1, 9))
+    with pytest.raises(attncc.SpecError, match="documents sum to 7"):
+        parallel_cost.row_intervals(causal, 8, documents=[3, 4])
+
+
+def test_cost_model_window_needs_two_steps_and_a_fast_enough_link():
+    spec = attncc.AttentionSpec(2, 8, causal=True, window=(5, 0))
+    lo, hi = parallel_cost.row_intervals(spec, 64)
+    fast = parallel_cost.ring_cost(spec, lo, hi, 4, "contiguous", parallel_cost.Link("fast", 1e12, 1e12))
+    slow = parallel_cost.ring_cost(spec, lo, hi, 4, "contiguous", parallel_cost.Link("slow", 1e12, 1e6))
+    assert fast.steps_with_work == 2 and fast.hidden and not slow.hidden
+    assert fast.shard_bytes == 2 * 16 * 16 * 2  # KV heads x positions x (D + Dv) x 2 bytes
+    # rows see 6 keys (rank 0's first five rows 1..5): 96 or 81 scores, 2 heads x 2 (D + Dv) FLOPs each
+    assert fast.flops_max == 96 * 64 and fast.flops_min == 81 * 64
