@@ -55,7 +55,7 @@ def main() -> None:
         spec = attncc.AttentionSpec(heads, dim, num_kv_heads=kv_heads, mask_mod=document_causal)
         print("pairs (query rank x KV rank):")
         for r, kinds in enumerate(cp.pair_kinds(spec, world, length)):
-            print(f"  rank {r}: " + " ".join(f"{kind:8}" for kind in kinds))
+            print(f"  rank {r}: " + " ".join(f"{kind:8}" for kind in kinds).rstrip())
     dist.destroy_process_group()
 
 
