@@ -21,6 +21,7 @@ import attncc
 from attncc import distributed as cp
 from attncc import parallel_cost
 from tests.reference import dense_attention
+from tests.test_triton import requires_triton
 
 TIMEOUT = datetime.timedelta(seconds=30)
 
@@ -288,3 +289,46 @@ def test_cost_model_window_needs_two_steps_and_a_fast_enough_link():
     assert fast.shard_bytes == 2 * 16 * 16 * 2  # KV heads x positions x (D + Dv) x 2 bytes
     # rows see 6 keys (rank 0's first five rows 1..5): 96 or 81 scores, 2 heads x 2 (D + Dv) FLOPs each
     assert fast.flops_max == 96 * 64 and fast.flops_min == 81 * 64
+
+
+@pytest.mark.parametrize("backend", ["pytorch", pytest.param("triton", marks=requires_triton)])
+def test_block_pairs_merge_and_differentiate_to_whole_attention(backend):
+    """What each rank does, in one process: sharded programs on block pairs, merged; backward from the merged lse."""
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([7, 9, 8]))
+
+    def mask(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    program = attncc.compile(
+        attncc.AttentionSpec(4, 16, num_kv_heads=2, mask_mod=mask, alibi=True), backend, sharded=True
+    )
+    q, k, v = _qkv(14, 1, 4, 2, 24, 16)
+    labels = [node.op.label for node in program.graph.captured]
+
+    def inputs(q_block, kv_block):
+        values = {"doc": doc, "shard": torch.tensor([q_block.start, kv_block.start, 24, 24])}
+        return [values[label] for label in labels]
+
+    blocks = (slice(0, 10), slice(10, 24))
+    merged = []
+    for qb in blocks:
+        parts = [program.op(q[:, :, qb].contiguous(), k[:, :, kb], v[:, :, kb], inputs(qb, kb)) for kb in blocks]
+        merged.append(attncc.merge_attention_states(*zip(*parts)))
+    o, lse = torch.cat([m[0] for m in merged], 2), torch.cat([m[1] for m in merged], 2)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_o, ref_lse = dense_attention(*leaves, mask_mod=mask, alibi=True)
+    grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(15))
+    ref_o.backward(grad_o.double())
+    _close(o, ref_o, 1e-5, "o")
+    _close(lse, ref_lse, 1e-5, "lse")
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for qb in blocks:
+        for kb in blocks:
+            tensors = [t[:, :, qb].contiguous() for t in (q,)] + [k[:, :, kb].contiguous(), v[:, :, kb].contiguous()]
+            row = [t[:, :, qb].contiguous() for t in (o, lse, grad_o)]
+            dq, dk, dv, _ = program.backward_op(*tensors, *row, torch.zeros_like(row[1]), inputs(qb, kb), [])
+            grads[0][:, :, qb] += dq
+            grads[1][:, :, kb] += dk
+            grads[2][:, :, kb] += dv
+    for name, grad, leaf in zip("qkv", grads, leaves):
+        _close(grad, leaf.grad, 2e-5, f"d{name}")
