@@ -91,18 +91,19 @@ def _group_and_rank(group) -> tuple[object, int, int]:
             "torch.distributed is not initialized: call torch.distributed.init_process_group first "
             "(or launch with torchrun)"
         )
-    if group is not None and not isinstance(group, dist.ProcessGroup):
+    # new_group gives the ranks it leaves out a sentinel instead of a group
+    member = group is not dist.GroupMember.NON_GROUP_MEMBER
+    if member and group is not None and not isinstance(group, dist.ProcessGroup):
         raise DistributedError(
             f"group is a {type(group).__name__}: a torch.distributed ProcessGroup or None is allowed"
         )
     group = group or dist.group.WORLD
-    rank = dist.get_rank(group)
-    if rank < 0:
+    if not member or dist.get_rank(group) < 0:
         raise DistributedError(
             f"this process (global rank {dist.get_rank()}) is not a member of the group it passed: "
             "call it only on the group's ranks"
         )
-    return group, rank, dist.get_world_size(group)
+    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def _check_choice(field: str, value, allowed: tuple[str, ...]) -> None:

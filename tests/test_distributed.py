@@ -158,6 +158,9 @@ def case_mismatched_inputs_fail_on_every_rank():
     _expect_error(lambda: cp.context_parallel_attention(wrong, k, v, spec=spec), "rank 1 of the group", "float64")
     _expect_error(lambda: cp.unshard(q[:, :, : 1 + 2 * rank]), "not a 'zigzag' sharding")
     _expect_error(lambda: cp.shard(q, group="world"), "ProcessGroup or None is allowed")
+    first_only = dist.new_group([0])
+    if rank != 0:
+        _expect_error(lambda: cp.context_parallel_attention(q, k, v, spec=spec, group=first_only), "not a member")
     other = attncc.AttentionSpec(2, 8, causal=rank == 0)
     _expect_error(lambda: cp.context_parallel_attention(q, k, v, spec=other), "different program")
 
