@@ -39,7 +39,6 @@ from attncc.spec import AttentionSpec
 
 LAYOUTS = ("contiguous", "zigzag")
 KV_EXCHANGES = ("ring", "all_gather")
-PAIR_KINDS = ("empty", "full", "partial")
 
 _PROGRAMS: OrderedDict[tuple, CompiledAttention] = OrderedDict()
 _MAX_PROGRAMS = 64
@@ -175,9 +174,10 @@ def unshard(x_local: torch.Tensor, group=None, layout: str = "zigzag", dim: int 
         dim = _check_dim(x_local, dim)
     except AttnccError as error:
         problem = str(error)
-    entry = {"layout": layout, "dim": dim} if problem else {
-        "layout": layout, "dim": dim, "length": x_local.shape[dim], "shape": tuple(x_local.shape[:dim] + x_local.shape[dim + 1:]),
-        "dtype": str(x_local.dtype)}  # fmt: skip
+    entry = {"layout": layout, "dim": dim}
+    if problem is None:
+        others = x_local.shape[:dim] + x_local.shape[dim + 1 :]
+        entry.update(length=x_local.shape[dim], shape=tuple(others), dtype=str(x_local.dtype))
     entries = _agree(group, world, entry, problem)
     _same_on_every_rank(entries, ("layout", "dim", "shape", "dtype"), "unshard")
     total = _check_shard_lengths(entries, "length", layout, world, "the")
@@ -285,10 +285,6 @@ class RingPlan:
     shard_index: int | None
     kv_shape: tuple[int, ...]
     v_dim: int
-
-    def kinds(self) -> list[list[str]]:
-        """Per (query rank, KV rank): empty, full (every block pair full) or partial; known for this rank's row and column."""
-        return _kinds(self.pairs, self.world)
 
     def program_inputs(self, pair: Pair) -> list[torch.Tensor]:
         """The program's captured inputs for a pair: the mods' tensors with the pair's ``shard`` in its place."""
