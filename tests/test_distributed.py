@@ -119,6 +119,21 @@ def case_no_mask_and_tiny_shards():
     check_attention(13, (1, 2, 2, 2 * dist.get_world_size() + 1, 8), "zigzag", {}, spec=attncc.AttentionSpec(2, 8))
 
 
+def case_queries_and_keys_of_different_lengths():
+    """Two sharded sequences (N = 26 queries, M = 35 keys): causal aligns at the bottom right of the global lengths."""
+    generator = torch.Generator().manual_seed(16)
+    q, k, v = torch.randn(1, 2, 26, 8, generator=generator), *torch.randn(2, 1, 2, 35, 8, generator=generator)
+    local = [cp.shard(t).requires_grad_() for t in (q, k, v)]
+    o = cp.context_parallel_attention(*local, spec=attncc.AttentionSpec(2, 8, causal=True))
+    o.sum().backward()
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    expected, _ = dense_attention(*leaves, causal=True)
+    expected.sum().backward()
+    _close(o, cp.shard(expected), 1e-5, "o")
+    for name, leaf, ref in zip("qkv", local, leaves):
+        _close(leaf.grad, cp.shard(ref.grad), 2e-5, f"d{name}")
+
+
 def case_bfloat16():
     spec = attncc.AttentionSpec(2, 16, causal=True)
     check_attention(8, (1, 2, 2, 40, 16), "zigzag", {"causal": True}, dtype=torch.bfloat16, tolerance=8e-3, spec=spec)
