@@ -88,6 +88,27 @@ def load_program(graph: Graph, target) -> tuple[Path, Callable]:
     return path, load_module(path).attention
 
 
+class CapturedTensors(torch.nn.Module):
+    """A program's captured tensors as non-persistent buffers under their labels, so ``.to()`` moves them.
+
+    Any label works, also one that names a method of ``nn.Module`` (``float``, ``to``, ``cuda``):
+    read a tensor with ``attn.captured["doc"]``, or as ``attn.captured.doc`` where the label is
+    not such a method.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, tensor in tensors.items():
+            self._buffers[name] = tensor  # register_buffer refuses labels that are attributes of nn.Module
+            self._non_persistent_buffers_set.add(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._buffers[name]
+
+    def get(self, name: str, default=None):
+        return self._buffers.get(name, default)
+
+
 class CompiledAttention(torch.nn.Module):
     """A compiled attention program as a module: ``o = attn(q, k, v)``.
 
@@ -115,10 +136,7 @@ class CompiledAttention(torch.nn.Module):
         self.path = path
         self._function = function
         self._captured_meta = dict(captured)
-        self.captured = torch.nn.Module()
-        for name, info in captured.items():
-            if info.value is not None:
-                self.captured.register_buffer(name, info.value, persistent=False)
+        self.captured = CapturedTensors({name: info.value for name, info in captured.items() if info.value is not None})
         self._index_uses = graph_index_uses(unoptimized_graph)
         self._ops = program_ops(Path(path).stem, function, graph)
 
@@ -198,7 +216,7 @@ class CompiledAttention(torch.nn.Module):
             raise InputError(f"unknown captured tensor {unknown[0]!r}; this program captures: {allowed}")
         values = []
         for name, meta in self._captured_meta.items():
-            value = overrides.get(name, getattr(self.captured, name, None))
+            value = overrides.get(name, self.captured.get(name))
             if value is None:
                 raise InputError(f"captured tensor {name!r} has no value: pass it as attn(q, k, v, {name}=tensor)")
             if not isinstance(value, torch.Tensor):

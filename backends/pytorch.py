@@ -7,7 +7,14 @@ import math
 import sympy
 
 import attncc
-from attncc.backends.source import ExpressionPrinter, GeneratedSource, SourceWriter, unique_names
+from attncc.backends.source import (
+    CapturedNames,
+    ExpressionPrinter,
+    GeneratedSource,
+    SourceWriter,
+    python_names,
+    unique_names,
+)
 from attncc.ir import ops
 from attncc.ir.expr import INDEX_SYMBOLS, score
 from attncc.ir.graph import Graph
@@ -29,7 +36,7 @@ class TorchPrinter(ExpressionPrinter):
 
     def _print_Indexed(self, expr):
         indices = ", ".join(self._print(i) for i in expr.indices)
-        return f"{self._print(expr.base.label)}[{indices}]"
+        return f"{self.captured[str(expr.base.label)]}[{indices}]"
 
     def _print_FloorDiv(self, expr):
         a, c = expr.args
@@ -132,8 +139,8 @@ class TorchPrinter(ExpressionPrinter):
         return "float('nan')"
 
 
-def print_expr(expr) -> str:
-    return TorchPrinter().doprint(expr)
+def print_expr(expr, captured: CapturedNames) -> str:
+    return TorchPrinter(captured).doprint(expr)
 
 
 _BASE_NAMES = {
@@ -145,9 +152,9 @@ _BASE_NAMES = {
 }
 
 
-def _value_name(node) -> str:
+def _value_name(node, captured: CapturedNames) -> str:
     if isinstance(node.op, ops.Input):
-        return node.op.label
+        return captured[node.op.label] if node.op.role == "captured" else node.op.label
     if isinstance(node.op, ops.RepeatKV):
         return node.inputs[0].op.label + "_rep" if isinstance(node.inputs[0].op, ops.Input) else "kv_rep"
     return _BASE_NAMES.get(type(node.op), lambda op: "scores")(node.op)
@@ -423,35 +430,36 @@ def _platform_lines(op) -> tuple[str, str]:
     return PLATFORM_FORWARD.format(**fields), PLATFORM_BACKWARD.format(**fields)
 
 
-def _bounds_lines(op) -> list[str]:
+def _bounds_lines(op, captured: CapturedNames) -> list[str]:
     schedule = op.schedule
     if schedule is None:
         return ["return 0, M, 0, M" if op.mask is sympy.true else "return 0, M, 0, 0"]
     names = ("lo", "hi", "full_lo", "full_hi")
-    lines = [f"{name} = {print_expr(expr)}" for name, expr in zip(names, schedule.expressions()[:4])]
+    lines = [f"{name} = {print_expr(expr, captured)}" for name, expr in zip(names, schedule.expressions()[:4])]
     lines.append("return _lowest(lo), _highest(hi), _highest(full_lo), _lowest(full_hi)")
     return lines
 
 
-def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
+def _region_source(node, cls: str, ir_line: str, names: CapturedNames) -> str:
     op = node.op
+    captured = [names[operand.op.label] for operand in node.inputs[3:]]
     coefficient, rest = split_linear(op.score)
     lines = []
     in_place = coefficient is not None  # s is this function's own tensor (or the caller's buffer)
     if coefficient is not None:  # the linear factor is applied to each query tile once, by the caller
         lines.append("s = torch.matmul(q_tile, k_tile.transpose(-1, -2), out=out)")
         if rest != 0:
-            lines.append(f"s = s.add_({print_expr(rest)})")
+            lines.append(f"s = s.add_({print_expr(rest, names)})")
     elif not is_tensor(op.score):  # a constant score (scale 0, or a score_mod that ignores the score)
         lines.append(
-            f"s = torch.full((*q_tile.shape[:3], k_tile.shape[2]), {print_expr(op.score)}, dtype=torch.float32, "
+            f"s = torch.full((*q_tile.shape[:3], k_tile.shape[2]), {print_expr(op.score, names)}, dtype=torch.float32, "
             "device=q_tile.device)"
         )
     else:
         lines.append("score = torch.matmul(q_tile, k_tile.transpose(-1, -2))")
-        lines.append(f"s = torch.broadcast_to({print_expr(op.score)}, score.shape).float()")
+        lines.append(f"s = torch.broadcast_to({print_expr(op.score, names)}, score.shape).float()")
     if op.mask is not sympy.true:
-        keep = print_expr(op.mask)
+        keep = print_expr(op.mask, names)
         if not is_tensor(op.mask):
             keep = f"torch.tensor({keep}, device=s.device)"
         lines.append("if masked:")
@@ -464,7 +472,7 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
     if table:
         versions = "(" + "".join(f"(id({c}), {c}._version), " for c in captured) + ")"
         table_source = TABLE_TEMPLATE.format(captured_params=captured_params, versions=versions,
-                                             captured_tuple=_tuple(captured), keep=print_expr(op.mask))  # fmt: skip
+                                             captured_tuple=_tuple(captured), keep=print_expr(op.mask, names))  # fmt: skip
         table_lookup = f"        visit, full_tiles = cls.tile_table(B, N, M, kv_heads, device, b{captured_params})\n"
         kv_tiles = (  # the table's tiles are aligned to BLOCK_N
             "            kv_tiles = []\n"
@@ -490,7 +498,7 @@ def _region_source(node, cls: str, ir_line: str, captured: list[str]) -> str:
         groups=op.groups,
         units="base-2" if op.exp2 else "natural",
         score_lines="".join(f"        {line}\n" for line in lines),
-        bounds_lines="".join(f"        {line}\n" for line in _bounds_lines(op)),
+        bounds_lines="".join(f"        {line}\n" for line in _bounds_lines(op, names)),
         table_source=table_source,
         table_lookup=table_lookup,
         kv_tiles=kv_tiles,
@@ -508,8 +516,9 @@ def generate(graph: Graph) -> GeneratedSource:
     """Python source defining ``attention(q, k, v, *captured) -> (o, lse)`` for the graph."""
     ir_names = value_names(graph)
     nodes = [n for n in graph.nodes if n.type is not None]
-    names = dict(zip(nodes, unique_names(_value_name(n) for n in nodes)))
-    captured = [n.op.label for n in graph.captured]
+    captured_names = CapturedNames(n.op.label for n in graph.captured)
+    names = dict(zip(nodes, unique_names(_value_name(n, captured_names) for n in nodes)))
+    captured = [captured_names[n.op.label] for n in graph.captured]
     regions = graph.nodes_of(ops.FlashAttention)
 
     w = SourceWriter()
@@ -517,7 +526,7 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line()
     w.line(
         "Inputs: q [B, H, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] (fp16, bf16 or fp32)"
-        + (f", captured tensors {', '.join(captured)}." if captured else ".")
+        + (f", captured tensors {captured_names.described()}." if captured else ".")
     )
     w.line("Returns (o [B, H, N, Dv] in q's dtype, lse [B, H, N] in float32, natural log).")
     w.line("Scores are accumulated in float32. Generated from this IR:")
@@ -544,8 +553,7 @@ def generate(graph: Graph) -> GeneratedSource:
         ir_line = format_node(node, ir_names)
         w.line()
         w.line()
-        region_captured = [operand.op.label for operand in node.inputs[3:]]
-        for line in _region_source(node, cls, ir_line, region_captured).splitlines():
+        for line in _region_source(node, cls, ir_line, captured_names).splitlines():
             w.line(line, ir=ir_line)
     w.line()
     w.line()
@@ -569,9 +577,11 @@ def generate(graph: Graph) -> GeneratedSource:
             args = ", ".join(names[i] for i in node.inputs)
             w.line(f"{names[node]}, {names[node]}_lse = {region_classes[node]}.apply({args})", ir=ir_line)
             continue
-        for text in _lower_node(node, names, w, grids):
+        for text in _lower_node(node, names, w, grids, captured_names):
             w.line(text, ir=ir_line)
-    return GeneratedSource(w.text(), "attention", w.line_map, name)
+    source = w.text()
+    captured_names.check(python_names(source))
+    return GeneratedSource(source, "attention", w.line_map, name)
 
 
 def _grouped_matmul(a: str, c: str, op: ops.Matmul) -> str:
@@ -584,7 +594,7 @@ def _grouped_matmul(a: str, c: str, op: ops.Matmul) -> str:
     return f"torch.matmul({grouped}, {other}.unsqueeze(2)).flatten(1, 2)"
 
 
-def _lower_node(node, names, w: SourceWriter, grids: set[str]) -> list[str]:
+def _lower_node(node, names, w: SourceWriter, grids: set[str], captured: CapturedNames) -> list[str]:
     op, out = node.op, names[node]
     args = [names[i] for i in node.inputs]
     if isinstance(op, ops.RepeatKV):
@@ -599,17 +609,20 @@ def _lower_node(node, names, w: SourceWriter, grids: set[str]) -> list[str]:
         _grid_lines(sympy.Symbol("h") + sympy.Symbol("q_idx") + sympy.Symbol("kv_idx"), w, grids)
         offset = "" if op.alignment == "top_left" else " + (M - N)"
         return [
-            f"slope = {print_expr(op.slope)}",
+            f"slope = {print_expr(op.slope, captured)}",
             f"{out} = {args[0]} - slope * (q_idx{offset} - kv_idx).abs()",
         ]
     if isinstance(op, ops.ScoreMod):
         _grid_lines(op.expr, w, grids)
         if not is_tensor(op.expr):
-            return [f"{out} = torch.full_like({args[0]}, {print_expr(op.expr)})"]
-        return [f"score = {args[0]}", f"{out} = torch.broadcast_to({print_expr(op.expr)}, score.shape).float()"]
+            return [f"{out} = torch.full_like({args[0]}, {print_expr(op.expr, captured)})"]
+        return [
+            f"score = {args[0]}",
+            f"{out} = torch.broadcast_to({print_expr(op.expr, captured)}, score.shape).float()",
+        ]
     if isinstance(op, ops.Mask):
         _grid_lines(op.predicate, w, grids)
-        keep = print_expr(op.predicate)
+        keep = print_expr(op.predicate, captured)
         if not is_tensor(op.predicate):
             keep = f"torch.tensor({keep}, device=q.device)"
         return [f"{out} = torch.where({keep}, {args[0]}, float('-inf'))"]

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import re
+import tokenize
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sympy.printing.pycode import PythonCodePrinter
+
+from attncc.errors import BackendError
 
 
 @dataclass
@@ -48,14 +55,80 @@ def unique_names(base_names) -> list[str]:
     return result
 
 
+class CapturedNames:
+    """The identifiers of captured tensors in generated code: the one rule every backend follows.
+
+    A captured tensor's label is the user's choice (a closure variable, a spec file key), so it
+    may equal anything generated code defines (``k_f``, ``out``, ``tl``, ``torch``), a keyword or
+    a builtin, or reach one through Python's NFKC normalisation of identifiers (``ｋ_f`` is read
+    as ``k_f``). Generated code therefore never uses a label as an identifier. The rule:
+
+    - the tensor at position ``i`` of the program's captured inputs is ``cap{i}_{hint}``, where
+      ``hint`` is the label in NFKC form with each character outside ``[A-Za-z0-9_]`` replaced
+      by ``_`` (for readers: the position alone makes the name unique, and it stays ASCII for C);
+    - a name derived from it (a pointer, a stride, a loaded value) is ``cap{i}_{hint}_{suffix}``
+      (``derived``), never a prefix before it;
+    - a backend names nothing else ``cap<digits>_...``; ``check`` verifies that on its output
+      (the collision check), so no label can ever meet a generator's name.
+    """
+
+    PATTERN = re.compile(r"cap(\d+)_\w*")
+
+    def __init__(self, labels: Iterable[str]):
+        self.labels = tuple(labels)
+        unreadable = [label for label in self.labels if not label.isidentifier()]
+        if unreadable:  # the headers print labels in docstrings: they must not be able to end one
+            raise BackendError(f"captured tensor label {unreadable[0]!r} is not a Python identifier")
+        if len(set(self.labels)) != len(self.labels):
+            raise BackendError(f"captured tensor labels must be distinct, got {list(self.labels)}")
+        self.identifiers = {label: f"cap{i}_{_ascii_hint(label)}" for i, label in enumerate(self.labels)}
+
+    def __getitem__(self, label: str) -> str:
+        return self.identifiers[label]
+
+    def derived(self, label: str, suffix: str) -> str:
+        """The name of something belonging to a captured tensor: ``cap0_doc`` and ``ptr`` give ``cap0_doc_ptr``."""
+        return f"{self.identifiers[label]}_{suffix}"
+
+    def described(self) -> str:
+        """``cap0_doc (doc), ...``: each identifier with the label it stands for, for headers."""
+        return ", ".join(f"{identifier} ({label})" for label, identifier in self.identifiers.items())
+
+    def check(self, names: Iterable[str]) -> None:
+        """BackendError unless every name of the ``cap<digits>_`` form is a captured tensor's or derived from one."""
+        owners = list(self.identifiers.values())
+        for name in names:
+            match = self.PATTERN.fullmatch(name)
+            if match is None:
+                continue
+            position = int(match.group(1))
+            owner = owners[position] if position < len(owners) else None
+            if owner is None or not (name == owner or name.startswith(owner + "_")):
+                raise BackendError(
+                    f"generated code names {name!r}, which has the form reserved for captured tensors "
+                    f"(cap<position>_...) but belongs to none of {owners}"
+                )
+
+
+def _ascii_hint(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", unicodedata.normalize("NFKC", label))
+
+
+def python_names(source: str) -> set[str]:
+    """The names (identifiers and keywords) Python source uses, outside strings and comments."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return {token.string for token in tokens if token.type == tokenize.NAME}
+
+
 class ExpressionPrinter(PythonCodePrinter):
     """What the backends' expression printers share: comparisons, boolean constants, and the
     dispatch of IR functions to three hooks each backend writes in its own language:
     ``_rounding(expr, fn)`` for floor / ceil, ``_min_max(expr, fn)`` for minimum / maximum,
     ``_logical(expr, operator)`` for ``&``, ``|``, ``^``."""
 
-    def __init__(self):
+    def __init__(self, captured: CapturedNames | None = None):
         super().__init__({"fully_qualified_modules": False, "standard": "python3"})
+        self.captured = captured or CapturedNames(())
 
     def _print_floor(self, expr):
         return self._rounding(expr, "floor")

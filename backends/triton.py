@@ -35,7 +35,7 @@ import torch
 from sympy.printing.precedence import precedence
 
 import attncc
-from attncc.backends.source import ExpressionPrinter, GeneratedSource, SourceWriter
+from attncc.backends.source import CapturedNames, ExpressionPrinter, GeneratedSource, SourceWriter, python_names
 from attncc.errors import BackendError
 from attncc.ir import ops
 from attncc.ir.expr import FloorDiv, b, h, is_boolean, kv_idx, q_idx, score
@@ -139,8 +139,8 @@ class TritonPrinter(ExpressionPrinter):
     @triton.jit helpers the printed code calls.
     """
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, captured: CapturedNames):
+        super().__init__(captured)
         self.helpers: set[str] = set()
 
     def _print(self, expr, **kwargs):
@@ -292,6 +292,7 @@ class TileExpressions:
     def __init__(self, printer: TritonPrinter, captured: dict):
         self.printer = printer
         self.captured = captured  # label -> (ndim, dtype)
+        self.names = printer.captured
         self.temporaries = sympy.numbered_symbols("tmp")
         self.loads: dict = {}  # (label, indices) -> symbol
         self.tile_uses: dict = {}  # load symbol -> the tile symbols (q_idx, kv_idx) its index reads
@@ -330,7 +331,7 @@ class TileExpressions:
             used |= {s for s in index.free_symbols if s in TILE_SYMBOLS}
             used |= set().union(*(self.tile_uses.get(s, set()) for s in index.free_symbols))
         terms = [
-            f"{self.printer.parenthesize(index, 50)} * stride_{label}_{dim}"
+            f"{self.printer.parenthesize(index, 50)} * {self.names.derived(label, f'stride{dim}')}"
             for dim, index in enumerate(indices)
             if index != 0
         ]
@@ -338,9 +339,9 @@ class TileExpressions:
         masks = [mask for symbol, mask in ((q_idx, "row_ok"), (kv_idx, "col_ok")) if symbol in used]
         mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
         cast = ".to(tl.float32)" if dtype in ("f16", "bf16", "f32", "f64") else ""
-        symbol = _like(f"{label}_{len(self.tile_uses)}", element)
+        symbol = _like(self.names.derived(label, str(len(self.tile_uses))), element)
         self.tile_uses[symbol] = used
-        lines.append(f"{symbol} = tl.load({label}_ptr + {offset}{mask}){cast}")
+        lines.append(f"{symbol} = tl.load({self.names.derived(label, 'ptr')} + {offset}{mask}){cast}")
         return symbol
 
 
@@ -384,7 +385,7 @@ def _depends_on_tile(expr) -> bool:
 class RegionWriter:
     """Generates the kernels and the autograd function of one flash_attention region."""
 
-    def __init__(self, node, ir_line: str):
+    def __init__(self, node, ir_line: str, names: CapturedNames):
         op = node.op
         self.op = op
         self.ir_line = ir_line
@@ -401,9 +402,10 @@ class RegionWriter:
                 )
         q, _, v = (operand.type for operand in node.inputs[:3])
         self.head_dim, self.head_dim_v = int(q.shape[3]), int(v.shape[3])
+        self.names = names
         self.captured = [operand.op.label for operand in node.inputs[3:]]
         self.captured_types = {operand.op.label: (operand.type.rank, operand.type.dtype) for operand in node.inputs[3:]}
-        self.printer = TritonPrinter()
+        self.printer = TritonPrinter(names)
         self.helpers: set[str] = set()  # helpers the kernels call besides the printer's
         self.exp, self.log = ("tl.exp2", "tl.log2") if op.exp2 else ("tl.exp", "tl.log")
         self.coefficient, self.rest = split_linear(op.score)
@@ -413,13 +415,14 @@ class RegionWriter:
         """The pointer and strides of each captured tensor, as the tile functions take them."""
         params = []
         for label in self.captured:
-            params.append(f"{label}_ptr")
-            params += [f"stride_{label}_{d}" for d in range(self.captured_types[label][0])]
+            params.append(self.names.derived(label, "ptr"))
+            params += [self.names.derived(label, f"stride{d}") for d in range(self.captured_types[label][0])]
         return params
 
     def kernel_strides(self) -> str:
         """The captured tensors' strides, after the kernel's own strides."""
-        return "".join(f" {p}," for p in self.tile_params() if p.startswith("stride_"))
+        pointers = {self.names.derived(label, "ptr") for label in self.captured}
+        return "".join(f" {p}," for p in self.tile_params() if p not in pointers)
 
     # -- the tile functions
     def scores_function(self) -> list[str]:
@@ -607,7 +610,7 @@ class RegionWriter:
             functions.append(self.score_grad_function())
         fields = dict(
             tile_args="".join(f"{p}, " for p in self.tile_params()),
-            pointers="".join(f" {label}_ptr," for label in self.captured),
+            pointers="".join(f" {self.names.derived(label, 'ptr')}," for label in self.captured),
             strides=self.kernel_strides(),
             d_mask=d_mask,
             dv_mask=dv_mask,
@@ -1112,8 +1115,9 @@ def generate(graph: Graph) -> GeneratedSource:
     region, lse = _check_graph(graph)
     ir_names = value_names(graph)
     ir_line = format_node(region, ir_names)
-    writer = RegionWriter(region, ir_line)
-    captured = [n.op.label for n in graph.captured]
+    captured_names = CapturedNames(n.op.label for n in graph.captured)
+    writer = RegionWriter(region, ir_line, captured_names)
+    captured = [captured_names[n.op.label] for n in graph.captured]
     kernels = writer.source()
     helpers = ["_dot", "_round", *sorted(writer.printer.helpers | writer.helpers)]
 
@@ -1122,7 +1126,7 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line()
     w.line(
         "Inputs: q [B, H, N, D], k [B, Hkv, M, D], v [B, Hkv, M, Dv] (fp16, bf16 or fp32, any strides)"
-        + (f", captured tensors {', '.join(captured)}." if captured else ".")
+        + (f", captured tensors {captured_names.described()}." if captured else ".")
     )
     w.line("Returns (o [B, H, N, Dv] in q's dtype, lse [B, H, N] in float32, natural log).")
     w.line("Fused kernels in the style of Triton's fused-attention tutorial, accumulating in float32: the")
@@ -1159,8 +1163,10 @@ def generate(graph: Graph) -> GeneratedSource:
         w.line(row, ir=ir_line)
     w.line()
     w.line()
-    region_args = ", ".join(["q", "k", "v", *writer.captured])
+    region_args = ", ".join(["q", "k", "v", *(captured_names[label] for label in writer.captured)])
     w.line(f"def attention({', '.join(['q', 'k', 'v', *captured])}):")
     w.line(f'    """o and lse of {ir_names[region]} = flash_attention(...) and {ir_names[lse]} = lse_of(...)."""')
     w.line(f"    return FlashAttention.apply({region_args})", ir=ir_line)
-    return GeneratedSource(w.text(), "attention", w.line_map, name)
+    source = w.text()
+    captured_names.check(python_names(source))
+    return GeneratedSource(source, "attention", w.line_map, name)

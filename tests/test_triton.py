@@ -227,7 +227,7 @@ def test_nested_and_multidimensional_captured_tensors():
 
     spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod, mask_mod=mask_mod)
     attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
-    assert "tl.load(intervals_ptr + owner_" in attn.source  # the nested load reads a hoisted load
+    assert "tl.load(cap2_intervals_ptr + cap0_owner_" in attn.source  # the nested load reads a hoisted load
     q, k, v = random_qkv(1, 2, 2, 30, 30, 16, seed=6)
     check_forward_backward(attn, {"score_mod": score_mod, "mask_mod": reference_mask}, q, k, v)
 
@@ -429,7 +429,7 @@ def test_generated_source_prints_the_schedule_bounds():
     assert "for chunk in range(0, q_tiles, SCAN_TILES):" in causal
     assert "@triton.jit\ndef _kv_tiles(" in causal and "lo, hi = 0, M" not in causal
     padding = compile_scheduled({"mask_mod": _padding}, 2, 1).source
-    assert "= tl.load(PADDED_LENGTHS_ptr + b * stride_PADDED_LENGTHS_0)" in padding  # a scalar load
+    assert "= tl.load(cap0_PADDED_LENGTHS_ptr + b * cap0_PADDED_LENGTHS_stride0)" in padding  # a scalar load
     lagging = compile_scheduled({"mask_mod": _lagging_chunks}, 2, 2).source
     assert "_floordiv(q_last - 5, 8)" in lagging
     documents = compile_scheduled({"mask_mod": _documents}, 2, 1).source
