@@ -22,12 +22,15 @@ REAL = torch.float64
 
 
 def _tensor(value):
-    """Python numbers become 0-d tensors: floats as float64 so nothing drops to float32."""
+    """Python numbers become 0-d tensors: floats as float64 so nothing drops to float32.
+
+    An integer beyond int64 becomes the nearest float64, as the backends print it.
+    """
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, bool):
         return torch.tensor(value)
-    if isinstance(value, int):
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
         return torch.tensor(value, dtype=torch.int64)
     return torch.tensor(value, dtype=REAL)
 

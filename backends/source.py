@@ -120,6 +120,9 @@ def python_names(source: str) -> set[str]:
     return {token.string for token in tokens if token.type == tokenize.NAME}
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 class ExpressionPrinter(PythonCodePrinter):
     """What the backends' expression printers share: comparisons, boolean constants, and the
     dispatch of IR functions to three hooks each backend writes in its own language:
@@ -129,6 +132,12 @@ class ExpressionPrinter(PythonCodePrinter):
     def __init__(self, captured: CapturedNames | None = None):
         super().__init__({"fully_qualified_modules": False, "standard": "python3"})
         self.captured = captured or CapturedNames(())
+
+    def _print_Integer(self, expr):
+        # Beyond int64 no tensor holds the integer: written as the nearest float (1e25 compares as it should).
+        if not INT64_MIN <= int(expr) <= INT64_MAX:
+            return repr(float(expr))
+        return super()._print_Integer(expr)
 
     def _print_floor(self, expr):
         return self._rounding(expr, "floor")

@@ -39,13 +39,20 @@ class FloorDiv(sympy.Function):
         return True if all(arg.is_integer for arg in self.args) else None
 
 
+# Whole floats up to 2^53 are written as integers: every one is exact in a double, so the
+# value is the same, and torch's arithmetic on them only differs beyond int64 (2^63).
+EXACT_WHOLE_FLOATS = 2**53
+
+
 def number(value: float | int) -> sympy.Expr:
     """A Python number as an exact-looking sympy constant: 50.0 -> 50, 0.125 -> 1/8.
 
     Short decimals become rationals (what the user wrote); other floats keep all
-    17 significant digits, so printing and reparsing gives the same double.
+    17 significant digits, so printing and reparsing gives the same double. A float
+    stays a float (a sympy Float) beyond ``EXACT_WHOLE_FLOATS``: ``1e30`` and
+    ``torch.finfo(torch.float32).min`` are no integers that overflow int64.
     """
-    if isinstance(value, int) or float(value).is_integer():
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) <= EXACT_WHOLE_FLOATS):
         return sympy.Integer(int(value))
     text = repr(float(value))
     if len(text) <= 8 and "e" not in text:
