@@ -289,12 +289,13 @@ class {cls}(torch.autograd.Function):
                 grad_v[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), grad_o[:, :, r0:r1])
                 grad_p = torch.matmul(grad_o[:, :, r0:r1], v_f[:, :, c0:c1].transpose(-1, -2))
                 grad_s = p * (grad_p - row_term[:, :, r0:r1].unsqueeze(-1)){from_units}
+                if not s.requires_grad:  # the scores read neither q . k nor a trainable tensor
+                    continue
                 leaves = [q_tile, k_tile] + [inputs[i] for i in trainable]
-                grads = torch.autograd.grad(s, leaves, grad_s)
-                grad_q[:, :, r0:r1] += grads[0]
-                grad_k[:, :, c0:c1] += grads[1]
-                for total, grad in zip(grad_captured, grads[2:]):
-                    total += grad
+                grads = torch.autograd.grad(s, leaves, grad_s, allow_unused=True)
+                for total, grad in zip([grad_q[:, :, r0:r1], grad_k[:, :, c0:c1], *grad_captured], grads):
+                    if grad is not None:
+                        total += grad
         grad_inputs = [None] * len(captured)
         for i, grad in zip(trainable, grad_captured):
             grad_inputs[i] = grad.to(captured[i].dtype)
@@ -457,7 +458,9 @@ def _region_source(node, cls: str, ir_line: str, names: CapturedNames) -> str:
         )
     else:
         lines.append("score = torch.matmul(q_tile, k_tile.transpose(-1, -2))")
-        lines.append(f"s = torch.broadcast_to({print_expr(op.score, names)}, score.shape).float()")
+        # a copy of its own: the caller updates s in place, and an expression that reads neither the
+        # score nor every index is a broadcast view of fewer elements
+        lines.append(f"s = torch.broadcast_to({print_expr(op.score, names)}, score.shape).float().contiguous()")
     if op.mask is not sympy.true:
         keep = print_expr(op.mask, names)
         if not is_tensor(op.mask):

@@ -1,0 +1,120 @@
+"""Every finite constant and every shape of mod computes what torch computes, on every backend.
+
+Regressions of docs/robustness.md, "Names, numbers, indices and mods in generated code":
+constants beyond int64, mods that read neither the score nor every index, chained
+indexing of captured tensors, and negative indices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import sympy
+import torch
+
+import attncc
+from attncc.backends import BACKENDS
+from attncc.ir.expr import number
+from tests.reference import assert_attention_matches, dense_attention
+from tests.test_fuzz import why_not_runnable
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+N, M = 5, 7
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    reason = why_not_runnable(request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
+
+
+def qkv(seed: int = 0, requires_grad: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ((1, 2, N, 16), (1, 2, M, 16), (1, 2, M, 16))
+    return [torch.randn(*shape, generator=generator).requires_grad_(requires_grad) for shape in shapes]
+
+
+def check(attn, reference: dict, seed: int = 0, grad: bool = False):
+    """o, lse (and with ``grad`` the gradients of q, k, v) against the dense float64 reference."""
+    q, k, v = qkv(seed, requires_grad=grad)
+    o, lse = attn(q, k, v, return_lse=True)
+    expected_o, expected_lse = dense_attention(q, k, v, **reference)
+    assert_attention_matches(o.detach(), lse.detach(), expected_o.detach(), expected_lse.detach(), torch.float32)
+    if grad:
+        grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1))
+        got = torch.autograd.grad(o, (q, k, v), grad_o)
+        wanted = torch.autograd.grad(expected_o, (q, k, v), grad_o.double(), allow_unused=True)
+        for g, w, x in zip(got, wanted, (q, k, v)):
+            w = torch.zeros_like(x, dtype=torch.float64) if w is None else w.double()
+            torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+def compile_spec(backend: str, **fields):
+    return attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, **fields), backend=backend)
+
+
+# --------------------------------------------------------------------------- constants beyond int64
+
+FLOAT32_MIN = torch.finfo(torch.float32).min
+HUGE_CONSTANTS = {
+    # the additive mask of Hugging Face models
+    "finfo.min where": (
+        dict(score_mod=lambda s, b, h, i, j: torch.where(j > i, torch.finfo(torch.float32).min, s)),
+        dict(score_mod=lambda s, b, h, i, j: torch.where(j > i, FLOAT32_MIN, s)),
+    ),
+    "score - 1e30 * mask": (
+        dict(score_mod=lambda s, b, h, i, j: s - 1e30 * (j > i)),
+        dict(score_mod=lambda s, b, h, i, j: s - 1e30 * (j > i)),
+    ),
+    "score + 2.0 ** 70": (
+        dict(score_mod=lambda s, b, h, i, j: s + 2.0**70),
+        dict(score_mod=lambda s, b, h, i, j: s + 2.0**70),
+    ),
+    "softcap 1e30": (dict(softcap=1e30), dict(softcap=1e30)),
+    # an integer beyond int64 computes as the nearest double, here as an unbounded window
+    "window (10 ** 25, 0)": (dict(window=(10**25, 0)), dict(window=(1e25, 0))),
+    "window (0, 10 ** 25)": (dict(window=(0, 10**25)), dict(window=(0, 1e25))),
+}
+
+
+@pytest.mark.parametrize("case", HUGE_CONSTANTS, ids=list(HUGE_CONSTANTS))
+def test_constants_beyond_int64(backend, case):
+    fields, reference = HUGE_CONSTANTS[case]
+    check(compile_spec(backend, **fields), reference)
+
+
+def test_whole_floats_beyond_2_53_stay_floats():
+    assert number(2.0**53) == sympy.Integer(2**53)  # exact in a double: written as the integer
+    assert isinstance(number(2.0**53 * 2), sympy.Float)
+    assert isinstance(number(FLOAT32_MIN), sympy.Float) and float(number(FLOAT32_MIN)) == FLOAT32_MIN
+    assert number(10**25) == sympy.Integer(10**25)  # Python ints stay ints
+
+
+def test_validate_an_integer_beyond_int64():
+    """The float64 reference interpreter evaluates integers beyond int64 as the backends do."""
+    report = attncc.validate(attncc.AttentionSpec(num_heads=2, head_dim=16, window=(10**25, 0)))
+    assert report.ok
+
+
+# --------------------------------------------------------------------------- mods that ignore the score
+
+TABLE = torch.randn(M, generator=torch.Generator().manual_seed(5))
+SCORELESS_MODS = {
+    "t[kv_idx]": (lambda s, b, h, i, j: TABLE[j], None),
+    "(q_idx - kv_idx) // 2": (lambda s, b, h, i, j: (i - j) // 2, None),
+    "h * 0.5": (lambda s, b, h, i, j: h * 0.5, None),
+    "3.0": (lambda s, b, h, i, j: 3.0, lambda s, b, h, i, j: torch.full_like(s, 3.0)),
+    "3": (lambda s, b, h, i, j: 3, lambda s, b, h, i, j: torch.full_like(s, 3.0)),
+}
+
+
+@pytest.mark.parametrize("case", SCORELESS_MODS, ids=list(SCORELESS_MODS))
+def test_mods_that_read_neither_score_nor_every_index(backend, case):
+    mod, reference = SCORELESS_MODS[case]
+    attn = compile_spec(backend, score_mod=mod, mask_mod=lambda b, h, i, j: j <= i + 3)
+    check(attn, {"score_mod": reference or mod, "mask_mod": lambda b, h, i, j: j <= i + 3}, grad=True)
