@@ -118,3 +118,23 @@ def test_mods_that_read_neither_score_nor_every_index(backend, case):
     mod, reference = SCORELESS_MODS[case]
     attn = compile_spec(backend, score_mod=mod, mask_mod=lambda b, h, i, j: j <= i + 3)
     check(attn, {"score_mod": reference or mod, "mask_mod": lambda b, h, i, j: j <= i + 3}, grad=True)
+
+
+# --------------------------------------------------------------------------- chained indexing
+
+BIAS = torch.randn(2, 1, 2, N, generator=torch.Generator().manual_seed(6))
+CHAINED = {
+    "bias[1][b, h][q_idx]": lambda s, b, h, i, j: s + BIAS[1][b, h][i],
+    "bias[1][b, h, q_idx]": lambda s, b, h, i, j: s + BIAS[1][b, h, i],
+    "bias[1][b][h][q_idx]": lambda s, b, h, i, j: s + BIAS[1][b][h][i],
+}
+
+
+@pytest.mark.parametrize("case", CHAINED, ids=list(CHAINED))
+def test_chained_indexing_of_a_captured_tensor(backend, case):
+    """Each chain means bias[1, b, h, q_idx], as in torch: the program takes the whole 4-D tensor."""
+    attn = compile_spec(backend, score_mod=CHAINED[case])
+    assert [tuple(t.shape) for t in attn.captured.buffers()] == [tuple(BIAS.shape)]
+    check(attn, {"score_mod": lambda s, b, h, i, j: s + BIAS[1, b, h, i]})
+    o = attncc.flex_attention(*qkv(seed=2), score_mod=CHAINED[case], backend=backend)
+    torch.testing.assert_close(o, attn(*qkv(seed=2)))

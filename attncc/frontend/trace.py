@@ -793,7 +793,12 @@ class _Trace:
         if isinstance(result, sympy.Basic) and not (is_boolean(result) or isinstance(result, sympy.Expr)):
             raise self.error(f"returned {result!r}, which is neither a number nor a boolean")
         in_result = {str(base.label) for base in result.atoms(sympy.IndexedBase)}
-        by_name = {t.name: (t, self.values[key]) for key, t in self.captured.items() if isinstance(t, CapturedTensor)}
+        # a view captured as an index into its base (bias[0] in bias[0][b, h]) is not the value of bias
+        by_name = {
+            t.name: (t, self.values[key])
+            for key, t in self.captured.items()
+            if isinstance(t, CapturedTensor) and not t.indices
+        }
         captured = tuple(
             Captured(
                 name,
