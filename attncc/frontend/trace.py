@@ -66,8 +66,10 @@ RESERVED_NAMES = frozenset(
     {"q", "k", "v", "o", "lse", "score", "b", "h", "q_idx", "kv_idx", "N", "M", "B", "H", "Hkv", "D", "Dv"}
 )
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_THIS_FILE = os.path.abspath(__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+# attncc's own files (flex.py, api.py, ...) are never the user's: a mod that is no Python
+# function (a builtin, a C function) has no frame of its own, and its error names the user's call.
+_ATTNCC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _WRAPPER_FILE = "<attncc trace wrapper>"
 
 
@@ -584,6 +586,10 @@ class _Tracer(torch.fx.Tracer):
             proxy.node.meta["attncc_user_frame"] = frame
         return proxy
 
+    def call_module(self, m, forward, args, kwargs):
+        # a mod may be an nn.Module, or call one: trace through it (it is no submodule of fx's root)
+        return forward(*args, **kwargs)
+
     def create_arg(self, a):
         if isinstance(a, torch.nn.Parameter):  # fx looks parameters up in the root module, which has none
             names = self.__dict__.setdefault("_attncc_parameters", {})
@@ -598,7 +604,7 @@ def _is_user_file(filename: str) -> bool:
     if filename == _WRAPPER_FILE or filename.startswith("<frozen"):
         return False
     path = os.path.abspath(filename)
-    return not path.startswith(_TORCH_DIR) and path != _THIS_FILE
+    return not path.startswith(_TORCH_DIR) and not path.startswith(_ATTNCC_DIR)
 
 
 def _user_frame(frame):
