@@ -113,6 +113,9 @@ TILE_SYMBOLS = (q_idx, kv_idx)
 TILE_PARAMS = ["score", "b", "h", "offs_m", "offs_n", "N", "M"]
 # The scalars a query tile's KV bounds may read (besides captured tensors indexed by them).
 BOUND_SYMBOLS = {q_first, q_last, N, M, b, h}
+# Indices the caller checks against the captured tensor's size before the call (CompiledAttention):
+# loads at them need no check in the kernel; every other index is wrapped and checked as torch does.
+HOST_CHECKED_INDICES = {b, h, q_idx, kv_idx, q_first, q_last}
 
 
 def _float_literal(value) -> str:
@@ -296,6 +299,7 @@ class TileExpressions:
         self.temporaries = sympy.numbered_symbols("tmp")
         self.loads: dict = {}  # (label, indices) -> symbol
         self.tile_uses: dict = {}  # load symbol -> the tile symbols (q_idx, kv_idx) its index reads
+        self.checks_indices = False  # whether a load checks a computed index (and may flag index_error_ptr)
 
     def lines(self, expr, target: str) -> list[str]:
         """Lines computing ``target = expr``."""
@@ -330,19 +334,45 @@ class TileExpressions:
         for index in indices:
             used |= {s for s in index.free_symbols if s in TILE_SYMBOLS}
             used |= set().union(*(self.tile_uses.get(s, set()) for s in index.free_symbols))
-        terms = [
-            f"{self.printer.parenthesize(index, 50)} * {self.names.derived(label, f'stride{dim}')}"
-            for dim, index in enumerate(indices)
-            if index != 0
-        ]
-        offset = " + ".join(terms) if terms else "0"
         masks = [mask for symbol, mask in ((q_idx, "row_ok"), (kv_idx, "col_ok")) if symbol in used]
-        mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
+        load = self.names.derived(label, str(len(self.tile_uses)))
+        terms, in_range = [], []
+        for dim, index in enumerate(indices):
+            if index in HOST_CHECKED_INDICES:  # the caller checks the tensor's size against N, M, B, H
+                position = self.printer.parenthesize(index, 50)
+            else:  # as torch indexes: a negative index counts once from the end; out of range is an error
+                position, size = f"{load}_index{dim}", self.names.derived(label, f"size{dim}")
+                # a tensor even where the index is a Python number (a constant, or sizes Triton specialised to 1)
+                lines.append(f"{position} = {self.printer.doprint(index)} + tl.zeros([], tl.int32)")
+                lines.append(f"{position} = tl.where({position} < 0, {position} + {size}, {position})")
+                in_range.append(f"({position} >= 0) & ({position} < {size})")
+            terms.append(f"{position} * {self.names.derived(label, f'stride{dim}')}")
+        mask = " & ".join(masks)
+        if in_range:
+            # tl.where, not &, joins conditions of different shapes: the interpreter's & of a 0-d and a
+            # block boolean is no boolean
+            self.checks_indices = True
+            lines.append(f"{load}_in_range = {_all(in_range)}")
+            outside = f"tl.where({load}_in_range, False, {mask})" if masks else f"{load}_in_range == 0"
+            lines.append(f"{load}_out_of_range = {outside}")
+            lines.append(  # the pointer takes the mask's shape
+                f"tl.store(index_error_ptr + {load}_out_of_range.to(tl.int32) * 0, 1, mask={load}_out_of_range)"
+            )
+            mask = _all([f"{load}_in_range", mask] if masks else [f"{load}_in_range"])
+        mask = f", mask={mask}, other=0" if mask else ""
         cast = ".to(tl.float32)" if dtype in ("f16", "bf16", "f32", "f64") else ""
-        symbol = _like(self.names.derived(label, str(len(self.tile_uses))), element)
+        symbol = _like(load, element)
         self.tile_uses[symbol] = used
-        lines.append(f"{symbol} = tl.load({self.names.derived(label, 'ptr')} + {offset}{mask}){cast}")
+        lines.append(f"{symbol} = tl.load({self.names.derived(label, 'ptr')} + {' + '.join(terms)}{mask}){cast}")
         return symbol
+
+
+def _all(conditions: list[str]) -> str:
+    """The conjunction of Triton conditions of any shapes, as nested tl.where."""
+    result = conditions[-1]
+    for condition in reversed(conditions[:-1]):
+        result = f"tl.where({condition}, {result}, False)"
+    return result
 
 
 def split_linear(expr) -> tuple[float | None, sympy.Expr]:
@@ -407,27 +437,43 @@ class RegionWriter:
         self.captured_types = {operand.op.label: (operand.type.rank, operand.type.dtype) for operand in node.inputs[3:]}
         self.printer = TritonPrinter(names)
         self.helpers: set[str] = set()  # helpers the kernels call besides the printer's
+        self.expression_writers: list[TileExpressions] = []
         self.exp, self.log = ("tl.exp2", "tl.log2") if op.exp2 else ("tl.exp", "tl.log")
         self.coefficient, self.rest = split_linear(op.score)
 
+    def tile_expressions(self) -> TileExpressions:
+        writer = TileExpressions(self.printer, self.captured_types)
+        self.expression_writers.append(writer)
+        return writer
+
+    @property
+    def checks_indices(self) -> bool:
+        """Whether a kernel checks a computed index into a captured tensor (and may flag index_error_ptr)."""
+        return any(writer.checks_indices for writer in self.expression_writers)
+
     # -- pieces of parameter lists
     def tile_params(self) -> list[str]:
-        """The pointer and strides of each captured tensor, as the tile functions take them."""
+        """Each captured tensor's pointer, strides and sizes, and index_error_ptr, as the tile functions take them."""
         params = []
         for label in self.captured:
             params.append(self.names.derived(label, "ptr"))
-            params += [self.names.derived(label, f"stride{d}") for d in range(self.captured_types[label][0])]
-        return params
+            dims = range(self.captured_types[label][0])
+            params += [self.names.derived(label, f"stride{d}") for d in dims]
+            params += [self.names.derived(label, f"size{d}") for d in dims]
+        return params + ["index_error_ptr"] if self.captured else params
+
+    def kernel_pointers(self) -> str:
+        """The captured tensors' pointers and index_error_ptr, after the kernel's own tensors."""
+        return "".join(f" {p}," for p in self.tile_params() if p.endswith("_ptr"))
 
     def kernel_strides(self) -> str:
-        """The captured tensors' strides, after the kernel's own strides."""
-        pointers = {self.names.derived(label, "ptr") for label in self.captured}
-        return "".join(f" {p}," for p in self.tile_params() if p not in pointers)
+        """The captured tensors' strides and sizes, after the kernel's own strides."""
+        return "".join(f" {p}," for p in self.tile_params() if not p.endswith("_ptr"))
 
     # -- the tile functions
     def scores_function(self) -> list[str]:
         op = self.op
-        writer = TileExpressions(self.printer, self.captured_types)
+        writer = self.tile_expressions()
         lines = [
             "@triton.jit",
             f"def _scores({', '.join(TILE_PARAMS)},",
@@ -463,7 +509,7 @@ class RegionWriter:
     def score_grad_function(self) -> list[str]:
         """d s / d score times ln 2 (the softmax's base), when s is not linear in score."""
         derivative = score_derivative(self.op.score) * (LN2 if self.op.exp2 else 1)
-        writer = TileExpressions(self.printer, self.captured_types)
+        writer = self.tile_expressions()
         units = " times ln(2): s is in base-2 units" if self.op.exp2 else ""
         lines = [
             "@triton.jit",
@@ -506,7 +552,7 @@ class RegionWriter:
     def bound_lines(self, schedule, targets: str = "lo, hi, full_lo, full_hi") -> list[str]:
         """Lines setting the targets (lo, hi, full_lo, full_hi) from the schedule's bounds of the rows q_first .. q_last."""
         self.helpers.add("_kv_tiles")
-        writer = TileExpressions(self.printer, self.captured_types)
+        writer = self.tile_expressions()
         names = ("kv_lo", "kv_hi", "kv_full_lo", "kv_full_hi")
         expressions = schedule.expressions()[:4]
         if schedule.table:  # the residual is evaluated on every visited tile: none is full
@@ -610,7 +656,7 @@ class RegionWriter:
             functions.append(self.score_grad_function())
         fields = dict(
             tile_args="".join(f"{p}, " for p in self.tile_params()),
-            pointers="".join(f" {self.names.derived(label, 'ptr')}," for label in self.captured),
+            pointers=self.kernel_pointers(),
             strides=self.kernel_strides(),
             d_mask=d_mask,
             dv_mask=dv_mask,
@@ -644,6 +690,7 @@ class RegionWriter:
             bwd_block_n=op.bwd_block_n or op.block_n,
             bwd_num_warps=op.bwd_num_warps or op.num_warps or 4,
             bwd_num_stages=op.bwd_num_stages or op.num_stages or 2,
+            checks_indices=self.checks_indices,
         )
 
     def autograd_function(self) -> str:
@@ -673,7 +720,8 @@ BLOCK_M, BLOCK_N = {block_m}, {block_n}  # query rows and keys per tile
 NUM_WARPS, NUM_STAGES = {num_warps}, {num_stages}
 BWD_BLOCK_M, BWD_BLOCK_N = {bwd_block_m}, {bwd_block_n}  # the backward kernels' tiles
 BWD_NUM_WARPS, BWD_NUM_STAGES = {bwd_num_warps}, {bwd_num_stages}
-SCAN_TILES = tl.constexpr(64)  # query tiles whose bounds the dK/dV kernel evaluates at once"""
+SCAN_TILES = tl.constexpr(64)  # query tiles whose bounds the dK/dV kernel evaluates at once
+CHECKS_INDICES = {checks_indices}  # a computed index into a captured tensor is checked: the forward reads the flag"""
 
 HELPERS = {
     "_dot": '''\
@@ -1028,6 +1076,15 @@ def _refuse_captured_gradients(needs_input_grad):
         )
 
 
+def _index_error_flag(device, captured):
+    """The kernels' index_error_ptr argument (a flag set to 1 by a load out of range), if they take one."""
+    return [torch.zeros(1, dtype=torch.int32, device=device)] if captured else []
+
+
+def _strides_and_sizes(captured):
+    return [n for t in captured for n in (*t.stride(), *t.shape)]
+
+
 def _meta(q, block_m=BLOCK_M, block_n=BLOCK_N):
     """The constexpr arguments of the attention kernels, for inputs like q (and tiles of block_m x block_n)."""
     return dict(
@@ -1054,11 +1111,14 @@ class FlashAttention(torch.autograd.Function):
         o = torch.empty(B, H, N, HEAD_DIM_V, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
         grid = (triton.cdiv(N, BLOCK_M), B * H)
+        index_error = _index_error_flag(q.device, captured)
         _attn_fwd[grid](
-            q, k, v, o, lse, *captured,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *[s for t in captured for s in t.stride()],
+            q, k, v, o, lse, *captured, *index_error,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides_and_sizes(captured),
             H, N, M, **_meta(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
+        if CHECKS_INDICES and index_error[0].item():
+            raise IndexError("an index into a captured tensor is out of range: below -size or at least size")
         ctx.save_for_backward(q, k, v, o, lse, *captured)
         return o, lse
 
@@ -1079,15 +1139,16 @@ class FlashAttention(torch.autograd.Function):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        captured_strides = [s for t in captured for s in t.stride()]
+        captured_strides = _strides_and_sizes(captured)
+        index_error = _index_error_flag(q.device, captured)  # the forward checked these indices
         meta = _meta(q, BWD_BLOCK_M, BWD_BLOCK_N)
         _attn_bwd_dkdv[(triton.cdiv(M, BWD_BLOCK_N), B * k.shape[1])](
-            q, k, v, do, lse, delta, dk, dv, *captured,
+            q, k, v, do, lse, delta, dk, dv, *captured, *index_error,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *captured_strides,
             H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )
         _attn_bwd_dq[rows](
-            q, k, v, do, lse, delta, dq, *captured,
+            q, k, v, do, lse, delta, dq, *captured, *index_error,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *captured_strides,
             H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )

@@ -138,3 +138,49 @@ def test_chained_indexing_of_a_captured_tensor(backend, case):
     check(attn, {"score_mod": lambda s, b, h, i, j: s + BIAS[1, b, h, i]})
     o = attncc.flex_attention(*qkv(seed=2), score_mod=CHAINED[case], backend=backend)
     torch.testing.assert_close(o, attn(*qkv(seed=2)))
+
+
+# --------------------------------------------------------------------------- negative and out-of-range indices
+
+
+def poisoned(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as a view into the middle of a NaN allocation: a read outside it poisons the output."""
+    poison = float("nan") if values.is_floating_point() else 10**6  # an index far out of any range
+    storage = torch.full((3 * values.numel(),), poison, dtype=values.dtype)
+    view = storage[values.numel() : 2 * values.numel()].view(values.shape)
+    view.copy_(values)
+    return view
+
+
+TAB = poisoned(torch.randn(12, generator=torch.Generator().manual_seed(7)))
+IDX = poisoned(torch.tensor([0, -3, 5, -1, 11, -12, 2]))  # M entries; -12 is the first of TAB's 12
+NEGATIVE = {
+    "tab[idx[kv_idx]] (negative values)": lambda s, b, h, i, j: s + TAB[IDX[j]],
+    "tab[kv_idx - q_idx] (negative computed)": lambda s, b, h, i, j: s + TAB[j - i],
+    "tab[(q_idx - kv_idx) // 2 - 1]": lambda s, b, h, i, j: s + TAB[(i - j) // 2 - 1],
+}
+
+
+@pytest.mark.parametrize("case", NEGATIVE, ids=list(NEGATIVE))
+def test_negative_indices_count_once_from_the_end(backend, case):
+    """As torch's eager indexing (the reference calls the mod on index tensors): -1 is the last entry."""
+    check(compile_spec(backend, score_mod=NEGATIVE[case]), {"score_mod": NEGATIVE[case]})
+
+
+OUT_OF_RANGE = {
+    "tab[kv_idx + 6] (past the end)": lambda s, b, h, i, j: s + TAB[j + 6],
+    "tab[kv_idx - q_idx - 12] (below -size)": lambda s, b, h, i, j: s + TAB[j - i - 12],
+    "tab[bad[kv_idx]] (a stored -13)": lambda s, b, h, i, j: s + TAB[BAD[j]],
+}
+BAD = poisoned(torch.tensor([0, 1, 2, 3, 4, 5, -13]))
+
+
+@pytest.mark.parametrize("case", OUT_OF_RANGE, ids=list(OUT_OF_RANGE))
+def test_indices_out_of_range_raise_and_are_never_read(backend, case):
+    """torch raises IndexError; attncc raises InputError naming the tensors, on every backend."""
+    attn = compile_spec(backend, score_mod=OUT_OF_RANGE[case])
+    q, k, v = qkv()
+    with pytest.raises(IndexError):
+        dense_attention(q, k, v, score_mod=OUT_OF_RANGE[case])
+    with pytest.raises(attncc.InputError, match=r"an index into a captured tensor \(.*TAB.*\) is out of range"):
+        attn(q, k, v)

@@ -3,8 +3,7 @@
 Every catalogue entry raises a named error type whose message says what is wrong
 (tests/test_errors.py covers the spec fields and the compiled module's q, k, v
 checks; this file covers other entry points). Extreme inputs follow
-docs/robustness.md. Entries marked xfail(strict=True) are bugs found here and
-reported; each says what the behaviour should be.
+docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -242,17 +241,12 @@ FIXED = [
     malformed("toml float16 value out of range",
               load(HEADER + "score = 'score + t[0]'\n[attention.tensors]\nt = { dtype = 'float16', values = [1e6] }\n"),
               attncc.SpecError, "attention.tensors.t: value 1000000.0 is out of range for float16 (largest 65504)"),
+    # A negative index counts once from the end, as torch's (tests/test_mod_values.py); below -size is an error.
+    malformed("captured index below -size at call time", compile_and_call(
+        {"score_mod": lambda s, b, h, q_idx, kv_idx: s + TABLE[h, kv_idx - q_idx - 16]}), attncc.InputError,
+        "an index into a captured tensor (TABLE) is out of range for these inputs"),
 ]  # fmt: skip
 CATALOGUE += FIXED
-
-# Found by this catalogue and not fixed yet: each asserts the intended behaviour.
-KNOWN_BUGS = [
-    malformed("captured index negative at call time", compile_and_call(
-        {"score_mod": lambda s, b, h, q_idx, kv_idx: s + TABLE[h, kv_idx - q_idx]}), attncc.InputError, "TABLE"),
-]  # fmt: skip
-BUG_REASONS = {
-    "captured index negative at call time": "negative computed indices wrap around silently (table[h, -3])",
-}
 
 
 def _run(entry: Malformed, tmp_path: Path):
@@ -275,21 +269,9 @@ def test_malformed_input_raises_a_named_error(entry, tmp_path):
         assert fragment in str(info.value), (fragment, str(info.value))
 
 
-@pytest.mark.parametrize(
-    "entry",
-    [pytest.param(entry, marks=pytest.mark.xfail(strict=True, reason=BUG_REASONS[entry.name])) for entry in KNOWN_BUGS],
-    ids=[entry.name for entry in KNOWN_BUGS],
-)
-def test_known_robustness_bugs(entry, tmp_path):
-    with pytest.raises(entry.error) as info:
-        _run(entry, tmp_path)
-    for fragment in entry.message:
-        assert fragment in str(info.value)
-
-
 def test_catalogue_size():
     assert len(CATALOGUE) >= 30
-    assert len({entry.name for entry in CATALOGUE + KNOWN_BUGS}) == len(CATALOGUE) + len(KNOWN_BUGS)
+    assert len({entry.name for entry in CATALOGUE}) == len(CATALOGUE)
 
 
 def test_integer_division_by_a_runtime_zero_raises_torchs_error():
