@@ -22,6 +22,7 @@ from attncc.errors import (  # noqa: E402
 )
 from attncc.flex import BlockMask, create_block_mask, flex_attention  # noqa: E402
 from attncc.frontend.spec_file import load_spec  # noqa: E402
+from attncc.ir.rope import RoPE  # noqa: E402
 from attncc.merge import merge_attention_states  # noqa: E402
 from attncc.spec import AttentionSpec  # noqa: E402
 
@@ -34,6 +35,7 @@ __all__ = [
     "IRError",
     "InputError",
     "ModError",
+    "RoPE",
     "SpecError",
     "ValidationError",
     "ValidationReport",

@@ -12,7 +12,14 @@ from tabulate import tabulate
 
 from attncc.cache import cached_source, content_key, generator_fingerprint, load_module
 from attncc.errors import InputError, SpecError
-from attncc.frontend.lower import lower, merged_captured, sharded_captured, trace_mods
+from attncc.frontend.lower import (
+    POSITION_TENSORS,
+    lower,
+    merged_captured,
+    position_captured,
+    sharded_captured,
+    trace_mods,
+)
 from attncc.frontend.mod import Captured, ir_dtype
 from attncc.integrations.custom_op import program_ops
 from attncc.interpreter import run_reference
@@ -20,12 +27,13 @@ from attncc.ir.cost import cost_table
 from attncc.ir.graph import Graph
 from attncc.spec import AttentionSpec
 from attncc.validation import (
-    LSE_TOLERANCE,
     TOLERANCES,
     ValidationReport,
     clip_lengths,
     example_captured,
+    example_positions,
     graph_index_uses,
+    lse_tolerance,
     random_qkv,
     within_tolerance,
 )
@@ -46,6 +54,7 @@ def compile(  # noqa: A001
     print_after_all: bool = False,
     print_after: tuple[str, ...] = (),
     sharded: bool = False,
+    positions: tuple[str, ...] = (),
 ) -> CompiledAttention:
     """Compile a spec into a module computing ``o`` (and ``lse``) from ``q, k, v``.
 
@@ -55,7 +64,10 @@ def compile(  # noqa: A001
     print the IR after every / the named passes. ``sharded`` compiles a program for
     shards of longer sequences (context parallelism): it takes the captured int64 tensor
     ``shard = (first query position, first key position, global N, global M)`` and its
-    masks and mods see global positions (``attncc.distributed`` passes it).
+    masks and mods see global positions (``attncc.distributed`` passes it). ``positions``:
+    with a spec's ``rope``, the sequences ("q", "kv") whose positions the program reads
+    from call-time tensors; a module called with ``q_positions`` / ``kv_positions``
+    compiles the variant it needs itself.
     """
     from attncc import passes
     from attncc.backends import get_backend
@@ -64,11 +76,19 @@ def compile(  # noqa: A001
         raise SpecError(f"spec={spec!r} is invalid: an attncc.AttentionSpec is allowed (see attncc.load_spec)")
     target = get_backend(backend)
     score_mod, mask_mod = trace_mods(spec)
-    captured = merged_captured(score_mod, mask_mod)
+    positions = tuple(sorted(positions))
+    mods_captured, positions_captured = merged_captured(score_mod, mask_mod), position_captured(positions)
     if sharded:
-        captured = sharded_captured(captured)
-    unoptimized = lower(spec, (score_mod, mask_mod), sharded=sharded)
-    examples = example_captured(captured, torch.Generator().manual_seed(0), "cpu") if validate_each else {}
+        mods_captured = sharded_captured(mods_captured)
+    unoptimized = lower(spec, (score_mod, mask_mod), sharded=sharded, given_positions=positions)
+    captured = {**mods_captured, **positions_captured}
+    examples = {}
+    if validate_each:
+        generator = torch.Generator().manual_seed(0)
+        examples = {
+            **example_captured(mods_captured, generator, "cpu"),
+            **example_positions(positions_captured, generator),
+        }
     manager = passes.PassManager(
         passes.pipeline(pipeline or backend),
         print_after_all=print_after_all,
@@ -78,7 +98,9 @@ def compile(  # noqa: A001
     )
     graph = manager.run(unoptimized)
     path, function = load_program(graph, target)
-    return CompiledAttention(spec, unoptimized, graph, manager.records, target.name, path, function, captured)
+    attn = CompiledAttention(spec, unoptimized, graph, manager.records, target.name, path, function, captured)
+    attn.positions, attn._pipeline = positions, pipeline
+    return attn
 
 
 def load_program(graph: Graph, target) -> tuple[Path, Callable]:
@@ -112,8 +134,12 @@ class CapturedTensors(torch.nn.Module):
 class CompiledAttention(torch.nn.Module):
     """A compiled attention program as a module: ``o = attn(q, k, v)``.
 
-    ``forward(q, k, v, return_lse=False, **captured)``: captured tensors of the mods
-    are held as buffers (under ``.captured``) and can be replaced per call by name.
+    ``forward(q, k, v, return_lse=False, q_positions=None, kv_positions=None, **captured)``:
+    captured tensors of the mods are held as buffers (under ``.captured``) and can be
+    replaced per call by name. With a spec's ``rope``, ``q_positions`` [B, N] and
+    ``kv_positions`` [B, M] (integer tensors) place each query and key of each
+    sequence (default: key j at j, query i at M - N + i); the first call with a new
+    combination compiles that variant once (``positions``, ``with_positions``).
     The call runs through the program's ``torch.library`` custom op (``.op``), so
     ``torch.compile(fullgraph=True)`` and autograd treat it as one opaque node.
     ``graph`` is the optimized IR the backend compiled, ``unoptimized_graph`` the
@@ -139,6 +165,18 @@ class CompiledAttention(torch.nn.Module):
         self.captured = CapturedTensors({name: info.value for name, info in captured.items() if info.value is not None})
         self._index_uses = graph_index_uses(unoptimized_graph)
         self._ops = program_ops(Path(path).stem, function, graph)
+        self.positions: tuple[str, ...] = ()
+        self._pipeline = None
+        self._variants: dict[tuple[str, ...], CompiledAttention] = {}
+
+    def with_positions(self, positions: tuple[str, ...]) -> CompiledAttention:
+        """This program with RoPE positions read from call-time tensors for ``positions`` ("q", "kv")."""
+        positions = tuple(sorted(positions))
+        if positions == self.positions:
+            return self
+        if positions not in self._variants:
+            self._variants[positions] = compile(self.spec, self.backend, pipeline=self._pipeline, positions=positions)
+        return self._variants[positions]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -233,8 +271,15 @@ class CompiledAttention(torch.nn.Module):
             values.append(value)
         return values
 
-    def forward(self, q, k, v, return_lse: bool = False, **captured):
+    def forward(self, q, k, v, return_lse: bool = False, q_positions=None, kv_positions=None, **captured):
+        given = {role: t for role, t in (("q", q_positions), ("kv", kv_positions)) if t is not None}
         check_inputs(self.spec, q, k, v)
+        check_positions(self.spec, q, k, given)
+        if tuple(sorted(given)) != self.positions:  # the variant that reads these positions, with these buffers
+            buffers = dict(self.captured.named_buffers())
+            variant = self.with_positions(tuple(given))
+            return variant(q, k, v, return_lse, q_positions, kv_positions, **{**buffers, **captured})
+        captured.update({POSITION_TENSORS[role]: t.to(torch.int64) for role, t in given.items()})
         values = self.captured_values(captured, q.device)
         by_name = dict(zip(self._captured_meta, values))
         sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": k.shape[2]}
@@ -296,6 +341,24 @@ def check_inputs(spec: AttentionSpec, q, k, v) -> None:
         raise InputError(f"sequence lengths must be positive: q has {q.shape[2]}, k has {k.shape[2]}")
 
 
+def check_positions(spec: AttentionSpec, q, k, given: dict) -> None:
+    """Raise InputError unless each given RoPE position tensor is an integer [B, N] (q) or [B, M] (kv) tensor."""
+    for role, t in given.items():
+        label = POSITION_TENSORS[role]
+        if spec.rope is None:
+            raise InputError(f"{label} is given, but the spec has no rope: positions place RoPE rotations")
+        if not isinstance(t, torch.Tensor):
+            raise InputTypeError(f"{label} is a {type(t).__name__}: a torch.Tensor is allowed")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise InputTypeError(f"{label} has dtype {t.dtype}: int32 or int64 are allowed")
+        expected = (q.shape[0], q.shape[2] if role == "q" else k.shape[2])
+        if tuple(t.shape) != expected:
+            axis = "N" if role == "q" else "M"
+            raise InputError(f"{label} has shape {tuple(t.shape)}: [B, {axis}] = {list(expected)} is allowed")
+        if t.device != q.device:
+            raise InputError(f"{label} is on {t.device}, the inputs on {q.device}; move it")
+
+
 DEFAULT_SHAPES = ((2, 37, 53), (1, 64, 29))
 
 
@@ -320,7 +383,9 @@ def validate(spec, backend: str = "pytorch", dtypes=INPUT_DTYPES, shapes=DEFAULT
             reference = run_reference(attn.unoptimized_graph, q, k, v, captured)
             atol, rtol = TOLERANCES[dtype]
             o_ok, o_error, o_ratio = within_tolerance(o, reference["o"], atol, rtol)
-            lse_ok, lse_error, lse_ratio = within_tolerance(lse, reference["lse"], *LSE_TOLERANCE)
+            lse_ok, lse_error, lse_ratio = within_tolerance(
+                lse, reference["lse"], *lse_tolerance(dtype, spec.rope is not None)
+            )
             report.rows.append({
                 "dtype": str(dtype).removeprefix("torch."), "B": batch, "N": n, "M": m, "o_error": o_error,
                 "lse_error": lse_error, "ratio": max(o_ratio, lse_ratio), "ok": o_ok and lse_ok and o.dtype == dtype,
@@ -336,4 +401,4 @@ def reference_outputs(attn: CompiledAttention, q, k, v, **captured) -> dict:
     return run_reference(attn.unoptimized_graph, q, k, v, values)
 
 
-__all__ = ["CompiledAttention", "ValidationReport", "check_inputs", "compile", "validate"]
+__all__ = ["CompiledAttention", "ValidationReport", "check_inputs", "check_positions", "compile", "validate"]

@@ -176,6 +176,24 @@ def _logsumexp(scores, exp2: bool):
     return torch.logsumexp(scores * math.log(2) if exp2 else scores, dim=-1)
 
 
+def rotate(x, rope, position, role: str, lengths: tuple[int, int], captured: dict):
+    """RoPE of x [B, H, L, D] in float64, row l of batch b at ``position`` (the ``rope`` op's meaning)."""
+    batch, _, length, head_dim = x.shape
+    index = torch.arange(length, device=x.device).view(1, -1)
+    env = {"b": torch.arange(batch, device=x.device).view(-1, 1), "N": lengths[0], "M": lengths[1],
+           "q_idx" if role == "query" else "kv_idx": index}  # fmt: skip
+    positions = torch.broadcast_to(_tensor(evaluate(position, env, captured)), (batch, length))
+    dim = rope.rotated_columns(head_dim)
+    inv_freq = torch.tensor(rope.inverse_frequencies(head_dim), dtype=REAL, device=x.device)
+    angle = (positions.to(REAL)[..., None] * inv_freq)[:, None]  # [B, 1, L, dim / 2]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    pairs = x[..., :dim].unflatten(-1, (-1, 2) if rope.interleaved else (2, -1))
+    first, second = pairs.unbind(-1 if rope.interleaved else -2)
+    turned = (first * cos - second * sin, second * cos + first * sin)
+    rotated = torch.stack(turned, -1 if rope.interleaved else -2).flatten(-2)
+    return torch.cat((rotated, x[..., dim:]), dim=-1)
+
+
 def _grouped(kv, groups: int):
     return kv.repeat_interleave(groups, dim=1) if groups > 1 else kv
 
@@ -186,8 +204,11 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
     With a tile schedule, KV tiles outside a query tile's bounds are skipped and tiles
     the schedule calls full are not masked, so an unsound schedule changes the result.
     """
-    k, v = _grouped(k, op.groups), _grouped(v, op.groups)
     n, m = q.shape[2], k.shape[2]
+    if op.rope is not None:
+        q = rotate(q, op.rope, op.q_position, "query", (n, m), captured)
+        k = rotate(k, op.rope, op.kv_position, "key", (n, m), captured)
+    k, v = _grouped(k, op.groups), _grouped(v, op.groups)
     block_m, block_n = op.block_m or n, op.block_n or m
     power = (lambda x: torch.exp2(x)) if op.exp2 else torch.exp
     schedule = op.schedule
@@ -242,6 +263,8 @@ def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
         op, args = node.op, [values.get(i) for i in node.inputs]
         if isinstance(op, ops.Input):
             values[node] = inputs.get(op.role, captured.get(op.label))
+        elif isinstance(op, ops.Rope):
+            values[node] = rotate(args[0], op.rope, op.position, op.role, (n, k.shape[2]), captured)
         elif isinstance(op, ops.RepeatKV):
             values[node] = args[0].repeat_interleave(op.groups, dim=1)
         elif isinstance(op, ops.Matmul):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from attncc.errors import SpecError
 from attncc.frontend.mod import TracedMod
+from attncc.ir.rope import RoPE
 
 CAUSAL_VALUES = (False, True, "bottom_right", "top_left")
 
@@ -39,7 +40,9 @@ class AttentionSpec:
     become softcap * tanh(score / softcap) after ``score_mod``. ``alibi``: add
     -slope(h) * |i + off - j| with the standard slopes for ``num_heads`` heads.
     ``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)``
-    follow FlexAttention.
+    follow FlexAttention. ``rope``: an ``attncc.RoPE`` (or a mapping of its fields)
+    rotating q and k; key j sits at position j and query i at M - N + i, unless
+    the call passes ``q_positions`` / ``kv_positions``.
     """
 
     num_heads: int
@@ -53,6 +56,7 @@ class AttentionSpec:
     alibi: bool = False
     score_mod: Mod = None
     mask_mod: Mod = None
+    rope: RoPE | None = None
 
     def __post_init__(self):
         self._set("num_heads", _positive_int("num_heads", self.num_heads))
@@ -79,6 +83,12 @@ class AttentionSpec:
             self._set("softcap", cap)
         if not isinstance(self.alibi, bool):
             raise SpecError(f"alibi={self.alibi!r} is invalid: True or False is allowed")
+        if self.rope is not None:
+            rope = RoPE.from_dict(self.rope) if isinstance(self.rope, dict) else self.rope
+            if not isinstance(rope, RoPE):
+                raise SpecError(f"rope={self.rope!r} is invalid: an attncc.RoPE, a mapping of its fields or None")
+            rope.check_head_dim(self.head_dim)
+            self._set("rope", rope)
         for field in ("score_mod", "mask_mod"):
             mod = getattr(self, field)
             if mod is not None and not callable(mod) and not isinstance(mod, TracedMod):

@@ -19,6 +19,14 @@ from attncc.ir.graph import Graph
 # Error allowed against the float64 reference, per input dtype: |out - ref| <= atol + rtol * |ref|.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
 LSE_TOLERANCE = (1e-5, 1e-5)
+
+
+def lse_tolerance(dtype, rope: bool) -> tuple[float, float]:
+    """lse's tolerance: float32's, or with RoPE in fp16 / bf16 the input dtype's, since a kernel may round
+    the turned q and k to the input dtype before q . k (the triton backend does, as tensor cores take it)."""
+    return TOLERANCES[dtype] if rope and dtype != torch.float32 else LSE_TOLERANCE
+
+
 TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
 
 
@@ -83,6 +91,11 @@ def example_captured(captured_meta: dict, generator, device) -> dict:
         else:
             raise InputError(f"validation cannot invent integer values for captured tensor {name!r}; give it values")
     return values
+
+
+def example_positions(names, generator) -> dict:
+    """RoPE position tensors to check with: random int64 positions, [2, 64] (a check clips B, N and M to them)."""
+    return {name: torch.randint(-64, 4096, (2, 64), generator=generator) for name in names}
 
 
 def clip_lengths(index_uses, captured: dict, batch: int, n: int, m: int) -> tuple[int, int, int]:

@@ -149,6 +149,7 @@ _BASE_NAMES = {
     ops.LogSumExp: lambda op: "lse",
     ops.FlashAttention: lambda op: "o",
     ops.LseOf: lambda op: "lse",
+    ops.Rope: lambda op: "q_rot" if op.role == "query" else "k_rot",
 }
 
 
@@ -203,7 +204,7 @@ class {cls}(torch.autograd.Function):
         ``out``: a buffer the tile's q . k may be written to (the forward reuses one for every tile).
         """
 {score_lines}
-    @staticmethod
+{rope_source}    @staticmethod
     def bounds(q_first, q_last, b, h, N, M{captured_params}):
         """Keys [lo, hi) may be visible to queries q_first..q_last; keys [full_lo, full_hi) are visible to all."""
 {bounds_lines}{table_source}
@@ -220,9 +221,7 @@ class {cls}(torch.autograd.Function):
         B, H, N, D = q.shape
         M, Dv = k.shape[2], v.shape[3]
 {platform_forward}        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
-        q_rows = q.reshape(B, kv_heads, rows, D).float()
-        k_f, v_f = k.float(), v.float()
-{captured_to_float}        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
+{load_forward}{captured_to_float}        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
         o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
         lse = torch.empty(B, kv_heads, rows, device=q.device)
         # one buffer for every tile's scores: fresh multi-MiB tensors per tile cost page faults
@@ -262,9 +261,7 @@ class {cls}(torch.autograd.Function):
         B, H, N, D = q.shape
         M, Dv = k.shape[2], v.shape[3]
 {platform_backward}        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
-        q_rows = q.reshape(B, kv_heads, rows, D).float()
-        k_f, v_f = k.float(), v.float()
-        grad_o = grad_o.float().reshape(B, kv_heads, rows, Dv)
+{load_backward}        grad_o = grad_o.float().reshape(B, kv_heads, rows, Dv)
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float()
         # d lse / d s = p: the lse gradient joins delta = rowsum(o * dO) in one row term
         row_term = ((o.reshape(B, kv_heads, rows, Dv) * grad_o).sum(dim=-1) - grad_lse.reshape(B, kv_heads, rows))
@@ -299,7 +296,7 @@ class {cls}(torch.autograd.Function):
         grad_inputs = [None] * len(captured)
         for i, grad in zip(trainable, grad_captured):
             grad_inputs[i] = grad.to(captured[i].dtype)
-        return (grad_q.reshape(q.shape).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), *grad_inputs)
+{rotate_grads}        return (grad_q.reshape(q.shape).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), *grad_inputs)
 '''
 
 PACKED_ROWS = '''\
@@ -360,6 +357,40 @@ def _packed_rows(r0, r1, N, kv_heads, groups, device):
     packed = torch.arange(r0, r1, device=device)
     head = torch.arange(kv_heads, device=device).view(1, -1, 1, 1) * groups + (packed // N).view(1, 1, -1, 1)
     return head, (packed % N).view(1, 1, -1, 1)
+'''
+
+
+ROPE_HELPERS = '''\
+def _positions(position, x):
+    """The RoPE position of each row of x [B, H, L, D] as a [B, 1, L, 1] grid; ``position(b, index)``."""
+    B, L = x.shape[0], x.shape[2]
+    b = torch.arange(B, device=x.device).view(-1, 1, 1, 1)
+    index = torch.arange(L, device=x.device).view(1, 1, -1, 1)
+    return torch.broadcast_to(torch.as_tensor(position(b, index), device=x.device), (B, 1, L, 1))
+
+
+def _rotate(x, positions, freq, partner, sign=1.0):
+    """x turned by RoPE in float32: x cos(angle) + x[..., partner] sin(angle) per column, angle = position * freq.
+
+    ``freq`` is signed (the first column of a pair turns by -angle) and ``partner`` the other column of each
+    pair; columns that pass through have freq 0. ``sign=-1`` turns back: the transpose, for gradients.
+    """
+    angle = positions.float() * (torch.tensor(freq, dtype=torch.float32, device=x.device) * sign)
+    x = x.float()
+    return x * torch.cos(angle) + x[..., torch.tensor(partner, device=x.device)] * torch.sin(angle)
+'''
+
+ROPE_TEMPLATE = '''\
+    # RoPE {rope}: per column, the signed frequency and the partner column (attncc.ir.rope.RoPE.column_tables)
+    ROPE_FREQ = {freq}
+    ROPE_PAIR = {pair}
+
+    @classmethod
+    def rotate(cls, q, k, N, M{captured_params}, sign=1.0):
+        """q and k turned by RoPE in float32 (sign=-1: turned back), queries at {q_position}, keys at {kv_position}."""
+        return (_rotate(q, _positions(lambda b, q_idx: {q_expr}, q), cls.ROPE_FREQ, cls.ROPE_PAIR, sign),
+                _rotate(k, _positions(lambda b, kv_idx: {kv_expr}, k), cls.ROPE_FREQ, cls.ROPE_PAIR, sign))
+
 '''
 
 
@@ -487,10 +518,29 @@ def _region_source(node, cls: str, ir_line: str, names: CapturedNames) -> str:
             "                kv_tiles.append((c0, c1, not full))\n"
         )
     casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
+    load_forward = "        q_rows = q.reshape(B, kv_heads, rows, D).float()\n        k_f, v_f = k.float(), v.float()\n"
+    load_backward, rope_source, rotate_grads = load_forward, "", ""
+    if op.rope is not None:  # the prologue turns q and k; the backward turns their gradients back
+        head_dim = int(node.inputs[0].type.shape[3])
+        freq, pair = op.rope.column_tables(head_dim)
+        rope_source = ROPE_TEMPLATE.format(rope=op.rope, freq=tuple(freq), pair=tuple(pair), captured_params=captured_params,
+                                           q_position=op.q_position, kv_position=op.kv_position,
+                                           q_expr=print_expr(op.q_position), kv_expr=print_expr(op.kv_position))  # fmt: skip
+        rotate = "        q_f, k_f = {cls}.rotate(q, k, N, M{args})\n"
+        load = "        q_rows = q_f.reshape(B, kv_heads, rows, D)\n        v_f = v.float()\n"
+        load_forward = rotate.format(cls=cls, args=captured_params) + load
+        load_backward = rotate.format(cls=cls, args=", *captured") + load
+        rotate_grads = (
+            f"        grad_q, grad_k = {cls}.rotate(grad_q.reshape(q.shape), grad_k, N, M, *captured, sign=-1.0)\n"
+        )
     platform_forward, platform_backward = _platform_lines(op)
     return REGION_TEMPLATE.format(
         platform_forward=platform_forward,
         platform_backward=platform_backward,
+        load_forward=load_forward,
+        load_backward=load_backward,
+        rope_source=rope_source,
+        rotate_grads=rotate_grads,
         cls=cls,
         captured_to_float=f"        originals = {_tuple(captured)}\n{casts}" if captured else "",
         prescale=f" * {coefficient!r}" if coefficient is not None else "",
@@ -543,6 +593,11 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line("import torch")
     w.line()
     region_classes = {}
+    if graph.nodes_of(ops.Rope) or any(node.op.rope is not None for node in regions):
+        for line in ROPE_HELPERS.splitlines():
+            w.line(line)
+        w.line()
+        w.line()
     if regions:
         w.line("LOG2_E = 1.4426950408889634")
         w.line("LN2 = 0.6931471805599453")
@@ -602,6 +657,11 @@ def _lower_node(node, names, w: SourceWriter, grids: set[str], captured: Capture
     args = [names[i] for i in node.inputs]
     if isinstance(op, ops.RepeatKV):
         return [f"{out} = {args[0]}.repeat_interleave({op.groups}, dim=1)"]
+    if isinstance(op, ops.Rope):
+        freq, pair = op.rope.column_tables(int(node.inputs[0].type.shape[3]))
+        index = "q_idx" if op.role == "query" else "kv_idx"
+        position = f"_positions(lambda b, {index}: {print_expr(op.position)}, {args[0]})"
+        return [f"{out} = _rotate({args[0]}, {position}, {tuple(freq)}, {tuple(pair)})  # RoPE {op.rope}"]
     if isinstance(op, ops.Matmul):
         return [f"{out} = {_grouped_matmul(args[0], args[1], op)}"]
     if isinstance(op, ops.LseOf):

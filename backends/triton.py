@@ -647,6 +647,73 @@ class RegionWriter:
             "full_hi = tl.where(contiguous, (full_last + 1) * BLOCK_M, lo)",
         ]
 
+    # -- RoPE: the kernels turn the q and k tiles they load, and turn dq and dk back
+    def position_function(self, role: str) -> list[str]:
+        """``_q_positions`` / ``_kv_positions``: the RoPE position of each row of a q or k tile, a [rows, 1] column."""
+        writer = TileExpressions(self.printer, self.captured_types)
+        index, offsets, ok, length = ("q_idx", "offs_m", "row_ok", "N") if role == "query" else ("kv_idx", "offs_n", "col_ok", "M")
+        position = self.op.q_position if role == "query" else self.op.kv_position
+        name = "_q_positions" if role == "query" else "_kv_positions"
+        lines = [
+            "@triton.jit",
+            f"def {name}({''.join(p + ', ' for p in self.tile_params())}b, {offsets}, N, M):",
+            f'    """The RoPE position of each {role} row of a tile, a [rows, 1] column: {sympy.sstr(position)}."""',
+            f"    {index} = {offsets}[:, None]",
+            f"    {ok} = {index} < {length}",
+        ]
+        lines += ["    " + line for line in writer.lines(position, "position")]
+        lines.append("    return position")
+        return lines
+
+    def rope_fields(self, d_mask: str) -> dict:
+        """The template fields that rotate tiles: empty without rope."""
+        names = ("rope_pointers", "rope_args", "rotate_q", "rotate_k", "rotate_q_tile", "rotate_k_tile",
+                 "turn_back_dq", "turn_back_dk")  # fmt: skip
+        if self.op.rope is None:
+            return dict.fromkeys(names, "")
+        args = "".join(f"{p}, " for p in self.tile_params())
+        q_positions, kv_positions = f"_q_positions({args}b, offs_m, N, M)", f"_kv_positions({args}b, offs_n, N, M)"
+
+        def turn(indent: str, x: str, row_address: str, column_stride: str, ok: str, positions: str) -> str:
+            return (
+                f"{indent}# RoPE: column d becomes x[d] cos(pos * freq[d]) + x[pair[d]] sin(pos * freq[d])\n"
+                f"{indent}{x}_pair = tl.load({row_address} + pair[None, :] * {column_stride}, "
+                f"mask={ok}[:, None]{d_mask}, other=0.0)\n"
+                f"{indent}{x} = _round(_rope({x}, {x}_pair, {positions}, freq), {x}.dtype, INTERPRET_BF16)\n"
+            )
+
+        def turn_back(x: str, positions: str) -> str:
+            return (
+                f"    # RoPE's transpose: the gradient of the turned {x} turned back (angle -pos * freq)\n"
+                f"    {x} = _rope({x}, _partners({x}, pair), {positions}, -freq)\n"
+            )
+
+        tables = (
+            "    freq = tl.load(ROPE_FREQ + offs_d)  # RoPE: each column's signed frequency (0: passes through)\n"
+            "    pair = tl.load(ROPE_PAIR + offs_d)  # and the other column of its pair\n"
+        )
+        q_row = "Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm"
+        k_row = "K + b.to(tl.int64) * stride_kz + kv_h * stride_kh + offs_n[:, None] * stride_kn"
+        self.helpers |= {"_rope", "_partners"}
+        return dict(
+            rope_pointers=" ROPE_FREQ, ROPE_PAIR,",
+            rope_args="freq, pair, ",
+            rotate_q=tables + turn("    ", "q", q_row, "stride_qk", "q_ok", q_positions),
+            rotate_k=tables + turn("    ", "k", k_row, "stride_kk", "kv_ok", kv_positions),
+            rotate_q_tile=turn("        ", "q", "q_base + offs_m[:, None] * stride_qm", "stride_qk", "q_ok", q_positions),
+            rotate_k_tile=turn("        ", "k", "k_base + offs_n[:, None] * stride_kn", "stride_kk", "kv_ok", kv_positions),
+            turn_back_dq=turn_back("dq", q_positions),
+            turn_back_dk=turn_back("dk", kv_positions),
+        )
+
+    def rope_tables(self) -> str:
+        """Host code: RoPE's per-column tables (``RoPE.column_tables``) padded to BLOCK_D, on the inputs' device."""
+        freq, pair = self.op.rope.column_tables(self.head_dim)
+        width = padded(self.head_dim)
+        freq += [0.0] * (width - self.head_dim)
+        pair += list(range(self.head_dim, width))
+        return ROPE_TABLES.format(rope=self.op.rope, freq=tuple(freq), pair=tuple(pair))
+
     # -- everything
     def source(self) -> str:
         d_mask = "" if padded(self.head_dim) == self.head_dim else " & (offs_d[None, :] < HEAD_DIM)"
@@ -654,6 +721,8 @@ class RegionWriter:
         functions = [self.scores_function()]
         if self.coefficient is None:
             functions.append(self.score_grad_function())
+        if self.op.rope is not None:
+            functions += [self.position_function("query"), self.position_function("key")]
         fields = dict(
             tile_args="".join(f"{p}, " for p in self.tile_params()),
             pointers=self.kernel_pointers(),
@@ -667,9 +736,12 @@ class RegionWriter:
             dx_line=self.ds_to_dscore(),
             kv_schedule="\n".join("    " + line for line in self.kv_schedule_lines()),
             q_schedule="\n".join("        " + line for line in self.q_schedule_lines()),
+            **self.rope_fields(d_mask),
         )
         for name, call in LOOP_CALLS.items():
-            fields[name] = "\n".join(call.format(tiles=tiles, tile_args=fields["tile_args"]) for tiles in TILE_RANGES)
+            fields[name] = "\n".join(
+                call.format(tiles=tiles, tile_args=fields["tile_args"], rope_args=fields["rope_args"]) for tiles in TILE_RANGES
+            )
         parts = ["\n".join(f) for f in functions]
         parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
         return "\n\n\n".join(parts)
@@ -694,7 +766,8 @@ class RegionWriter:
         )
 
     def autograd_function(self) -> str:
-        return AUTOGRAD.format(doc=self.ir_line.replace('"', "'"))
+        rope_tables = " *_rope_tables(q.device)," if self.op.rope is not None else ""
+        return AUTOGRAD.format(doc=self.ir_line.replace('"', "'"), rope_tables=rope_tables)
 
 
 IMPORTS = """\
@@ -756,6 +829,20 @@ def _kv_tiles(kv_lo, kv_hi, kv_full_lo, kv_full_hi, M, BLOCK_N: tl.constexpr):
     full_lo = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi // BLOCK_N * BLOCK_N)
     full_hi = tl.maximum(tl.minimum(kv_full_hi, hi).to(tl.int32), full_lo) // BLOCK_N * BLOCK_N
     return lo, hi, full_lo, full_hi''',
+    "_rope": '''\
+@triton.jit
+def _rope(x, x_pair, positions, freq):
+    """x [rows, BLOCK_D] turned by RoPE, in float32: x cos(angle) + x_pair sin(angle), angle = position * freq.
+
+    ``positions`` is a [rows, 1] column, ``freq`` each column's signed frequency (0 where the column passes
+    through), ``x_pair`` each column's partner column."""
+    angle = positions.to(tl.float32) * freq[None, :]
+    return x.to(tl.float32) * tl.cos(angle) + x_pair.to(tl.float32) * tl.sin(angle)''',
+    "_partners": '''\
+@triton.jit
+def _partners(x, pair):
+    """Each column d of x [rows, BLOCK_D], a value held in registers, replaced by column pair[d]."""
+    return tl.gather(x, tl.broadcast_to(pair[None, :], x.shape), axis=1)''',
     "_floordiv": '''\
 @triton.jit
 def _floordiv(a, b):
@@ -797,22 +884,22 @@ TILE_RANGES = ("lo, full_lo, True", "full_lo, full_hi, False", "full_hi, hi, Tru
 LOOP_CALLS = {
     "fwd_loops": '''\
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                                    b, h, offs_m, N, M, {tile_args}
+                                    b, h, offs_m, N, M, {tile_args}{rope_args}
                                     {tiles}, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
     "dkdv_loops": '''\
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
-                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}
+                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}{rope_args}
                                       {tiles}, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
     "dq_loops": '''\
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                            b, h, offs_m, N, M, {tile_args}
+                            b, h, offs_m, N, M, {tile_args}{rope_args}
                             {tiles}, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
 }
 
 FORWARD = '''\
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                    b, h, offs_m, N, M, {tile_args}
+                    b, h, offs_m, N, M, {tile_args}{rope_args}
                     lo, hi, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
@@ -824,7 +911,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stri
         kv_ok = offs_n < M
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
                     mask=kv_ok[:, None]{d_mask}, other=0.0)
-        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
+{rotate_k_tile}        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
         s = _scores(qk, b, h, offs_m, offs_n, N, M, {tile_args}MASKED)
         # -- online softmax: rescale the running sum and the accumulator when the max grows
         m_ij = tl.maximum(m_i, tl.max(s, 1))
@@ -840,7 +927,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kk, stri
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,{pointers}
+def _attn_fwd(Q, K, V, O, LSE,{pointers}{rope_pointers}
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
               stride_vz, stride_vh, stride_vn, stride_vk,
@@ -861,7 +948,7 @@ def _attn_fwd(Q, K, V, O, LSE,{pointers}
     q_ok = offs_m < N
     q = tl.load(Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qk, mask=q_ok[:, None]{d_mask}, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kz + kv_h * stride_kh
+{rotate_q}    k_base = K + b.to(tl.int64) * stride_kz + kv_h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vz + kv_h * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -904,7 +991,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                          stride_qm, stride_qk, stride_dom, stride_dok,
-                         b, h, offs_n, N, M, {tile_args}
+                         b, h, offs_n, N, M, {tile_args}{rope_args}
                          lo, hi, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
@@ -916,7 +1003,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         q_ok = offs_m < N
         q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                     mask=q_ok[:, None]{d_mask}, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+{rotate_q_tile}        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                      mask=q_ok[:, None]{dv_mask}, other=0.0)
         # rows past N, and rows without a visible key (lse = -inf), get p = 0
         lse = tl.load(lse_base + offs_m, mask=q_ok, other=float("inf"))
@@ -934,7 +1021,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}{rope_pointers}
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
                    stride_vz, stride_vh, stride_vn, stride_vk,
@@ -957,7 +1044,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
     kv_ok = offs_n < M
     k = tl.load(K + b.to(tl.int64) * stride_kz + kv_h * stride_kh + offs_n[:, None] * stride_kn
                 + offs_d[None, :] * stride_kk, mask=kv_ok[:, None]{d_mask}, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vz + kv_h * stride_vh + offs_n[:, None] * stride_vn
+{rotate_k}    v = tl.load(V + b.to(tl.int64) * stride_vz + kv_h * stride_vh + offs_n[:, None] * stride_vn
                 + offs_dv[None, :] * stride_vk, mask=kv_ok[:, None]{dv_mask}, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -970,7 +1057,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
         lse_base = LSE + (b * H + h).to(tl.int64) * N
         delta_base = DELTA + (b * H + h).to(tl.int64) * N
 {dkdv_loops}
-    tl.store(DK + b.to(tl.int64) * stride_dkz + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
+{turn_back_dk}    tl.store(DK + b.to(tl.int64) * stride_dkz + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkk, _round(dk, DK.dtype.element_ty, INTERPRET_BF16), mask=kv_ok[:, None]{d_mask})
     tl.store(DV + b.to(tl.int64) * stride_dvz + kv_h * stride_dvh + offs_n[:, None] * stride_dvn
              + offs_dv[None, :] * stride_dvk, _round(dv, DV.dtype.element_ty, INTERPRET_BF16), mask=kv_ok[:, None]{dv_mask})
@@ -978,7 +1065,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
-                       b, h, offs_m, N, M, {tile_args}
+                       b, h, offs_m, N, M, {tile_args}{rope_args}
                        lo, hi, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
@@ -990,7 +1077,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_
         kv_ok = offs_n < M
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk,
                     mask=kv_ok[:, None]{d_mask}, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
+{rotate_k_tile}        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
                     mask=kv_ok[:, None]{dv_mask}, other=0.0)
         qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
         s = _scores(qk, b, h, offs_m, offs_n, N, M, {tile_args}MASKED)
@@ -1003,7 +1090,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,{pointers}
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,{pointers}{rope_pointers}
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
                  stride_vz, stride_vh, stride_vn, stride_vk,
@@ -1025,7 +1112,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,{pointers}
     q_ok = offs_m < N
     q = tl.load(Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qk, mask=q_ok[:, None]{d_mask}, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom
+{rotate_q}    do = tl.load(DO + b.to(tl.int64) * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dok, mask=q_ok[:, None]{dv_mask}, other=0.0)
     # rows past N, and rows without a visible key (lse = -inf), get p = 0
     lse = tl.load(LSE + off_hz.to(tl.int64) * N + offs_m, mask=q_ok, other=float("inf"))
@@ -1037,8 +1124,22 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,{pointers}
     # -- KV schedule, as in the forward kernel
 {kv_schedule}
 {dq_loops}
-    tl.store(DQ + b.to(tl.int64) * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm
+{turn_back_dq}    tl.store(DQ + b.to(tl.int64) * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqk, _round(dq, DQ.dtype.element_ty, INTERPRET_BF16), mask=q_ok[:, None]{d_mask})'''
+
+ROPE_TABLES = '''\
+# RoPE {rope}: per column, the signed frequency and the other column of its pair, padded to BLOCK_D.
+ROPE_FREQ = {freq}
+ROPE_PAIR = {pair}
+_rope_on_device = {{}}
+
+
+def _rope_tables(device):
+    """ROPE_FREQ (float32) and ROPE_PAIR (int32) as tensors on device, made once per device."""
+    if device not in _rope_on_device:
+        _rope_on_device[device] = (torch.tensor(ROPE_FREQ, dtype=torch.float32, device=device),
+                                   torch.tensor(ROPE_PAIR, dtype=torch.int32, device=device))
+    return _rope_on_device[device]'''
 
 HOST = '''\
 # Whether triton runs these kernels in its interpreter (it does when TRITON_INTERPRET=1 at import).
@@ -1113,7 +1214,7 @@ class FlashAttention(torch.autograd.Function):
         grid = (triton.cdiv(N, BLOCK_M), B * H)
         index_error = _index_error_flag(q.device, captured)
         _attn_fwd[grid](
-            q, k, v, o, lse, *captured, *index_error,
+            q, k, v, o, lse, *captured, *index_error,{rope_tables}
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides_and_sizes(captured),
             H, N, M, **_meta(q), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
@@ -1143,12 +1244,12 @@ class FlashAttention(torch.autograd.Function):
         index_error = _index_error_flag(q.device, captured)  # the forward checked these indices
         meta = _meta(q, BWD_BLOCK_M, BWD_BLOCK_N)
         _attn_bwd_dkdv[(triton.cdiv(M, BWD_BLOCK_N), B * k.shape[1])](
-            q, k, v, do, lse, delta, dk, dv, *captured, *index_error,
+            q, k, v, do, lse, delta, dk, dv, *captured, *index_error,{rope_tables}
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *captured_strides,
             H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )
         _attn_bwd_dq[rows](
-            q, k, v, do, lse, delta, dq, *captured, *index_error,
+            q, k, v, do, lse, delta, dq, *captured, *index_error,{rope_tables}
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *captured_strides,
             H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )
@@ -1223,6 +1324,11 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line()
     for row in HOST.splitlines():
         w.line(row)
+    if region.op.rope is not None:
+        w.line()
+        w.line()
+        for row in writer.rope_tables().splitlines():
+            w.line(row, ir=ir_line)
     w.line()
     w.line()
     for row in writer.autograd_function().splitlines():

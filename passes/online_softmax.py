@@ -4,12 +4,14 @@ The region streams over KV tiles with a running max, a running sum and a rescale
 accumulator (see ``attncc.ir.ops.FlashAttention``), so the N x M probabilities are
 never stored. It fires only when the probabilities feed nothing but the PV matmul,
 and the masked scores nothing but that softmax and an optional logsumexp (which
-becomes the region's ``lse``); otherwise the graph is left as it is.
+becomes the region's ``lse``); otherwise the graph is left as it is. ``rope`` ops on
+q and k that feed nothing but the QK^T matmul join the region as its ``rope``
+attribute and positions, so kernels rotate the tiles they load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -61,7 +63,16 @@ def match_region(pv, users) -> Match | None:
     if not qk.op.transpose_b or (qk is not scores and len(users[qk]) != 1) or qk.op.kv_groups != pv.op.kv_groups:
         return None
     region = ops.FlashAttention(groups=qk.op.kv_groups, score=expr, mask=mask, exp2=exp2)
-    return Match(pv, lse[0] if lse else None, region, *qk.inputs, v)
+    q, k = qk.inputs
+    rotations = [x for x in (q, k) if isinstance(x.op, ops.Rope)]
+    if rotations:
+        if len(rotations) != 2 or q.op.rope != k.op.rope or q.op.role != "query" or k.op.role != "key":
+            return None
+        if users[q] != [qk] or users[k] != [qk]:
+            return None
+        region = replace(region, rope=q.op.rope, q_position=q.op.position, kv_position=k.op.position)
+        q, k = q.inputs[0], k.inputs[0]
+    return Match(pv, lse[0] if lse else None, region, q, k, v)
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,8 @@ class OnlineSoftmax(Pass):
                 return None
             region = regions.get(id(match))
             if region is None:
-                operands = captured_operands([match.region.score, match.region.mask], builder.nodes)
+                expressions = [match.region.score, match.region.mask, *match.region.positions().values()]
+                operands = captured_operands(expressions, builder.nodes)
                 qkv = (builder.mapping[match.q], builder.mapping[match.k], builder.mapping[match.v])
                 region = builder.add(match.region, *qkv, *operands)
                 regions[id(match)] = region

@@ -206,7 +206,8 @@ class Sparsity(Pass):
             schedule = schedule_for(node.op.mask)
             self.count("tile_tables" if schedule.table else "closed_form_bounds")
             op = replace(node.op, schedule=schedule)
-            captured = captured_operands([op.score, op.mask, *schedule.expressions()], builder.nodes)
+            expressions = [op.score, op.mask, *schedule.expressions(), *op.positions().values()]
+            captured = captured_operands(expressions, builder.nodes)
             return builder.add(op, *inputs[:3], *captured)
 
         return rebuild(graph, rule)

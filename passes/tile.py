@@ -43,9 +43,11 @@ def fused_kernel(node) -> str:
     torch's fused CPU kernel (FlashAttention's algorithm, lse included) computes a score
     of scale * q . k over one head dim, with no mask ("dense") or a causal one aligned
     top-left ("causal_top_left", any N and M) or bottom-right ("causal_bottom_right",
-    the same kernel when N == M). Captured tensors rule it out.
+    the same kernel when N == M). Captured tensors and RoPE (it takes q and k as they are) rule it out.
     """
     op = node.op
+    if op.rope is not None:
+        return ""
     coefficient = sympy.expand(op.score).coeff(score)
     q, _, v = (operand.type for operand in node.inputs[:3])
     linear = coefficient.is_number and coefficient != 0 and sympy.expand(op.score - coefficient * score) == 0

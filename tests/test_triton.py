@@ -526,7 +526,7 @@ GPU_COMPILE = textwrap.dedent(
     spec = importlib.util.spec_from_file_location("generated", sys.argv[1])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    dtype, floats = sys.argv[2], {"LSE", "DELTA", "DLSE"}
+    dtype, floats = sys.argv[2], {"LSE", "DELTA", "DLSE", "ROPE_FREQ"}
     meta = dict(GROUPS=module.GROUPS, BLOCK_M=module.BLOCK_M, BLOCK_N=module.BLOCK_N, HEAD_DIM=module.HEAD_DIM,
                 BLOCK_D=module.BLOCK_D, HEAD_DIM_V=module.HEAD_DIM_V, BLOCK_DV=module.BLOCK_DV,
                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", INTERPRET_BF16=False)
@@ -539,6 +539,8 @@ GPU_COMPILE = textwrap.dedent(
                 signature[param.name], constants[param.name] = "constexpr", meta[param.name]
             elif param.name in floats:
                 signature[param.name] = "*fp32"
+            elif param.name == "ROPE_PAIR":
+                signature[param.name] = "*i32"
             elif param.name.isupper() and param.name not in ("H", "N", "M"):
                 signature[param.name] = "*" + dtype
             else:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sympy
 
-from attncc.errors import ModError
+from attncc.errors import ModError, SpecError
 from attncc.frontend.mod import Captured, TracedMod
 from attncc.ir import ops
-from attncc.ir.expr import captured_names, captured_symbol, h, kv_idx, number, q_idx, score
+from attncc.ir.expr import b, captured_names, captured_symbol, h, kv_idx, number, q_idx, score
 from attncc.ir.graph import Graph, GraphBuilder
 from attncc.ir.types import B, M, N, TensorType
 from attncc.spec import AttentionSpec
@@ -93,6 +93,29 @@ def merged_captured(*mods: TracedMod | None) -> dict[str, Captured]:
     return merged
 
 
+# The call-time position tensors of RoPE, [B, N] and [B, M] int64, by the sequence they place.
+POSITION_TENSORS = {"q": "q_positions", "kv": "kv_positions"}
+
+
+def rope_positions(spec: AttentionSpec, given=()) -> dict[str, sympy.Expr]:
+    """The RoPE position of each query and key: bottom-right (query i at M - N + i, key j at j),
+    or ``q_positions[b, q_idx]`` / ``kv_positions[b, kv_idx]`` for the sequences in ``given``."""
+    unknown = sorted(set(given) - set(POSITION_TENSORS))
+    if unknown:
+        raise SpecError(f"positions {unknown[0]!r} is invalid: allowed are {', '.join(POSITION_TENSORS)}")
+    if given and spec.rope is None:
+        raise SpecError("RoPE positions are given, but the spec has no rope")
+    positions = {"q": M - N + q_idx, "kv": kv_idx}
+    for role, index in (("q", q_idx), ("kv", kv_idx)):
+        if role in given:
+            positions[role] = captured_symbol(POSITION_TENSORS[role], "i64")[b, index]
+    return positions
+
+
+def position_captured(given) -> dict[str, Captured]:
+    return {POSITION_TENSORS[role]: Captured(POSITION_TENSORS[role], "i64", 2) for role in sorted(given)}
+
+
 def captured_type(captured: Captured) -> TensorType:
     shape = sympy.symbols(f"{captured.name}_d0:{captured.ndim}", integer=True, nonnegative=True)
     return TensorType(tuple(shape), captured.dtype)
@@ -109,12 +132,13 @@ def sharded_captured(captured: dict[str, Captured]) -> dict[str, Captured]:
 
 
 def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None] | None = None, *,
-          sharded: bool = False) -> Graph:  # fmt: skip
-    """The textbook graph: repeat_kv, QK^T, scale, alibi, score_mod, softcap, mask, softmax, PV.
+          sharded: bool = False, given_positions=()) -> Graph:  # fmt: skip
+    """The textbook graph: rope, repeat_kv, QK^T, scale, alibi, score_mod, softcap, mask, softmax, PV.
 
     ``traced`` is the spec's (score_mod, mask_mod) from ``trace_mods`` (traced here if omitted).
     ``sharded``: q and k are shards of longer sequences; masks, ALiBi and mods see global
     positions read from the captured tensor ``shard`` (see ``global_positions``).
+    ``given_positions``: the sequences ("q", "kv") whose RoPE positions are call-time tensors.
     """
     score_mod, mask_mod = trace_mods(spec) if traced is None else traced
     positions = global_positions if sharded else (lambda expr: expr)
@@ -126,8 +150,23 @@ def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None]
     q = g.input("q", "query", TensorType((B, H, N, D), "T"))
     k = g.input("k", "key", TensorType((B, Hkv, M, D), "T"))
     v = g.input("v", "value", TensorType((B, Hkv, M, Dv), "T"))
+    where = rope_positions(spec, given_positions)
+    if sharded and spec.rope is not None:
+        raise SpecError(
+            "a sharded program (context parallelism) with rope is not supported: RoPE would turn q and k by "
+            "their positions in the shard; rotate them before the call (as attncc.nn.Attention does)"
+        )
+    position_inputs = position_captured(given_positions)
+    clash = sorted(set(captured_tensors) & set(position_inputs))
+    if clash:
+        raise ModError(f"captured tensor {clash[0]!r} clashes with the RoPE position tensor of that name; rename it")
+    captured_tensors = {**captured_tensors, **position_inputs}
     # In name order, the order in which fused regions take them, so a region can be the whole program.
     captured = {name: g.input(name, "captured", captured_type(c)) for name, c in sorted(captured_tensors.items())}
+
+    if spec.rope is not None:
+        q = g.add(ops.Rope(spec.rope, "query", where["q"]), q, *_captured_operands(where["q"], captured))
+        k = g.add(ops.Rope(spec.rope, "key", where["kv"]), k, *_captured_operands(where["kv"], captured))
 
     if spec.groups > 1:
         k = g.add(ops.RepeatKV(spec.groups), k)

@@ -56,6 +56,11 @@ so validate can fill it at random) and ``dtype`` is required. Names are ASCII id
 not one of the input, symbol, constant or function names (``RESERVED_TENSOR_NAMES``).
 Every declared tensor must be used by ``mask`` or ``score``.
 
+``[attention.rope]``: rotary position embedding of q and k, the fields of
+:class:`attncc.RoPE`: ``theta``, ``rotary_dim``, ``interleaved`` and ``scaling``, an
+inline table such as ``scaling = { rope_type = "llama3", factor = 8.0, low_freq_factor
+= 1.0, high_freq_factor = 4.0, original_max_position_embeddings = 8192 }``.
+
 ``[attention.pattern]``: a named sparse pattern of :mod:`attncc.masks` and its
 parameters, e.g. ``pattern = { name = "longformer", window = 256, global_tokens = [0],
 seq_len = 4096 }``; with a ``mask`` too, both must hold.
@@ -81,6 +86,7 @@ from attncc.errors import SpecError
 from attncc.frontend import builder
 from attncc.frontend.mod import Captured, TracedMod, ir_dtype
 from attncc.ir.expr import SYMBOLS_BY_NAME, captured_names, captured_symbol, is_boolean, kind
+from attncc.ir.rope import RoPE
 from attncc.spec import AttentionSpec
 
 try:
@@ -259,6 +265,8 @@ def _spec_from_document(document: dict, source: str) -> AttentionSpec:
     fields = {k: v for k, v in table.items() if k not in ("score", "mask", "tensors", "pattern")}
     if "window" in fields:
         fields["window"] = _window(fields["window"], source)
+    if "rope" in fields:
+        fields["rope"] = RoPE.from_dict(fields["rope"], where=f"{source}: attention.rope")
     try:
         spec = AttentionSpec(**fields)
     except SpecError as exc:

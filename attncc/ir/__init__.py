@@ -13,10 +13,12 @@ from attncc.ir.ops import (
     Op,
     Output,
     RepeatKV,
+    Rope,
     Scale,
     ScoreMod,
     Softmax,
 )
+from attncc.ir.rope import RoPE
 from attncc.ir.types import B, M, N, TensorType
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "Op",
     "Output",
     "RepeatKV",
+    "RoPE",
+    "Rope",
     "Scale",
     "ScoreMod",
     "Softmax",

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import sympy
 
-from attncc.errors import IRError
+from attncc.errors import AttnccError, IRError
 from attncc.ir.expr import (
     INDEX_SYMBOLS,
     LENGTH_SYMBOLS,
@@ -23,6 +23,7 @@ from attncc.ir.expr import (
     q_idx,
     score,
 )
+from attncc.ir.rope import RoPE
 from attncc.ir.schedule import TileSchedule
 from attncc.ir.types import M, N, TensorType
 
@@ -67,6 +68,23 @@ def _check_expression(op: Op, expr, allowed: set[str]):
 
 
 _INDEX_NAMES = {str(s) for s in (*INDEX_SYMBOLS, *LENGTH_SYMBOLS)}
+# What a RoPE position may read: the batch index, the lengths and its own sequence index.
+POSITION_NAMES = {"query": {"b", "N", "M", "q_idx"}, "key": {"b", "N", "M", "kv_idx"}}
+
+
+def _check_rope(op: Op, rope, positions: dict, head_dim) -> None:
+    if not isinstance(rope, RoPE):
+        raise IRError(f"{op.name} needs a RoPE attribute, got {rope!r}")
+    if not head_dim.is_Integer:
+        raise IRError(f"{op.name} needs a constant head dim, got {head_dim}")
+    try:
+        rope.rotated_columns(int(head_dim))
+    except AttnccError as exc:
+        raise IRError(f"{op.name}: {exc}") from None
+    for role, position in positions.items():
+        if not isinstance(position, sympy.Expr) or position.is_integer is not True:
+            raise IRError(f"{op.name} {role} position {position} is not an integer expression")
+        _check_expression(op, position, POSITION_NAMES[role])
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,32 @@ class Scale(Op):
         if not (self.factor.is_number and self.factor.is_real):
             raise IRError(f"scale factor {self.factor} is not a real constant")
         return inputs[0]
+
+
+@dataclass(frozen=True)
+class Rope(Op):
+    """Rotate the rows of q (``role = query``) or k (``role = key``) by RoPE (``attncc.ir.rope``).
+
+    Row ``q_idx`` (or ``kv_idx``) of batch ``b`` sits at ``position``, an integer
+    expression over b, N, M, its index and captured position tensors. The result is
+    float32 (float64 in the reference).
+    """
+
+    name: ClassVar[str] = "rope"
+    rope: RoPE
+    role: str
+    position: sympy.Expr
+
+    def captured_inputs(self):
+        return captured_names(self.position)
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1 + len(self.captured_inputs()))
+        x = inputs[0]
+        if x.rank != 4 or self.role not in POSITION_NAMES:
+            raise IRError(f"rope expects a [B, H, L, D] tensor and role query or key, got {x} and {self.role!r}")
+        _check_rope(self, self.rope, {self.role: self.position}, x.shape[3])
+        return x.with_dtype("f32")
 
 
 @dataclass(frozen=True)
@@ -254,6 +298,8 @@ class FlashAttention(Op):
     "causal_bottom_right", which holds when N == M); "" streams the tiles.
     ``schedule`` (from the sparsity pass) bounds the KV tiles each query tile
     visits and marks those that need no mask (see ``attncc.ir.schedule``).
+    With ``rope``, q and k are rotated first (as ``rope`` ops would), the query row
+    ``q_idx`` at ``q_position`` and the key ``kv_idx`` at ``kv_position``.
     """
 
     name: ClassVar[str] = "flash_attention"
@@ -271,9 +317,18 @@ class FlashAttention(Op):
     bwd_num_stages: int = 0
     fused_kernel: str = ""
     schedule: TileSchedule | None = None
+    rope: RoPE | None = None
+    q_position: sympy.Expr | None = None
+    kv_position: sympy.Expr | None = None
+
+    def positions(self) -> dict:
+        """The RoPE positions by role (query, key); empty without rope."""
+        return {} if self.rope is None else {"query": self.q_position, "key": self.kv_position}
 
     def captured_inputs(self):
         names = captured_names(self.score) | captured_names(self.mask)
+        for position in self.positions().values():
+            names |= captured_names(position)
         for expr in self.schedule.expressions() if self.schedule else ():
             names |= captured_names(expr)
         return names
@@ -294,6 +349,10 @@ class FlashAttention(Op):
         _check_expression(self, self.mask, _INDEX_NAMES)
         for expr in self.schedule.expressions() if self.schedule else ():
             _check_expression(self, expr, _INDEX_NAMES | {"q_first", "q_last"})
+        if self.rope is not None:
+            _check_rope(self, self.rope, self.positions(), q.shape[3])
+        elif self.q_position is not None or self.kv_position is not None:
+            raise IRError("flash_attention has RoPE positions but no rope")
         for size in (self.block_m, self.block_n, self.num_warps, self.num_stages):
             if size < 0:
                 raise IRError(f"flash_attention tile and launch sizes must be >= 0, got {size}")
