@@ -97,12 +97,16 @@ def merged_captured(*mods: TracedMod | None) -> dict[str, Captured]:
 POSITION_TENSORS = {"q": "q_positions", "kv": "kv_positions"}
 
 
+def _check_given(given) -> None:
+    unknown = sorted(set(given) - set(POSITION_TENSORS), key=str)
+    if unknown:
+        raise SpecError(f"positions {unknown[0]!r} is invalid: allowed are {', '.join(POSITION_TENSORS)}")
+
+
 def rope_positions(spec: AttentionSpec, given=()) -> dict[str, sympy.Expr]:
     """The RoPE position of each query and key: bottom-right (query i at M - N + i, key j at j),
     or ``q_positions[b, q_idx]`` / ``kv_positions[b, kv_idx]`` for the sequences in ``given``."""
-    unknown = sorted(set(given) - set(POSITION_TENSORS))
-    if unknown:
-        raise SpecError(f"positions {unknown[0]!r} is invalid: allowed are {', '.join(POSITION_TENSORS)}")
+    _check_given(given)
     if given and spec.rope is None:
         raise SpecError("RoPE positions are given, but the spec has no rope")
     positions = {"q": M - N + q_idx, "kv": kv_idx}
@@ -113,6 +117,8 @@ def rope_positions(spec: AttentionSpec, given=()) -> dict[str, sympy.Expr]:
 
 
 def position_captured(given) -> dict[str, Captured]:
+    """The captured tensors of the RoPE positions in ``given`` (int64, 2-D)."""
+    _check_given(given)
     return {POSITION_TENSORS[role]: Captured(POSITION_TENSORS[role], "i64", 2) for role in sorted(given)}
 
 
