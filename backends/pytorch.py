@@ -525,7 +525,7 @@ def _region_source(node, cls: str, ir_line: str, names: CapturedNames) -> str:
         freq, pair = op.rope.column_tables(head_dim)
         rope_source = ROPE_TEMPLATE.format(rope=op.rope, freq=tuple(freq), pair=tuple(pair), captured_params=captured_params,
                                            q_position=op.q_position, kv_position=op.kv_position,
-                                           q_expr=print_expr(op.q_position), kv_expr=print_expr(op.kv_position))  # fmt: skip
+                                           q_expr=print_expr(op.q_position, names), kv_expr=print_expr(op.kv_position, names))  # fmt: skip
         rotate = "        q_f, k_f = {cls}.rotate(q, k, N, M{args})\n"
         load = "        q_rows = q_f.reshape(B, kv_heads, rows, D)\n        v_f = v.float()\n"
         load_forward = rotate.format(cls=cls, args=captured_params) + load
@@ -660,7 +660,7 @@ def _lower_node(node, names, w: SourceWriter, grids: set[str], captured: Capture
     if isinstance(op, ops.Rope):
         freq, pair = op.rope.column_tables(int(node.inputs[0].type.shape[3]))
         index = "q_idx" if op.role == "query" else "kv_idx"
-        position = f"_positions(lambda b, {index}: {print_expr(op.position)}, {args[0]})"
+        position = f"_positions(lambda b, {index}: {print_expr(op.position, captured)}, {args[0]})"
         return [f"{out} = _rotate({args[0]}, {position}, {tuple(freq)}, {tuple(pair)})  # RoPE {op.rope}"]
     if isinstance(op, ops.Matmul):
         return [f"{out} = {_grouped_matmul(args[0], args[1], op)}"]

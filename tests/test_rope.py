@@ -251,9 +251,11 @@ def test_ir_rope_ops_and_the_region_that_carries_them():
 def test_triton_source_turns_tiles_and_gradients():
     spec = attncc.AttentionSpec(num_heads=2, head_dim=16, rope=attncc.RoPE(rotary_dim=8))
     source = attncc.compile(spec, backend="triton", pipeline=TRITON_TILES).with_positions(("q",)).source
-    assert "def _q_positions(q_positions_ptr, stride_q_positions_0, stride_q_positions_1, b, offs_m, N, M):" in source
-    assert "k = _round(_rope(k, k_pair, _kv_positions(q_positions_ptr, stride_q_positions_0, stride_q_positions_1, " \
-           "b, offs_n, N, M), freq), k.dtype, INTERPRET_BF16)" in source  # fmt: skip
+    tensor = "cap0_q_positions_ptr, cap0_q_positions_stride0, cap0_q_positions_stride1, cap0_q_positions_size0, " \
+             "cap0_q_positions_size1, index_error_ptr"  # fmt: skip
+    assert f"def _q_positions({tensor}, b, offs_m, N, M):" in source
+    assert f"k = _round(_rope(k, k_pair, _kv_positions({tensor}, b, offs_n, N, M), freq), k.dtype, INTERPRET_BF16)" \
+        in source  # fmt: skip
     assert "dq = _rope(dq, _partners(dq, pair), _q_positions(" in source
     assert "dk = _rope(dk, _partners(dk, pair), _kv_positions(" in source
     assert "ROPE_PAIR = (4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15)" in source
