@@ -12,7 +12,11 @@ import importlib
 from attncc.errors import BackendError
 
 # In order of preference for backend=None on a device that several support.
-BACKENDS = {"pytorch": "attncc.backends.pytorch", "triton": "attncc.backends.triton"}
+BACKENDS = {
+    "pytorch": "attncc.backends.pytorch",
+    "triton": "attncc.backends.triton",
+    "cuda": "attncc.backends.cuda",
+}
 # Devices that prefer another order: generated Triton kernels on GPUs.
 PREFERENCES = {"cuda": ("triton", "pytorch")}
 

@@ -9,9 +9,11 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
 from attncc.errors import BackendError
+from attncc.ir.expr import FloorDiv, score
 
 
 @dataclass
@@ -123,21 +125,11 @@ def python_names(source: str) -> set[str]:
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-class ExpressionPrinter(PythonCodePrinter):
-    """What the backends' expression printers share: comparisons, boolean constants, and the
-    dispatch of IR functions to three hooks each backend writes in its own language:
+class ExpressionDispatch:
+    """What the backends' expression printers share, whatever sympy printer they extend: comparisons,
+    and the dispatch of IR functions to three hooks each backend writes in its own language:
     ``_rounding(expr, fn)`` for floor / ceil, ``_min_max(expr, fn)`` for minimum / maximum,
     ``_logical(expr, operator)`` for ``&``, ``|``, ``^``."""
-
-    def __init__(self, captured: CapturedNames | None = None):
-        super().__init__({"fully_qualified_modules": False, "standard": "python3"})
-        self.captured = captured or CapturedNames(())
-
-    def _print_Integer(self, expr):
-        # Beyond int64 no tensor holds the integer: written as the nearest float (1e25 compares as it should).
-        if not INT64_MIN <= int(expr) <= INT64_MAX:
-            return repr(float(expr))
-        return super()._print_Integer(expr)
 
     def _print_floor(self, expr):
         return self._rounding(expr, "floor")
@@ -163,8 +155,66 @@ class ExpressionPrinter(PythonCodePrinter):
     def _print_Relational(self, expr):
         return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
 
+
+class ExpressionPrinter(ExpressionDispatch, PythonCodePrinter):
+    """The Python-syntax printers' base (torch and triton): ExpressionDispatch, Python's booleans,
+    and integers beyond int64."""
+
+    def __init__(self, captured: CapturedNames | None = None):
+        super().__init__({"fully_qualified_modules": False, "standard": "python3"})
+        self.captured = captured or CapturedNames(())
+
+    def _print_Integer(self, expr):
+        # Beyond int64 no tensor holds the integer: written as the nearest float (1e25 compares as it should).
+        if not INT64_MIN <= int(expr) <= INT64_MAX:
+            return repr(float(expr))
+        return super()._print_Integer(expr)
+
     def _print_BooleanTrue(self, expr):
         return "True"
 
     def _print_BooleanFalse(self, expr):
         return "False"
+
+
+def fold_numbers(expr):
+    """Each product's numeric factors as one float (``sqrt(6)*score/240`` -> ``0.0102*score``); integers stay."""
+    if not isinstance(expr, sympy.Basic) or not expr.args or isinstance(expr, (sympy.Symbol, sympy.Indexed)):
+        return expr
+    if isinstance(expr, sympy.Expr) and expr.is_number:
+        return expr if expr.is_Integer or not expr.is_finite else sympy.Float(expr.evalf(17), 17)
+    if isinstance(expr, sympy.Pow) and expr.exp.is_number:  # the printer reads exact exponents: 1/2, -1, 3
+        return sympy.Pow(fold_numbers(expr.base), expr.exp)
+    args = [fold_numbers(arg) for arg in expr.args]
+    if isinstance(expr, sympy.Mul):
+        numbers = [a for a in args if a.is_number]
+        coefficient = sympy.Mul(*numbers)
+        if len(numbers) > 1 or (numbers and not coefficient.is_Integer):
+            coefficient = coefficient if coefficient.is_Integer else sympy.Float(coefficient.evalf(17), 17)
+            others = [a for a in args if not a.is_number]
+            return sympy.Mul(*others) if coefficient == 1 else sympy.Mul(coefficient, *others)
+    return expr.func(*args)
+
+
+def split_linear(expr) -> tuple[float | None, sympy.Expr]:
+    """(c, rest) when expr = c * score + rest with a constant c and rest free of score, else (None, expr)."""
+    coefficient = sympy.expand(expr).coeff(score)
+    rest = sympy.expand(expr - coefficient * score)
+    if coefficient.is_number and coefficient != 0 and not rest.has(score):
+        return float(coefficient), rest
+    return None, expr
+
+
+def score_derivative(expr):
+    """d expr / d score. Integer-valued parts (//, %, floor) are piecewise constant: their derivative is 0."""
+    flooring = {
+        FloorDiv: lambda a, c: sympy.floor(a / c),
+        sympy.Mod: lambda a, c: a - c * sympy.floor(a / c),
+    }
+    for function, rewrite in flooring.items():
+        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(score), lambda *args, r=rewrite: r(*args))
+    derivative = sympy.diff(expr, score)
+    return derivative.replace(
+        lambda e: isinstance(e, sympy.Derivative) and isinstance(e.expr, (sympy.floor, sympy.ceiling)),
+        lambda *args: sympy.Integer(0),
+    )

@@ -35,10 +35,19 @@ import torch
 from sympy.printing.precedence import precedence
 
 import attncc
-from attncc.backends.source import CapturedNames, ExpressionPrinter, GeneratedSource, SourceWriter, python_names
+from attncc.backends.source import (
+    CapturedNames,
+    ExpressionPrinter,
+    GeneratedSource,
+    SourceWriter,
+    fold_numbers,
+    python_names,
+    score_derivative,
+    split_linear,
+)
 from attncc.errors import BackendError
 from attncc.ir import ops
-from attncc.ir.expr import FloorDiv, b, h, is_boolean, kv_idx, q_idx, score
+from attncc.ir.expr import b, h, is_boolean, kv_idx, q_idx, score
 from attncc.ir.graph import Graph
 from attncc.ir.printer import format_node, print_graph, value_names
 from attncc.ir.schedule import q_first, q_last
@@ -255,25 +264,6 @@ class TritonPrinter(ExpressionPrinter):
         raise BackendError(f"the triton backend cannot differentiate {expr.expr}; use backend='pytorch'")
 
 
-def fold_numbers(expr):
-    """Each product's numeric factors as one float (``sqrt(6)*score/240`` -> ``0.0102*score``); integers stay."""
-    if not isinstance(expr, sympy.Basic) or not expr.args or isinstance(expr, (sympy.Symbol, sympy.Indexed)):
-        return expr
-    if isinstance(expr, sympy.Expr) and expr.is_number:
-        return expr if expr.is_Integer or not expr.is_finite else sympy.Float(expr.evalf(17), 17)
-    if isinstance(expr, sympy.Pow) and expr.exp.is_number:  # the printer reads exact exponents: 1/2, -1, 3
-        return sympy.Pow(fold_numbers(expr.base), expr.exp)
-    args = [fold_numbers(arg) for arg in expr.args]
-    if isinstance(expr, sympy.Mul):
-        numbers = [a for a in args if a.is_number]
-        coefficient = sympy.Mul(*numbers)
-        if len(numbers) > 1 or (numbers and not coefficient.is_Integer):
-            coefficient = coefficient if coefficient.is_Integer else sympy.Float(coefficient.evalf(17), 17)
-            others = [a for a in args if not a.is_number]
-            return sympy.Mul(*others) if coefficient == 1 else sympy.Mul(coefficient, *others)
-    return expr.func(*args)
-
-
 def _like(symbol_name: str, expr) -> sympy.Symbol:
     """A symbol standing for ``expr``, with the assumptions the printer reads that hold for it."""
     if is_boolean(expr):
@@ -373,30 +363,6 @@ def _all(conditions: list[str]) -> str:
     for condition in reversed(conditions[:-1]):
         result = f"tl.where({condition}, {result}, False)"
     return result
-
-
-def split_linear(expr) -> tuple[float | None, sympy.Expr]:
-    """(c, rest) when expr = c * score + rest with a constant c and rest free of score, else (None, expr)."""
-    coefficient = sympy.expand(expr).coeff(score)
-    rest = sympy.expand(expr - coefficient * score)
-    if coefficient.is_number and coefficient != 0 and not rest.has(score):
-        return float(coefficient), rest
-    return None, expr
-
-
-def score_derivative(expr):
-    """d expr / d score. Integer-valued parts (//, %, floor) are piecewise constant: their derivative is 0."""
-    flooring = {
-        FloorDiv: lambda a, c: sympy.floor(a / c),
-        sympy.Mod: lambda a, c: a - c * sympy.floor(a / c),
-    }
-    for function, rewrite in flooring.items():
-        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(score), lambda *args, r=rewrite: r(*args))
-    derivative = sympy.diff(expr, score)
-    return derivative.replace(
-        lambda e: isinstance(e, sympy.Derivative) and isinstance(e.expr, (sympy.floor, sympy.ceiling)),
-        lambda *args: sympy.Integer(0),
-    )
 
 
 def _scalar_bound(expr) -> bool:
