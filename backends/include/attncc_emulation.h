@@ -5,8 +5,10 @@
 // functions below is the same C++ on both sides. Here:
 //
 // - a launch runs the blocks of the grid one after another; the threads of a block are
-//   host threads (std::thread) that meet at a real barrier (std::barrier) for
-//   __syncthreads, and the 32 threads of a warp at a warp barrier for __syncwarp;
+//   fibers (ucontext), each with its own stack and registers, that run until they reach a
+//   barrier: __syncthreads waits for every thread of the block, __syncwarp (and each warp
+//   collective) for the 32 threads of the warp. A scheduler resumes the threads whose barrier
+//   has opened, alternating ascending and descending thread order from round to round;
 // - each block gets its own dynamic shared memory, filled with 0xFF bytes (a NaN in every
 //   float format) so that a read of an element no thread wrote shows in the results;
 // - warp shuffles and mma.sync.m16n8k16 exchange the lanes' registers through a per-warp
@@ -20,13 +22,13 @@
 
 #pragma once
 
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <math.h>
 #include <memory>
-#include <thread>
+#include <functional>
+#include <ucontext.h>
 #include <vector>
 
 #define __global__
@@ -51,22 +53,86 @@ namespace attncc_emulation {
 
 constexpr int WARP = 32;
 constexpr int EXCHANGE_WORDS = 8;  // 32-bit words a lane may publish at once (an MMA's A and B fragments)
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+// One CUDA thread: a fiber with its own stack, run by its block's scheduler until it waits at a barrier.
+struct Fiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack;
+    dim3 thread;
+    bool done = false;
+    const unsigned long* waits_on = nullptr;  // a barrier's generation, while waiting for it to change
+    unsigned long waited = 0;
+};
+
+struct Barrier {
+    unsigned arrived = 0;
+    unsigned long generation = 0;
+};
 
 struct Block {
     std::vector<unsigned char> shared;
-    std::barrier<> barrier;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
     std::vector<uint32_t> exchange;  // EXCHANGE_WORDS per thread
-
-    Block(unsigned threads, size_t shared_bytes)
-        : shared(shared_bytes, 0xFF), barrier(threads), exchange(threads * EXCHANGE_WORDS) {
-        for (unsigned w = 0; w < threads / WARP; ++w) warp_barriers.emplace_back(new std::barrier<>(WARP));
-    }
+    std::vector<Fiber> fibers;
+    Barrier block_barrier;
+    std::vector<Barrier> warp_barriers;
+    ucontext_t scheduler;
+    size_t current = 0;
+    std::function<void()> body;
 };
 
 thread_local Block* block = nullptr;
 
-inline void warp_barrier() { block->warp_barriers[threadIdx.x / WARP]->arrive_and_wait(); }
+inline void fiber_entry() {
+    block->body();
+    block->fibers[block->current].done = true;  // returns to the scheduler (uc_link)
+}
+
+// Runs every thread of the block until all return. Each round visits the runnable fibers in
+// alternating order (ascending, then descending), so that a missing barrier between a write by one
+// warp and a read by another shows whichever warp comes first.
+inline void run_block(Block& state, unsigned count, dim3 threads) {
+    state.fibers.resize(count);
+    for (unsigned t = 0; t < count; ++t) {
+        Fiber& fiber = state.fibers[t];
+        fiber.stack.reset(new char[STACK_BYTES]);
+        fiber.thread = dim3(t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y));
+        getcontext(&fiber.context);
+        fiber.context.uc_stack.ss_sp = fiber.stack.get();
+        fiber.context.uc_stack.ss_size = STACK_BYTES;
+        fiber.context.uc_link = &state.scheduler;
+        makecontext(&fiber.context, fiber_entry, 0);
+    }
+    unsigned finished = 0;
+    for (unsigned round = 0; finished < count; ++round) {
+        for (unsigned i = 0; i < count; ++i) {
+            const size_t t = round % 2 == 0 ? i : count - 1 - i;
+            Fiber& fiber = state.fibers[t];
+            if (fiber.done || (fiber.waits_on != nullptr && *fiber.waits_on == fiber.waited)) continue;
+            fiber.waits_on = nullptr;
+            state.current = t;
+            threadIdx = fiber.thread;
+            swapcontext(&state.scheduler, &fiber.context);
+            if (fiber.done) ++finished;
+        }
+    }
+}
+
+// Wait until `participants` threads have arrived (the last to arrive releases the others).
+inline void arrive_and_wait(Barrier& barrier, unsigned participants) {
+    const unsigned long generation = barrier.generation;
+    if (++barrier.arrived == participants) {
+        barrier.arrived = 0;
+        ++barrier.generation;
+        return;
+    }
+    Fiber& fiber = block->fibers[block->current];
+    fiber.waits_on = &barrier.generation;
+    fiber.waited = generation;
+    swapcontext(&fiber.context, &block->scheduler);
+}
+
+inline void warp_barrier() { arrive_and_wait(block->warp_barriers[threadIdx.x / WARP], WARP); }
 
 inline uint32_t* lane_words(unsigned thread) { return block->exchange.data() + thread * EXCHANGE_WORDS; }
 
@@ -154,24 +220,22 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (
 
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t, Args... args) {
+    const unsigned count = threads.x * threads.y * threads.z;
+    if (count % WARP != 0) return cudaErrorInvalidValue;
     for (unsigned z = 0; z < grid.z; ++z) {
         for (unsigned y = 0; y < grid.y; ++y) {
             for (unsigned x = 0; x < grid.x; ++x) {
-                const unsigned count = threads.x * threads.y * threads.z;
-                Block state(count, shared_bytes);
-                std::vector<std::thread> workers;
-                workers.reserve(count);
-                for (unsigned t = 0; t < count; ++t) {
-                    workers.emplace_back([&, t] {
-                        block = &state;
-                        threadIdx = dim3(t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y));
-                        blockIdx = dim3(x, y, z);
-                        blockDim = threads;
-                        gridDim = grid;
-                        kernel(static_cast<Params>(args)...);
-                    });
-                }
-                for (auto& worker : workers) worker.join();
+                Block state;
+                state.shared.assign(shared_bytes, 0xFF);
+                state.exchange.assign(count * EXCHANGE_WORDS, 0);
+                state.warp_barriers.resize(count / WARP);
+                state.body = [&] { kernel(static_cast<Params>(args)...); };
+                block = &state;
+                blockIdx = dim3(x, y, z);
+                blockDim = threads;
+                gridDim = grid;
+                run_block(state, count, threads);
+                block = nullptr;
             }
         }
     }
@@ -188,7 +252,10 @@ struct __nv_bfloat16 {
     uint16_t bits;
 };
 
-inline void __syncthreads() { attncc_emulation::block->barrier.arrive_and_wait(); }
+inline void __syncthreads() {
+    using namespace attncc_emulation;
+    arrive_and_wait(block->block_barrier, static_cast<unsigned>(block->fibers.size()));
+}
 
 inline void __syncwarp(unsigned = 0xFFFFFFFFu) { attncc_emulation::warp_barrier(); }
 
