@@ -19,12 +19,32 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def _compile(args) -> int:
     attn = attncc.compile(attncc.load_spec(args.spec), backend=args.backend)
+    if attn.backend == "cuda":
+        return _export_cuda(attn, args.output)
     if args.output is None:
         sys.stdout.write(attn.source)
         return 0
     Path(args.output).write_text(attn.source, encoding="utf-8")
     print(f"wrote {args.output}: attention(q, k, v{''.join(', ' + n for n in attn._captured_meta)}) -> (o, lse), "
           f"backend {attn.backend}")  # fmt: skip
+    return 0
+
+
+def _export_cuda(attn, output: str | None) -> int:
+    """The self-contained CUDA source (and, next to it, the header declaring its C ABI)."""
+    source, header = attn.module.CUDA_SOURCE, attn.module.CUDA_HEADER
+    if output is None:
+        sys.stdout.write(source)
+        return 0
+    path = Path(output)
+    header_path = path.with_suffix(".h")
+    if header_path == path:
+        raise AttnccError(f"-o {output!r} is invalid for backend cuda: a .cu file name is allowed (the header is .h)")
+    path.write_text(source, encoding="utf-8")
+    header_path.write_text(header, encoding="utf-8")
+    captured = "".join(f", captured_{i}" for i in range(len(attn.graph.captured)))
+    print(f"wrote {output} and {header_path}: attncc_attention_forward / attncc_attention_backward(q, k, v{captured}, "
+          "stream), backend cuda")  # fmt: skip
     return 0
 
 

@@ -40,7 +40,7 @@ from attncc.backends.source import (
 )
 from attncc.errors import BackendError
 from attncc.ir import ops
-from attncc.ir.expr import b, h, is_boolean, kv_idx, q_idx, score
+from attncc.ir.expr import b, h, is_boolean
 from attncc.ir.graph import Graph
 from attncc.ir.printer import format_node, print_graph, value_names
 from attncc.ir.schedule import q_first, q_last
@@ -458,10 +458,8 @@ class RegionWriter:
 
     def positional(self, expr) -> str:
         """An expression printed with captured tensors by position, for comments."""
-        mapping = {
-            sympy.IndexedBase(label): sympy.IndexedBase(tensor.name) for label, tensor in self.by_label.items()
-        }
-        return sympy.sstr(expr.xreplace(mapping)) if mapping else sympy.sstr(expr)
+        mapping = {base: sympy.IndexedBase(self.by_label[str(base.label)].name) for base in expr.atoms(sympy.IndexedBase)}
+        return sympy.sstr(expr.xreplace(mapping))
 
     def positional_schedule(self, schedule) -> str:
         parts = [f"visit [{self.positional(schedule.kv_lo)}, {self.positional(schedule.kv_hi)})",
@@ -615,7 +613,7 @@ STRIDES = {t: ", ".join(f"int stride_{t}{a}" for a in "zhmk") for t in ("q", "k"
 STRIDE_ARGS = {t: ", ".join(f"stride_{t}{a}" for a in "zhmk") for t in STRIDES}
 KERNELS = (
     Kernel("forward", "attention_forward",
-           f"const T* Q, const T* K, const T* V, T* O, float* LSE",
+           "const T* Q, const T* K, const T* V, T* O, float* LSE",
            "int H, int N, int M, " + ", ".join(STRIDES[t] for t in ("q", "k", "v", "o")),
            "Q, K, V, O, LSE, cap, H, N, M, " + ", ".join(STRIDE_ARGS[t] for t in ("q", "k", "v", "o"))),
     Kernel("backward_delta", "attention_backward_delta", "const T* O, const T* DO, const float* DLSE, float* DELTA",
@@ -1520,7 +1518,9 @@ def generate(graph: Graph) -> GeneratedSource:
     for text in (program.source, program.header):
         if "'''" in text or "\\" in text:
             raise BackendError("the generated CUDA source cannot be embedded in Python (a quote or backslash)")
-    names = [tensor.name for tensor in writer.captured]
+    names = [tensor.name for tensor in writer.captured]  # the region's order, the kernels' and the C ABI's
+    by_label = {tensor.label: tensor.name for tensor in writer.captured}
+    inputs = [by_label[node.op.label] for node in graph.captured]  # the program's order
     op = writer.op
     shared = {
         kernel: {dtype: writer.layouts(dtype)[kernel].bytes for dtype in DTYPES} for kernel in ("forward", "dq", "dkdv")
@@ -1537,7 +1537,7 @@ def generate(graph: Graph) -> GeneratedSource:
         shared_bytes=repr(shared),
         captured_ranks=repr(tuple(tensor.rank for tensor in writer.captured)),
         doc=program.ir_line.replace('"', "'"),
-        params=", ".join(["q", "k", "v", *names]),
+        params=", ".join(["q", "k", "v", *inputs]),
         args=", ".join(["q", "k", "v", *names]),
         region=program.region_name,
         lse=program.lse_name,
