@@ -305,7 +305,9 @@ class ScalarExpressions:
     def _load(self, label: str, indices: tuple, element, lines: list) -> sympy.Symbol:
         tensor = self.captured[label]
         if len(indices) != tensor.rank:
-            raise BackendError(f"captured tensor {tensor.name} has {tensor.rank} dims but is indexed with {len(indices)}")
+            raise BackendError(
+                f"captured tensor {tensor.name} has {tensor.rank} dims but is indexed with {len(indices)}"
+            )
         terms = [
             f"(long long)({self.printer.doprint(index)}) * cap.{tensor.name}_stride[{dim}]"
             for dim, index in enumerate(indices)
@@ -353,6 +355,15 @@ class RegionWriter:
             raise BackendError(
                 f"tile block_m={op.block_m} is invalid for cuda with num_warps={op.num_warps}: each warp computes "
                 f"{WARP_ROWS} query rows, so block_m = {WARP_ROWS} * num_warps ({WARP_ROWS * op.num_warps}) is allowed"
+            )
+        backward_tiles = {
+            f"bwd_{f}": getattr(op, f"bwd_{f}") for f in ("block_m", "block_n", "num_warps", "num_stages")
+        }
+        chosen = ", ".join(f"{key}={value}" for key, value in backward_tiles.items() if value)
+        if chosen:
+            raise BackendError(
+                f"tile options {chosen} are invalid for cuda: its backward kernels use the forward's tiles "
+                "(block_m, block_n, num_warps), so only 0 (the default) is allowed"
             )
         if op.block_n % WARP_ROWS or op.block_n <= 0:
             raise BackendError(f"tile block_n={op.block_n} is invalid for cuda: a positive multiple of 16 is allowed")
@@ -458,7 +469,9 @@ class RegionWriter:
 
     def positional(self, expr) -> str:
         """An expression printed with captured tensors by position, for comments."""
-        mapping = {base: sympy.IndexedBase(self.by_label[str(base.label)].name) for base in expr.atoms(sympy.IndexedBase)}
+        mapping = {
+            base: sympy.IndexedBase(self.by_label[str(base.label)].name) for base in expr.atoms(sympy.IndexedBase)
+        }
         return sympy.sstr(expr.xreplace(mapping))
 
     def positional_schedule(self, schedule) -> str:
@@ -497,7 +510,9 @@ class RegionWriter:
         for dtype, element in DTYPES.items():
             lines.append(f"template <> struct SharedLayout<{element}> {{")
             for kernel, layout in self.layouts(dtype).items():
-                fields = ", ".join(f"{kernel.upper()}_{tile.upper()} = {offset}" for tile, offset in layout.offsets.items())
+                fields = ", ".join(
+                    f"{kernel.upper()}_{tile.upper()} = {offset}" for tile, offset in layout.offsets.items()
+                )
                 lines.append(f"    static constexpr int {fields};")
                 lines.append(f"    static constexpr int {kernel.upper()}_BYTES = {layout.bytes};")
             lines.append("};")

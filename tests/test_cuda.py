@@ -225,6 +225,8 @@ def test_tiles_must_fit_the_warps():
         attncc.compile(spec, backend="cuda", pipeline=["online-softmax", "tile{target=cuda,block_m=32}"])
     with pytest.raises(attncc.BackendError, match="a positive multiple of 16 is allowed"):
         attncc.compile(spec, backend="cuda", pipeline=["online-softmax", "tile{target=cuda,block_n=24}"])
+    with pytest.raises(attncc.BackendError, match="bwd_block_n=32 are invalid for cuda"):
+        attncc.compile(spec, backend="cuda", pipeline=["online-softmax", "tile{target=cuda,bwd_block_n=32}"])
     with pytest.raises(attncc.BackendError, match="one fused flash_attention region"):
         attncc.compile(spec, backend="cuda", pipeline=["canonicalize"])
 
@@ -292,7 +294,9 @@ def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
 @requires_nvcc
 def test_export_example_builds_and_runs_where_a_gpu_is(tmp_path, capsys):
     source = tmp_path / "attn.cu"
-    assert main(["compile", str(EXAMPLES / "cuda_host" / "attention.toml"), "--backend", "cuda", "-o", str(source)]) == 0
+    assert (
+        main(["compile", str(EXAMPLES / "cuda_host" / "attention.toml"), "--backend", "cuda", "-o", str(source)]) == 0
+    )
     assert "attn.h" in capsys.readouterr().out and (tmp_path / "attn.h").exists()
     assert '#include "attncc_emulation.h"' in source.read_text()  # only under -DATTNCC_EMULATION
     shutil.copy(EXAMPLES / "cuda_host" / "main.cpp", tmp_path)
@@ -333,8 +337,12 @@ def test_exported_source_runs_through_its_c_abi_in_emulation(tmp_path):
     )  # fmt: skip
     assert status == 0
     assert_attention_matches(o, lse, *dense_attention(q, k, v, causal=True), torch.float16)
-    assert library.attncc_attention_forward(0, None, strides(q), None, strides(k), None, strides(v), None, strides(o),
-                                            None, 1, 3, 9, 12, None) != 0  # 3 heads: not a multiple of 2 groups
+    assert (
+        library.attncc_attention_forward(
+            0, None, strides(q), None, strides(k), None, strides(v), None, strides(o), None, 1, 3, 9, 12, None
+        )
+        != 0
+    )  # 3 heads: not a multiple of 2 groups
 
 
 # -- on a GPU
@@ -363,4 +371,3 @@ def test_cuda_runs_on_the_current_stream():
     stream.synchronize()
     torch.testing.assert_close(o.cpu().double(), dense_attention(q.cpu(), k.cpu(), v.cpu(), causal=True)[0],
                                atol=1e-3, rtol=5e-4)  # fmt: skip
-
