@@ -37,7 +37,10 @@ SDPA_BACKENDS = {
 }
 # (backend, device type) pairs whose programs run in an interpreter: not timing targets, so
 # they run only when asked for by name (e.g. --impl attncc-triton on CPU).
-INTERPRETED = {("triton", "cpu"): "Triton runs its kernels in an interpreter on CPU tensors"}
+INTERPRETED = {
+    ("triton", "cpu"): "Triton runs its kernels in an interpreter on CPU tensors",
+    ("cuda", "cpu"): "the cuda backend runs its kernels in a host emulation on CPU tensors",
+}
 
 
 class Unsupported(Exception):

@@ -63,7 +63,7 @@ def sparsity_suite(device) -> list[BenchCase]:
     ]
 
 
-GPU_IMPLEMENTATIONS = ("attncc-triton", "flex-compiled", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
+GPU_IMPLEMENTATIONS = ("attncc-triton", "attncc-cuda", "flex-compiled", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
 
 
 def gpu_suite(device) -> list[BenchCase]:
