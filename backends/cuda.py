@@ -541,7 +541,7 @@ class RegionWriter:
             for kernel in KERNELS:
                 params = kernel.params.replace("T*", f"{element}*")
                 lines += [
-                    f'extern "C" __global__ void __launch_bounds__(NUM_THREADS) attncc_{kernel.name}_{suffix}(',
+                    f'extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) attncc_{kernel.name}_{suffix}(',
                     f"        {params}{captured if kernel.captured else ''},",
                     f"        {kernel.sizes}) {{",
                 ]
@@ -1095,16 +1095,16 @@ __device__ void attention_backward_dkdv(const T* Q, const T* K, const T* V, cons
                                         stride_vk);
     // The (query head, query tile) pairs in order; a pair is visited when its KV tiles include this one.
     const int q_tiles_per_head = (N + BLOCK_N - 1) / BLOCK_N, pairs = GROUPS * q_tiles_per_head;
-    auto visits = [&](int pair, bool& full) {
+    constexpr int SKIPPED = 0, PARTIAL = 1, FULL = 2;  // how a pair's KV schedule includes this tile
+    auto visit = [&](int pair) {
         const int h = kv_h * GROUPS + pair / q_tiles_per_head, q_first = pair % q_tiles_per_head * BLOCK_N;
         int lo, hi, full_lo, full_hi;
         kv_tiles(q_first, last_row(q_first, BLOCK_N, N), b, h, N, M, cap, BLOCK_M, lo, hi, full_lo, full_hi);
-        full = full_lo <= start_n && start_n < full_hi;
-        return lo <= start_n && start_n < hi;
+        if (start_n < lo || start_n >= hi) return SKIPPED;
+        return full_lo <= start_n && start_n < full_hi ? FULL : PARTIAL;
     };
     auto next_pair = [&](int pair) {
-        bool full;
-        while (pair < pairs && !visits(pair, full)) ++pair;
+        while (pair < pairs && visit(pair) == SKIPPED) ++pair;
         return pair;
     };
     auto load_pair = [&](int pair, int buffer) {
@@ -1132,8 +1132,7 @@ __device__ void attention_backward_dkdv(const T* Q, const T* K, const T* V, cons
         cp_async_commit();
         cp_async_wait_one();
         __syncthreads();
-        bool full;
-        visits(pair, full);
+        const bool full = visit(pair) == FULL;
         const int h = kv_h * GROUPS + pair / q_tiles_per_head, q_first = pair % q_tiles_per_head * BLOCK_N;
         const T* q_tile = q_tiles + buffer * BLOCK_N * LDQ;
         const T* do_tile = do_tiles + buffer * BLOCK_N * LDV;
