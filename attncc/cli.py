@@ -42,7 +42,7 @@ def _export_cuda(attn, output: str | None) -> int:
         raise AttnccError(f"-o {output!r} is invalid for backend cuda: a .cu file name is allowed (the header is .h)")
     path.write_text(source, encoding="utf-8")
     header_path.write_text(header, encoding="utf-8")
-    captured = "".join(f", captured_{i}" for i in range(len(attn.graph.captured)))
+    captured = "".join(f", {name}" for name in attn.module.CAPTURED_NAMES)
     print(f"wrote {output} and {header_path}: attncc_attention_forward / attncc_attention_backward(q, k, v{captured}, "
           "stream), backend cuda")  # fmt: skip
     return 0

@@ -155,7 +155,7 @@ def test_nested_and_multidimensional_captured_tensors():
     spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod, mask_mod=mask_mod)
     attn = attncc.compile(spec, backend="cuda", pipeline=SMALL_TILES)
     source = attn.module.CUDA_SOURCE
-    assert "const int32_t* captured_" in source and "const bool* captured_" in source
+    assert "const int32_t* cap1_intervals;" in source and "const bool* cap0_gate;" in source
     q, k, v = random_qkv(1, 2, 2, 30, 30, 16, seed=6)
     check_forward_backward(attn, {"score_mod": score_mod, "mask_mod": reference_mask}, q, k, v)
     # new captured values are runtime inputs: no recompile
@@ -202,17 +202,28 @@ def test_torch_compile_custom_op_and_flex_attention_drop_in():
     torch.testing.assert_close(compiled(q, k, v).double(), 2 * expected, atol=4e-6, rtol=4e-6)
 
 
-def test_generated_source_names_captured_tensors_by_position():
+def test_generated_source_names_captured_tensors_by_identifier():
     lengths = torch.tensor([5, 9])
     spec = attncc.AttentionSpec(num_heads=2, head_dim=16, mask_mod=lambda b, h, i, j: j < lengths[b])
     attn = attncc.compile(spec, backend="cuda")
     source = attn.module.CUDA_SOURCE
-    assert "const int64_t* captured_0;" in source and "//   captured_0: int64_t [1 dims]  // lengths" in source
-    assert "cap.captured_0[" in source and "// mask = kv_idx < captured_0[b]" in source
+    assert "const int64_t* cap0_lengths;" in source and "//   cap0_lengths: int64_t [1 dims]  // lengths" in source
+    assert "cap.cap0_lengths[" in source and "// mask = kv_idx < cap0_lengths[b]" in source
     # the user's name (a Python identifier) appears in comments only: the printed IR and the Captured note
     assert all(line.lstrip().startswith("//") for line in source.splitlines() if "lengths" in line)
-    assert attn.module.CUDA_HEADER.count("const void* captured_0, const int64_t* captured_0_strides") == 2
+    assert attn.module.CUDA_HEADER.count("const void* cap0_lengths, const int64_t* cap0_lengths_strides") == 2
     assert "\\" not in source and "TODO" not in source
+
+
+def test_captured_names_follow_the_shared_rule():
+    out = torch.tensor([1.0, 2.0])  # a label that would collide with generated names is numbered
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + out[b]
+
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod), backend="cuda")
+    assert attn.module.CAPTURED_NAMES == ("cap0_out",)
+    assert "const float* cap0_out;" in attn.module.CUDA_SOURCE and " out[" not in attn.module.CUDA_SOURCE
 
 
 def test_comments_cannot_splice_lines_or_break_out():

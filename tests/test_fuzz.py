@@ -33,10 +33,11 @@ from attncc.backends import BACKENDS, get_backend
 from tests.reference import LSE_TOLERANCE, OUTPUT_TOLERANCE, assert_attention_matches, dense_attention
 
 PROFILE = os.environ.get("ATTNCC_FUZZ_PROFILE", "ci")
-# examples per backend: the triton backend runs under Triton's interpreter on CPU, which is slow.
-EXAMPLES = {"ci": {"default": 150, "triton": 12}, "long": {"default": 2000, "triton": 150}}
+# examples per backend: the triton backend runs under Triton's interpreter on CPU, which is slow;
+# the cuda backend builds each program for its host emulation with the C++ compiler (seconds each).
+EXAMPLES = {"ci": {"default": 150, "triton": 12, "cuda": 6}, "long": {"default": 2000, "triton": 150, "cuda": 60}}
 # time budget per backend: the long profile ends after 15 minutes in all
-SECONDS = {"ci": {"default": math.inf}, "long": {"default": 12 * 60, "triton": 3 * 60}}
+SECONDS = {"ci": {"default": math.inf}, "long": {"default": 9 * 60, "triton": 3 * 60, "cuda": 3 * 60}}
 if PROFILE not in EXAMPLES:
     raise ValueError(f"ATTNCC_FUZZ_PROFILE={PROFILE!r} is invalid: ci or long")
 
