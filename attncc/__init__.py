@@ -8,7 +8,7 @@ a float64 reference.
 
 __version__ = "0.1.0"
 
-from attncc import nn  # noqa: E402
+from attncc import masks, nn  # noqa: E402
 from attncc.api import CompiledAttention, ValidationReport, compile, validate  # noqa: E402
 from attncc.capture import capture  # noqa: E402
 from attncc.errors import (  # noqa: E402
@@ -44,6 +44,7 @@ __all__ = [
     "create_block_mask",
     "flex_attention",
     "load_spec",
+    "masks",
     "merge_attention_states",
     "nn",
     "validate",

@@ -10,6 +10,7 @@ import torch
 
 import attncc
 import attncc.bench
+from attncc.backends import BACKENDS
 from attncc.errors import AttnccError
 from attncc.ir.cost import cost_table, parse_sizes
 from attncc.tiles import tile_report
@@ -69,7 +70,7 @@ def _inspect(args) -> int:
         print(f"cost at {', '.join(f'{k}={v}' for k, v in sizes.items())} (T = 2 bytes):")
         print(cost_table(stages, sizes))
     if args.tiles:
-        sizes = parse_sizes(args.tiles)
+        sizes = parse_sizes(args.tiles, "--tiles")
         print(tile_report(attn, sizes.get("N", 1), sizes.get("M", sizes.get("N", 1)), sizes["B"], args.tile_png))
     if args.dot:
         Path(args.dot).write_text(attn.graph.to_dot() + "\n", encoding="utf-8")
@@ -92,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="generate the attention module for a spec")
     compile_.add_argument("spec", help="a TOML spec file (see examples/)")
-    compile_.add_argument("--backend", default="pytorch")
+    compile_.add_argument("--backend", default="pytorch", choices=sorted(BACKENDS))
     compile_.add_argument("-o", "--output", help="write the standalone source here instead of printing it")
     compile_.set_defaults(run=_compile)
 
     inspect = commands.add_parser("inspect", help="print the IR of a spec before and after the passes")
     inspect.add_argument("spec")
-    inspect.add_argument("--backend", default="pytorch", help="whose pass pipeline to run")
+    inspect.add_argument("--backend", default="pytorch", choices=sorted(BACKENDS), help="whose pass pipeline to run")
     inspect.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     inspect.add_argument("--print-after", action="append", metavar="PASS", help="print the IR after this pass")
     inspect.add_argument("--validate-each", action="store_true", help="check every pass against the reference")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check the compiled program against the float64 reference")
     validate.add_argument("spec")
-    validate.add_argument("--backend", default="pytorch")
+    validate.add_argument("--backend", default="pytorch", choices=sorted(BACKENDS))
     validate.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: all")
     validate.add_argument("--seed", type=int, default=0)
     validate.set_defaults(run=_validate)

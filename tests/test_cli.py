@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from attncc.backends import BACKENDS
 from attncc.cli import main
 from tests.reference import dense_attention
 
@@ -80,3 +81,27 @@ def test_console_script_runs():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert result.stdout.startswith("// ----- input IR -----\ngraph(%q: T[B, 12, N, 64]")
+
+
+def test_errors_name_the_flag_that_was_given(capsys):
+    assert main(["inspect", str(EXAMPLES / "gpt2.toml"), "--tiles", "8192"]) == 2
+    assert "--tiles item '8192' is invalid" in capsys.readouterr().err
+    assert main(["inspect", str(EXAMPLES / "gpt2.toml"), "--cost", "N"]) == 2
+    assert "--cost item 'N' is invalid" in capsys.readouterr().err
+
+
+def test_backend_help_lists_the_choices(capsys):
+    for command in ("compile", "inspect", "validate"):
+        try:
+            main([command, "--help"])
+        except SystemExit:
+            pass
+        assert f"--backend {{{','.join(sorted(BACKENDS))}}}" in capsys.readouterr().out
+
+
+def test_masks_are_reachable_from_the_package():
+    result = subprocess.run(
+        [sys.executable, "-c", "import attncc; print(attncc.masks.sliding_window.__name__)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert result.stdout == "sliding_window\n"

@@ -107,15 +107,15 @@ def graph_cost(graph: Graph, dtype_bytes: int = 2) -> Cost:
     return Cost(sympy.expand(flops), sympy.expand(bytes_moved), sympy.Max(*peaks))
 
 
-def parse_sizes(text: str) -> dict:
-    """``N=8192,M=8192`` -> {"N": 8192, "M": 8192}; B defaults to 1."""
+def parse_sizes(text: str, flag: str = "--cost") -> dict:
+    """``N=8192,M=8192`` -> {"N": 8192, "M": 8192}; B defaults to 1. ``flag`` names the option in errors."""
     sizes = {"B": 1}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, equals, value = item.partition("=")
         if not equals or not value.strip().isdigit():
             from attncc.errors import AttnccError
 
-            raise AttnccError(f"--cost item {item!r} is invalid: write NAME=INTEGER, e.g. N=8192,M=8192")
+            raise AttnccError(f"{flag} item {item!r} is invalid: write NAME=INTEGER, e.g. N=8192,M=8192")
         sizes[key.strip()] = int(value)
     return sizes
 
