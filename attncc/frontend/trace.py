@@ -44,6 +44,7 @@ import os
 import re
 import sys
 import types
+from dataclasses import replace
 
 import sympy
 import torch
@@ -52,7 +53,7 @@ import torch.fx
 from attncc.errors import ModError
 from attncc.frontend import builder
 from attncc.frontend.builder import CapturedTensor, ExpressionError
-from attncc.frontend.mod import Captured, TracedMod, ir_dtype
+from attncc.frontend.mod import TORCH_DTYPE_NAMES, Captured, TracedMod, ir_dtype
 from attncc.ir.expr import b, captured_symbol, h, is_boolean, kind, kv_idx, q_idx, score
 
 __all__ = ["trace_score_mod", "trace_mask_mod", "expression_key", "supported_functions", "RESERVED_NAMES"]
@@ -351,15 +352,68 @@ def _type(x, dtype=None):
     return _cast_to(dtype)(x)
 
 
+_TORCH_DTYPES = {"bool": torch.bool, "int": torch.int32, "float": torch.float32}  # of the mod's scalars
+_IR_TO_TORCH = {name: getattr(torch, str(t).removeprefix("torch.")) for t, name in TORCH_DTYPE_NAMES.items()}
+
+
+def _dtype_of(x) -> torch.dtype:
+    """The dtype a value has in torch's FlexAttention: int32 indices, a float32 score, bool predicates."""
+    if isinstance(x, CapturedTensor):
+        return _IR_TO_TORCH[x.dtype]
+    return _TORCH_DTYPES[kind(builder.as_expr(x))]
+
+
+def _filled(value, dtype: torch.dtype, what: str):
+    """The scalar ``torch.full((), value, dtype=dtype)``: a constant, truncated toward zero for integer dtypes."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, (bool, int, float)):
+        raise ExpressionError(f"{what} needs a Python number as its value, got {value!r}")
+    if dtype == torch.bool:
+        return builder.constant(bool(value))
+    if dtype.is_complex:
+        raise ExpressionError(f"{what} with dtype {dtype} is not supported")
+    if dtype.is_floating_point:
+        return builder.constant(float(value))
+    return builder.constant(int(value))
+
+
+def _scalar_size(size, what: str) -> None:
+    if isinstance(size, int) or not isinstance(size, (tuple, list)) or len(size) != 0:
+        raise ExpressionError(
+            f"{what} with size {size!r} builds a tensor of that shape; a mod computes one element: size () is allowed"
+        )
+
+
 def _like(fill):
+    """zeros_like / ones_like / full_like of a scalar: a constant of its dtype (or ``dtype=``)."""
+
     def apply(x, *args, dtype=None, **kwargs):
         value = args[0] if fill is None and args else kwargs.pop("fill_value", fill)
         if value is None:
             raise ExpressionError("full_like needs a fill value")
-        expr = builder.constant(bool(value)) if is_boolean(builder.as_expr(x)) else builder.as_expr(value)
-        return _cast_to(dtype)(expr) if dtype is not None else expr
+        return _filled(value, dtype or _dtype_of(x), "full_like" if fill is None else "zeros_like / ones_like")
 
     return apply
+
+
+def _new_filled(fill, what: str):
+    """Tensor.new_ones / new_zeros / new_full with size (): a constant of the tensor's dtype (or ``dtype=``)."""
+
+    def apply(x, *args, dtype=None, **kwargs):
+        args = list(args)
+        size = kwargs.pop("size", args.pop(0) if args else None)
+        value = kwargs.pop("fill_value", args.pop(0) if args else None) if fill is None else fill
+        if size is None or value is None:
+            raise ExpressionError(f"Tensor.{what} needs a size{' and a fill value' if fill is None else ''}")
+        _scalar_size(size, f"Tensor.{what}")
+        return _filled(value, dtype or _dtype_of(x), f"Tensor.{what}")
+
+    return apply
+
+
+def _new_tensor(x, data, dtype=None, **kwargs):
+    return _filled(data, dtype or _dtype_of(x), "Tensor.new_tensor")
 
 
 def _identity(x, *args, **kwargs):
@@ -445,6 +499,10 @@ _METHODS = {
     "to": _to,
     "type": _type,
     "type_as": lambda x, other: _cast_like(other)(x),
+    "new_ones": _new_filled(1, "new_ones"),
+    "new_zeros": _new_filled(0, "new_zeros"),
+    "new_full": _new_filled(None, "new_full"),
+    "new_tensor": _new_tensor,
     "contiguous": _identity,
     "clone": _identity,
     "detach": _identity,
@@ -559,6 +617,8 @@ def _is_value(x) -> bool:
 
 
 def _index(x, key):
+    if isinstance(x, tuple):  # torch.Size and other Python sequences read at trace time
+        return x[key]
     if not isinstance(x, CapturedTensor):
         raise ExpressionError(
             f"only captured tensors can be indexed, not the expression {builder.as_expr(x)}; "
@@ -837,6 +897,10 @@ class _Trace:
         args = self.arg(node.args, env)
         kwargs = self.arg(node.kwargs, env)
         target = node.target
+        if target is getattr:
+            return self.attribute(*args)
+        if target in _OPERATORS and not any(_is_value(a) for a in args):
+            return target(*args)  # on what was read at trace time: dtypes, shapes, devices
         impl = _OPERATORS.get(target)
         if impl is None:
             _, impl = _TORCH_FUNCTIONS.get(target, (None, None))
@@ -844,9 +908,29 @@ class _Trace:
             raise _Unsupported(_function_label(target), _why_unsupported(getattr(target, "__name__", "")))
         return impl(*args, **kwargs)
 
+    def attribute(self, x, name: str):
+        """``.shape``, ``.ndim``, ``.dtype``, ``.device`` of the mod's scalars and of captured tensors."""
+        if not _is_value(x):
+            return getattr(x, name)
+        if name not in ("shape", "ndim", "dtype", "device"):
+            raise _Unsupported(f"Tensor.{name}", "of a tensor's attributes, a mod may read shape, ndim, dtype, device")
+        if name == "dtype":
+            return _dtype_of(x)
+        tensor = self.captured_tensor_value(x) if isinstance(x, CapturedTensor) else None
+        if name == "device":  # the mod's scalars have no device at trace time: factories ignore it here
+            return torch.device("cpu") if tensor is None else tensor.device
+        shape = torch.Size([]) if tensor is None else tensor.shape[len(x.indices) :]
+        return shape if name == "shape" else len(shape)
+
+    def captured_tensor_value(self, x: CapturedTensor) -> torch.Tensor:
+        return next(self.values[key] for key, t in self.captured.items() if t is x or t == replace(x, indices=()))
+
     def call_method(self, node, env):
         args = self.arg(node.args, env)
         kwargs = self.arg(node.kwargs, env)
+        if node.target in ("size", "dim") and _is_value(args[0]):
+            shape = self.attribute(args[0], "shape")
+            return len(shape) if node.target == "dim" else shape if len(args) == 1 else shape[args[1]]
         impl = _METHODS.get(node.target)
         if impl is None:
             raise _Unsupported(f"Tensor.{node.target}", _why_unsupported(node.target))
