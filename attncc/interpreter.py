@@ -11,10 +11,26 @@ import math
 
 import sympy
 import torch
+from sympy.codegen.cfunctions import expm1, log1p
 
 from attncc.errors import InputError
 from attncc.ir import ops
-from attncc.ir.expr import FloorDiv, b, h, kv_idx, q_idx
+from attncc.ir.expr import (
+    BitAnd,
+    BitNot,
+    BitOr,
+    BitXor,
+    FloorDiv,
+    FMod,
+    LeftShift,
+    RightShift,
+    RoundHalfEven,
+    Trunc,
+    b,
+    h,
+    kv_idx,
+    q_idx,
+)
 from attncc.ir.graph import Graph
 from attncc.ir.types import M, N
 
@@ -96,6 +112,27 @@ _FUNCTIONS = {
     sympy.ceiling: _ceiling,
     FloorDiv: lambda x, y: torch.div(_tensor(x), _tensor(y), rounding_mode="floor"),
     sympy.Mod: lambda x, y: torch.remainder(_tensor(x), _tensor(y)),
+    sympy.sin: _unary(torch.sin),
+    sympy.cos: _unary(torch.cos),
+    sympy.tan: _unary(torch.tan),
+    sympy.asin: _unary(torch.asin),
+    sympy.acos: _unary(torch.acos),
+    sympy.atan: _unary(torch.atan),
+    sympy.sinh: _unary(torch.sinh),
+    sympy.cosh: _unary(torch.cosh),
+    sympy.erf: _unary(torch.erf),
+    expm1: _unary(torch.expm1),
+    log1p: _unary(torch.log1p),
+    sympy.sign: lambda x: torch.sign(_tensor(x)),
+    Trunc: lambda x: torch.trunc(_tensor(x)),
+    RoundHalfEven: lambda x: torch.round(_tensor(x)),
+    FMod: lambda x, y: torch.fmod(_tensor(x), _tensor(y)),
+    BitAnd: lambda x, y: torch.bitwise_and(_tensor(x), _tensor(y)),
+    BitOr: lambda x, y: torch.bitwise_or(_tensor(x), _tensor(y)),
+    BitXor: lambda x, y: torch.bitwise_xor(_tensor(x), _tensor(y)),
+    LeftShift: lambda x, y: torch.bitwise_left_shift(_tensor(x), _tensor(y)),
+    RightShift: lambda x, y: torch.bitwise_right_shift(_tensor(x), _tensor(y)),
+    BitNot: lambda x: torch.bitwise_not(_tensor(x)),
 }
 _RELATIONS = {
     sympy.Lt: torch.lt, sympy.Le: torch.le, sympy.Gt: torch.gt,

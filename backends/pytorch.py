@@ -40,11 +40,11 @@ class TorchPrinter(ExpressionPrinter):
 
     def _print_FloorDiv(self, expr):
         a, c = expr.args
-        return f"({self.parenthesize(a, 40)} // {self.parenthesize(c, 40)})"
+        return f"({self.parenthesize(a, 40)} // {self.parenthesize(c, 50)})"  # 2 // (7/10), not 2 // 7/10
 
     def _print_Mod(self, expr):
         a, c = expr.args
-        return f"({self.parenthesize(a, 40)} % {self.parenthesize(c, 40)})"
+        return f"({self.parenthesize(a, 40)} % {self.parenthesize(c, 50)})"
 
     def _tensor_call(self, expr, torch_fn: str, math_fn: str):
         (arg,) = expr.args
@@ -63,6 +63,14 @@ class TorchPrinter(ExpressionPrinter):
 
     def _print_Abs(self, expr):
         return f"abs({self._print(expr.args[0])})"
+
+    def _elementwise(self, name: str, args):
+        printed = [self._print(arg) for arg in args]
+        if not any(is_tensor(arg) for arg in args):
+            return _SCALAR_FUNCTIONS[name].format(*printed)
+        if not is_tensor(args[0]):  # torch.fmod(number, tensor) needs a tensor first
+            printed[0] = f"torch.as_tensor({printed[0]})"
+        return f"torch.{name}({', '.join(printed)})"
 
     def _rounding(self, expr, fn: str):
         (arg,) = expr.args
@@ -141,6 +149,17 @@ class TorchPrinter(ExpressionPrinter):
 
 def print_expr(expr, captured: CapturedNames) -> str:
     return TorchPrinter(captured).doprint(expr)
+
+
+# ELEMENTWISE_FUNCTIONS on Python numbers (expressions of the lengths alone).
+_SCALAR_FUNCTIONS = {
+    **{name: f"math.{name}({{0}})" for name in ("sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh")},
+    **{name: f"math.{name}({{0}})" for name in ("erf", "expm1", "log1p")},
+    "sign": "(float({0} > 0) - float({0} < 0))",
+    "trunc": "float(math.trunc({0}))",
+    "round": "float(round({0}))",  # Python rounds halves to even, as torch.round does
+    "fmod": "math.fmod({0}, {1})",
+}
 
 
 _BASE_NAMES = {

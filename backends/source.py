@@ -10,10 +10,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import sympy
+from sympy.codegen.cfunctions import expm1, log1p
+from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from attncc.errors import BackendError
-from attncc.ir.expr import FloorDiv, score
+from attncc.ir.expr import BITWISE, BitNot, FloorDiv, FMod, RoundHalfEven, Trunc, score
 
 
 @dataclass
@@ -124,12 +126,33 @@ def python_names(source: str) -> set[str]:
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+# The IR's element-wise functions that every printer spells through its ``_elementwise(name, args)`` hook,
+# by their name in torch, Python's math module and C's libm (``sin``, ``expm1``, ``fmod``, ...).
+ELEMENTWISE_FUNCTIONS = {
+    sympy.sin: "sin",
+    sympy.cos: "cos",
+    sympy.tan: "tan",
+    sympy.asin: "asin",
+    sympy.acos: "acos",
+    sympy.atan: "atan",
+    sympy.sinh: "sinh",
+    sympy.cosh: "cosh",
+    sympy.erf: "erf",
+    expm1: "expm1",
+    log1p: "log1p",
+    sympy.sign: "sign",
+    Trunc: "trunc",
+    RoundHalfEven: "round",
+    FMod: "fmod",
+}
+
 
 class ExpressionDispatch:
     """What the backends' expression printers share, whatever sympy printer they extend: comparisons,
-    and the dispatch of IR functions to three hooks each backend writes in its own language:
-    ``_rounding(expr, fn)`` for floor / ceil, ``_min_max(expr, fn)`` for minimum / maximum,
-    ``_logical(expr, operator)`` for ``&``, ``|``, ``^``."""
+    integer bit operations (the same operators in Python, Triton and C), and the dispatch of IR
+    functions to hooks each backend writes in its own language: ``_rounding(expr, fn)`` for floor /
+    ceil, ``_min_max(expr, fn)`` for minimum / maximum, ``_logical(expr, operator)`` for ``&``, ``|``,
+    ``^``, and ``_elementwise(name, args)`` for ``ELEMENTWISE_FUNCTIONS``."""
 
     def _print_floor(self, expr):
         return self._rounding(expr, "floor")
@@ -154,6 +177,21 @@ class ExpressionDispatch:
 
     def _print_Relational(self, expr):
         return f"({self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)})"
+
+    def _print_elementwise(self, expr):
+        return self._elementwise(ELEMENTWISE_FUNCTIONS[type(expr)], expr.args)
+
+    def _print_bitwise(self, expr):
+        if isinstance(expr, BitNot):
+            return f"(~{self.parenthesize(expr.args[0], precedence(expr))})"
+        a, c = (self.parenthesize(arg, precedence(expr)) for arg in expr.args)
+        return f"({a} {expr.symbol} {c})"
+
+
+for _function in ELEMENTWISE_FUNCTIONS:
+    setattr(ExpressionDispatch, f"_print_{_function.__name__}", ExpressionDispatch._print_elementwise)
+for _function in BITWISE:
+    setattr(ExpressionDispatch, f"_print_{_function.__name__}", ExpressionDispatch._print_bitwise)
 
 
 class ExpressionPrinter(ExpressionDispatch, PythonCodePrinter):
@@ -206,15 +244,23 @@ def split_linear(expr) -> tuple[float | None, sympy.Expr]:
 
 
 def score_derivative(expr):
-    """d expr / d score. Integer-valued parts (//, %, floor) are piecewise constant: their derivative is 0."""
+    """d expr / d score. Integer-valued parts (//, %, floor, ceil) are piecewise constant: their derivative is 0,
+    so they are held as constants while sympy differentiates (and ``sign``'s DiracDelta is 0 but at 0)."""
     flooring = {
         FloorDiv: lambda a, c: sympy.floor(a / c),
         sympy.Mod: lambda a, c: a - c * sympy.floor(a / c),
     }
     for function, rewrite in flooring.items():
-        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(score), lambda *args, r=rewrite: r(*args))
-    derivative = sympy.diff(expr, score)
-    return derivative.replace(
-        lambda e: isinstance(e, sympy.Derivative) and isinstance(e.expr, (sympy.floor, sympy.ceiling)),
-        lambda *args: sympy.Integer(0),
-    )
+        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(score), lambda e, r=rewrite: r(*e.args))
+    held: dict[sympy.Dummy, sympy.Expr] = {}
+
+    def hold(step):
+        constant = sympy.Dummy(f"step{len(held)}", integer=True)
+        held[constant] = step
+        return constant
+
+    steps = expr.replace(lambda e: isinstance(e, (sympy.floor, sympy.ceiling)) and e.has(score), hold)
+    derivative = sympy.diff(steps, score)
+    while derivative.has(*held):
+        derivative = derivative.xreplace(held)
+    return derivative.replace(sympy.DiracDelta, lambda *args: sympy.Integer(0))

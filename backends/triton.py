@@ -225,9 +225,18 @@ class TritonPrinter(ExpressionPrinter):
             return self._print(arg)
         return f"tl.{fn}({self._float(arg)}).to(tl.int32)"
 
-    def _print_sign(self, expr):
-        x = self._print(expr.args[0])
-        return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+    def _elementwise(self, name: str, args):
+        if name == "fmod" and all(arg.is_integer for arg in args):
+            a, c = (self.parenthesize(arg, 50) for arg in args)
+            return f"({a} % {c})"  # Triton's integer % truncates toward zero, as fmod does
+        if name == "sign":
+            x = self._print(args[0])
+            return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+        if name in ("sin", "cos", "erf"):
+            return f"tl.{name}({self._float(args[0])})"
+        helper = TRITON_FUNCTION_HELPERS[name]
+        self.helpers.update(HELPER_NEEDS.get(helper, ()) + (helper,))
+        return f"{helper}({', '.join(self._float(arg) for arg in args)})"
 
     def _print_Heaviside(self, expr):
         x = self._print(expr.args[0])
@@ -762,6 +771,11 @@ BWD_NUM_WARPS, BWD_NUM_STAGES = {bwd_num_warps}, {bwd_num_stages}
 SCAN_TILES = tl.constexpr(64)  # query tiles whose bounds the dK/dV kernel evaluates at once
 CHECKS_INDICES = {checks_indices}  # a computed index into a captured tensor is checked: the forward reads the flag"""
 
+# ELEMENTWISE_FUNCTIONS without a core tl function (Triton's interpreter runs no libdevice), and what they call.
+TRITON_FUNCTION_HELPERS = {name: f"_{name}" for name in ("tan", "asin", "acos", "atan", "sinh", "cosh", "expm1",
+                                                         "log1p", "trunc", "fmod")} | {"round": "_rint"}  # fmt: skip
+HELPER_NEEDS = {"_asin": ("_atan",), "_acos": ("_atan",), "_sinh": ("_expm1",), "_fmod": ("_trunc",)}
+
 HELPERS = {
     "_dot": '''\
 @triton.jit
@@ -830,6 +844,73 @@ def _powi(x, n: tl.constexpr):
     for _ in tl.static_range(n - 1):
         result = result * x
     return result''',
+    "_tan": '''\
+@triton.jit
+def _tan(x):
+    return tl.sin(x) / tl.cos(x)''',
+    "_atan": '''\
+@triton.jit
+def _atan(x):
+    """atan: |x| reduced to [0, tan(pi/8)] by atan(a) = pi/2 + atan(-1/a) or pi/4 + atan((a-1)/(a+1)),
+    then Cephes' single-precision polynomial."""
+    a = tl.abs(x)
+    big = a > 2.414213562373095  # tan(3 pi / 8)
+    mid = a > 0.41421356237309503  # tan(pi / 8)
+    y = tl.where(big, -1.0 / tl.maximum(a, 1.0), tl.where(mid, (a - 1.0) / (a + 1.0), a))
+    z = y * y
+    p = (((0.0805374449538 * z - 0.138776856032) * z + 0.199777106478) * z - 0.333329491539) * z * y + y
+    r = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0)) + p
+    return tl.where(x < 0, -r, r)''',
+    "_asin": '''\
+@triton.jit
+def _asin(x):
+    return _atan(x / tl.sqrt((1.0 - x) * (1.0 + x)))  # +-1 -> atan(+-inf) = +-pi/2''',
+    "_acos": '''\
+@triton.jit
+def _acos(x):
+    return 2.0 * _atan(tl.sqrt((1.0 - x) / (1.0 + x)))  # -1 -> 2 atan(inf) = pi''',
+    "_expm1": '''\
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0: Kahan's (u - 1) x / log(u), u = exp(x) rounded."""
+    u = tl.exp(x)
+    log_u = tl.where(u == 1.0, 1.0, tl.log(u))
+    return tl.where(tl.abs(x) < 0.5, tl.where(u == 1.0, x, (u - 1.0) * x / log_u), u - 1.0)''',
+    "_log1p": '''\
+@triton.jit
+def _log1p(x):
+    """log(1 + x) without cancellation near 0: Kahan's log(u) x / (u - 1), u = 1 + x rounded."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / tl.where(u == 1.0, 1.0, u - 1.0))''',
+    "_sinh": '''\
+@triton.jit
+def _sinh(x):
+    """(e^a - e^-a) / 2 from expm1 (accurate near 0), a = |x|; e^a / 2 past 20, where e^-a no longer counts."""
+    a = tl.abs(x)
+    e = _expm1(tl.minimum(a, 20.0))
+    s = tl.where(a < 20.0, 0.5 * (e + e / (e + 1.0)), 0.5 * tl.exp(a))
+    return tl.where(x < 0, -s, s)''',
+    "_cosh": '''\
+@triton.jit
+def _cosh(x):
+    e = tl.exp(tl.abs(x))
+    return 0.5 * (e + 1.0 / e)''',
+    "_rint": '''\
+@triton.jit
+def _rint(x):
+    """x rounded to the nearest integer, halves to even (torch.round); |x| >= 2^23 is an integer already."""
+    r = tl.floor(x + 0.5)
+    r = tl.where((r - x == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)
+    return tl.where(tl.abs(x) >= 8388608.0, x, r)''',
+    "_trunc": '''\
+@triton.jit
+def _trunc(x):
+    return tl.where(x < 0, tl.ceil(x), tl.floor(x))''',
+    "_fmod": '''\
+@triton.jit
+def _fmod(a, b):
+    """a - b trunc(a / b): the remainder with the sign of a (torch.fmod), in float32."""
+    return a - b * _trunc(a / b)''',
     "_tanh": '''\
 @triton.jit
 def _tanh(x):

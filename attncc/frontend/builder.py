@@ -7,11 +7,27 @@ raises ``ExpressionError`` with a message the frontend completes with where it h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import sympy
+from sympy.codegen.cfunctions import expm1, log1p
 
-from attncc.ir.expr import FloorDiv, is_boolean, kind, number
+from attncc.ir.expr import (
+    BitAnd,
+    BitNot,
+    BitOr,
+    BitXor,
+    FloorDiv,
+    FMod,
+    LeftShift,
+    RightShift,
+    RoundHalfEven,
+    Trunc,
+    is_boolean,
+    kind,
+    number,
+)
 
 
 class ExpressionError(Exception):
@@ -78,18 +94,31 @@ def as_bool(value, what: str):
 
 
 ARITHMETIC = ("+", "-", "*", "/", "//", "%", "**")
+BITWISE = {"&": BitAnd, "|": BitOr, "^": BitXor, "<<": LeftShift, ">>": RightShift}
 COMPARISONS = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "==": sympy.Eq, "!=": sympy.Ne}
 LOGICAL = {"&": sympy.And, "|": sympy.Or, "^": sympy.Xor}
 
 
+def _integer(value, what: str):
+    expr = as_number(value, what)
+    if kind(expr) != "int":
+        raise ExpressionError(
+            f"{what} needs integers or booleans, got the {kind(expr)} expression {expr}; bit operations work on "
+            "integer index expressions (cast with .long() or use // first)"
+        )
+    return expr
+
+
 def binary(op: str, left, right):
-    if op in LOGICAL:
-        return LOGICAL[op](as_bool(left, f"'{op}'"), as_bool(right, f"'{op}'"))
+    if op in LOGICAL and is_boolean(as_expr(left)) and is_boolean(as_expr(right)):
+        return LOGICAL[op](as_expr(left), as_expr(right))
+    if op in BITWISE:
+        return BITWISE[op](_integer(left, f"'{op}'"), _integer(right, f"'{op}'"))
     a = as_number(left, f"'{op}'")
     c = as_number(right, f"'{op}'")
     if op in COMPARISONS:
         return COMPARISONS[op](a, c)
-    if op in ("/", "//", "%") and c.is_zero:
+    if op in ("/", "//", "%", "fmod") and c.is_zero:
         raise ExpressionError(f"'{op}' by the constant zero")
     if op == "+":
         return a + c
@@ -105,12 +134,15 @@ def binary(op: str, left, right):
         return sympy.Mod(a, c)
     if op == "**":
         return sympy.Pow(a, c)
+    if op == "fmod":
+        return FMod(a, c)
     raise ExpressionError(f"operator {op!r} is not supported; use one of {', '.join(supported_operators())}")
 
 
 def unary(op: str, operand):
     if op == "~":
-        return sympy.Not(as_bool(operand, "'~'"))
+        expr = as_expr(operand)
+        return sympy.Not(expr) if is_boolean(expr) else BitNot(_integer(expr, "'~'"))
     if op == "-":
         return -as_number(operand, "'-'")
     if op == "+":
@@ -149,6 +181,35 @@ def _unary_function(fn):
     return apply
 
 
+def _gelu(x, approximate="none"):
+    x = as_number(x, "gelu")
+    if approximate == "none":
+        return x / 2 * (1 + sympy.erf(x / sympy.sqrt(2)))
+    if approximate == "tanh":
+        return x / 2 * (1 + sympy.tanh(number(math.sqrt(2 / math.pi)) * (x + number(0.044715) * x**3)))
+    raise ExpressionError(f"gelu's approximate={approximate!r} is not one of 'none', 'tanh'")
+
+
+def _softplus(x, beta=1, threshold=20):
+    """torch's softplus: log(1 + exp(beta x)) / beta, and x itself where beta x > threshold.
+
+    The exp's argument is capped at the threshold, where it is not used, so neither it nor its
+    derivative overflows there (0 * inf would make the gradient NaN).
+    """
+    x, beta, threshold = as_number(x, "softplus"), as_number(beta, "softplus beta"), as_number(threshold, "threshold")
+    capped = sympy.Min(beta * x, threshold)
+    return sympy.Piecewise((x, beta * x > threshold), (log1p(sympy.exp(capped)) / beta, True))
+
+
+def _round(x, decimals=0):
+    x = as_number(x, "round")
+    if isinstance(decimals, bool) or not isinstance(decimals, int):
+        raise ExpressionError(f"round's decimals={decimals!r} is invalid: a Python integer is allowed")
+    if decimals == 0:
+        return RoundHalfEven(x)
+    return RoundHalfEven(x * sympy.Integer(10) ** decimals) / sympy.Integer(10) ** decimals
+
+
 FUNCTIONS = {
     "where": _where,
     "clamp": _clamp,
@@ -165,6 +226,25 @@ FUNCTIONS = {
     "rsqrt": _unary_function(lambda x: 1 / sympy.sqrt(x)),
     "floor": _unary_function(sympy.floor),
     "ceil": _unary_function(sympy.ceiling),
+    "relu": _unary_function(lambda x: sympy.Max(x, 0)),
+    "gelu": _gelu,
+    "silu": _unary_function(lambda x: x / (1 + sympy.exp(-x))),
+    "softplus": _softplus,
+    "sin": _unary_function(sympy.sin),
+    "cos": _unary_function(sympy.cos),
+    "tan": _unary_function(sympy.tan),
+    "asin": _unary_function(sympy.asin),
+    "acos": _unary_function(sympy.acos),
+    "atan": _unary_function(sympy.atan),
+    "sinh": _unary_function(sympy.sinh),
+    "cosh": _unary_function(sympy.cosh),
+    "sign": _unary_function(sympy.sign),
+    "erf": _unary_function(sympy.erf),
+    "expm1": _unary_function(expm1),
+    "log1p": _unary_function(log1p),
+    "round": _round,
+    "trunc": _unary_function(Trunc),
+    "fmod": lambda a, c: binary("fmod", a, c),
 }
 
 

@@ -245,6 +245,15 @@ def _call(name):
     return apply
 
 
+def _activation(name):
+    """torch.nn.functional's activations; ``inplace`` changes nothing for the scalar a mod computes."""
+
+    def apply(*args, inplace=False, **kwargs):
+        return builder.call(name, *args, **kwargs)
+
+    return apply
+
+
 def _clamp(x, min=None, max=None):
     return builder.call("clamp", x, min, max)
 
@@ -477,6 +486,28 @@ _ELEMENTWISE = {
     "rsqrt": _call("rsqrt"),
     "floor": _call("floor"),
     "ceil": _call("ceil"),
+    "relu": _call("relu"),
+    "sin": _call("sin"),
+    "cos": _call("cos"),
+    "tan": _call("tan"),
+    "asin": _call("asin"),
+    "arcsin": _call("asin"),
+    "acos": _call("acos"),
+    "arccos": _call("acos"),
+    "atan": _call("atan"),
+    "arctan": _call("atan"),
+    "sinh": _call("sinh"),
+    "cosh": _call("cosh"),
+    "sign": _call("sign"),
+    "erf": _call("erf"),
+    "expm1": _call("expm1"),
+    "log1p": _call("log1p"),
+    "round": _call("round"),
+    "trunc": _call("trunc"),
+    "fix": _call("trunc"),
+    "fmod": _call("fmod"),
+    "bitwise_left_shift": _binary("<<"),
+    "bitwise_right_shift": _binary(">>"),
     "zeros_like": _like(0),
     "ones_like": _like(1),
     "full_like": _like(None),
@@ -515,6 +546,13 @@ _EXTRA_FUNCTIONS = {
     torch.special.exp2: ("torch.special.exp2", _call("exp2")),
     torch.nn.functional.sigmoid: ("torch.nn.functional.sigmoid", _call("sigmoid")),
     torch.nn.functional.tanh: ("torch.nn.functional.tanh", _call("tanh")),
+    torch.nn.functional.relu: ("torch.nn.functional.relu", _activation("relu")),
+    torch.nn.functional.gelu: ("torch.nn.functional.gelu", _call("gelu")),
+    torch.nn.functional.silu: ("torch.nn.functional.silu", _activation("silu")),
+    torch.nn.functional.softplus: ("torch.nn.functional.softplus", _call("softplus")),
+    torch.special.erf: ("torch.special.erf", _call("erf")),
+    torch.special.expm1: ("torch.special.expm1", _call("expm1")),
+    torch.special.log1p: ("torch.special.log1p", _call("log1p")),
 }
 
 _OPERATORS = {
@@ -535,6 +573,8 @@ _OPERATORS = {
     operator.or_: _binary("|"),
     operator.xor: _binary("^"),
     operator.invert: _unary("~"),
+    operator.lshift: _binary("<<"),
+    operator.rshift: _binary(">>"),
     operator.neg: _unary("-"),
     operator.pos: _unary("+"),
     operator.abs: _unary("abs"),
@@ -575,11 +615,13 @@ def supported_functions() -> list[str]:
 
 
 SUPPORTED_SUMMARY = (
-    "supported: Python operators + - * / // % ** < <= > >= == != & | ^ ~ abs(), indexing captured tensors, "
-    "and the torch functions / Tensor methods where, clamp (clip, clamp_min, clamp_max), minimum, maximum, "
-    "abs, exp, exp2, log, log2, tanh, sigmoid, sqrt, rsqrt, floor, ceil, logical_and/or/xor/not, remainder, "
-    "floor_divide, div (rounding_mode None or 'floor'), add, sub, mul, pow, eq/ne/lt/le/gt/ge, zeros_like, "
-    "ones_like, full_like, and the casts .float(), .long(), .bool(), .to(dtype)"
+    "supported: Python operators + - * / // % ** < <= > >= == != & | ^ ~ << >> abs(), indexing captured "
+    "tensors, and the torch functions / Tensor methods where, clamp (clip, clamp_min, clamp_max), minimum, "
+    "maximum, abs, sign, exp, exp2, expm1, log, log2, log1p, sqrt, rsqrt, sin, cos, tan, asin, acos, atan, "
+    "sinh, cosh, tanh, sigmoid, erf, relu, gelu, silu, softplus, floor, ceil, round, trunc, fmod, remainder, "
+    "logical_and/or/xor/not, bitwise_and/or/xor/not/left_shift/right_shift, floor_divide, div (rounding_mode "
+    "None or 'floor'), add, sub, mul, pow, eq/ne/lt/le/gt/ge, zeros_like, ones_like, full_like, new_ones, "
+    "new_zeros, new_full, new_tensor, and the casts .float(), .long(), .bool(), .to(dtype)"
 )
 
 

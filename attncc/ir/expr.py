@@ -44,6 +44,119 @@ class FloorDiv(sympy.Function):
 EXACT_WHOLE_FLOATS = 2**53
 
 
+class Trunc(sympy.Function):
+    """``torch.trunc``: rounds toward zero; a float of a float, the integer itself of an integer."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_integer:
+            return x
+        if x.is_Number:
+            return sympy.Float(int(x)) if x.is_Float else sympy.Integer(int(x))
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+    def _eval_is_integer(self):
+        return self.args[0].is_integer
+
+
+class RoundHalfEven(sympy.Function):
+    """``torch.round``: to the nearest integer, halves to the even one."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_integer:
+            return x
+        if x.is_Rational:
+            return sympy.Integer(round(x))
+        return None
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+    def _eval_is_integer(self):
+        return self.args[0].is_integer
+
+
+class FMod(sympy.Function):
+    """``torch.fmod(a, b)``: ``a - b * trunc(a / b)``, the sign of ``a`` (``Mod`` is Python's ``%``)."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, a, b):
+        if a.is_Integer and b.is_Integer and b != 0:
+            return sympy.Integer(int(sympy.sign(a)) * (abs(int(a)) % abs(int(b))))
+        return None
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return sympy.Integer(1) if argindex == 1 else -Trunc(a / b)
+
+    def _eval_is_integer(self):
+        return True if all(arg.is_integer for arg in self.args) else None
+
+
+class _Bitwise(sympy.Function):
+    """An integer bit operation with Python's (two's complement) semantics; integer arguments only."""
+
+    operator = None
+
+    @classmethod
+    def eval(cls, *args):
+        if all(arg.is_Integer for arg in args):
+            return sympy.Integer(cls.operator(*(int(arg) for arg in args)))
+        return None
+
+    def _eval_is_integer(self):
+        return True
+
+
+class BitAnd(_Bitwise):
+    nargs = 2
+    operator = staticmethod(lambda a, c: a & c)
+    symbol = "&"
+
+
+class BitOr(_Bitwise):
+    nargs = 2
+    operator = staticmethod(lambda a, c: a | c)
+    symbol = "|"
+
+
+class BitXor(_Bitwise):
+    nargs = 2
+    operator = staticmethod(lambda a, c: a ^ c)
+    symbol = "^"
+
+
+class LeftShift(_Bitwise):
+    nargs = 2
+    operator = staticmethod(lambda a, c: a << c)
+    symbol = "<<"
+
+
+class RightShift(_Bitwise):
+    nargs = 2
+    operator = staticmethod(lambda a, c: a >> c)
+    symbol = ">>"
+
+
+class BitNot(_Bitwise):
+    nargs = 1
+    operator = staticmethod(lambda a: ~a)
+    symbol = "~"
+
+
+BITWISE = (BitAnd, BitOr, BitXor, LeftShift, RightShift, BitNot)
+
+
 def number(value: float | int) -> sympy.Expr:
     """A Python number as an exact-looking sympy constant: 50.0 -> 50, 0.125 -> 1/8.
 
