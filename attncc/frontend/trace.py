@@ -46,12 +46,13 @@ import sys
 import types
 from dataclasses import replace
 
+import numpy as np
 import sympy
 import torch
 import torch.fx
 
 from attncc.errors import ModError
-from attncc.frontend import builder
+from attncc.frontend import builder, unroll
 from attncc.frontend.builder import CapturedTensor, ExpressionError
 from attncc.frontend.mod import TORCH_DTYPE_NAMES, Captured, TracedMod, ir_dtype
 from attncc.ir.expr import b, captured_symbol, h, is_boolean, kind, kv_idx, q_idx, score
@@ -654,6 +655,10 @@ class _Unsupported(ExpressionError):
         self.why = why
 
 
+def _has_slice(args, kwargs) -> bool:
+    return any(unroll.is_slice(a) for a in (*args, *kwargs.values()))
+
+
 def _is_value(x) -> bool:
     return isinstance(x, (sympy.Basic, CapturedTensor))
 
@@ -876,6 +881,8 @@ class _Trace:
                     value = self.arg(node.args[0], env)
                     if isinstance(value, (tuple, list, dict)):
                         raise ExpressionError(f"a {self.what} returns one value, not a {type(value).__name__}")
+                    if unroll.is_slice(value):
+                        raise ExpressionError(self.slice_returned(value))
                     result = builder.as_expr(value)
                 else:
                     raise ExpressionError(f"fx node kind {node.op!r} is not supported")
@@ -946,9 +953,54 @@ class _Trace:
         impl = _OPERATORS.get(target)
         if impl is None:
             _, impl = _TORCH_FUNCTIONS.get(target, (None, None))
+        name = "matmul" if target is operator.matmul else getattr(target, "__name__", "")
+        if _has_slice(args, kwargs) and not (target is operator.getitem and isinstance(args[0], CapturedTensor)):
+            return self.unrolled(name, _function_label(target), impl, args, kwargs)
         if impl is None:
-            raise _Unsupported(_function_label(target), _why_unsupported(getattr(target, "__name__", "")))
+            raise _Unsupported(_function_label(target), _why_unsupported(name))
         return impl(*args, **kwargs)
+
+    def unrolled(self, name: str, label: str, impl, args: tuple, kwargs: dict):
+        """An operation on a captured tensor's remaining dims, unrolled (``attncc.frontend.unroll``)."""
+        kwargs = dict(kwargs)
+        elementwise_pair = name in ("max", "min") and len(args) == 2 and _is_value(args[1])
+        if name in unroll.REDUCTIONS and not elementwise_pair:
+            rest = list(args[1:])
+            dim = kwargs.pop("dim", rest.pop(0) if rest else None)
+            keepdim = kwargs.pop("keepdim", rest.pop(0) if rest else False)
+            if rest or kwargs:
+                raise ExpressionError(f"{label} takes (x, dim=None, keepdim=False) here, got {args[1:]}, {kwargs}")
+            return unroll.reduce(name, args[0], self.slice_shape, dim, keepdim)
+        if name in unroll.PRODUCTS:
+            return unroll.product(name, *args, self.slice_shape, **kwargs)
+        if name in ("getitem", "__getitem__") and isinstance(args[0], np.ndarray):
+            key = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if not all(isinstance(i, int) for i in key):
+                raise ExpressionError(
+                    "an unrolled slice is indexed with a traced value: index the captured tensor itself, "
+                    "e.g. feats[q_idx, kv_idx % 4], not (feats[q_idx] * 2)[kv_idx % 4]"
+                )
+            return args[0][key]
+        if impl is None:
+            raise _Unsupported(label, _why_unsupported(name))
+        return unroll.elementwise(impl, args, kwargs, self.slice_shape)
+
+    def slice_returned(self, value) -> str:
+        array = unroll.as_array(value, self.slice_shape)
+        read = min((e for x in array.flat for e in builder.as_expr(x).atoms(sympy.Indexed)), key=str, default=None)
+        origin = ""
+        if read is not None:
+            used = len(read.indices) - array.ndim
+            origin = (
+                f"captured tensor {str(read.base.label)!r} is used with {used} of its {len(read.indices)} indices: "
+            )
+        return (
+            f"{origin}a {self.what} returns one element, but this returns a slice of shape {array.shape}; index "
+            "every dim (doc[q_idx]) or reduce the slice (sum, dot, amax, ...)"
+        )
+
+    def slice_shape(self, view: CapturedTensor) -> tuple[int, ...]:
+        return tuple(self.attribute(view, "shape"))
 
     def attribute(self, x, name: str):
         """``.shape``, ``.ndim``, ``.dtype``, ``.device`` of the mod's scalars and of captured tensors."""
@@ -974,11 +1026,11 @@ class _Trace:
             shape = self.attribute(args[0], "shape")
             return len(shape) if node.target == "dim" else shape if len(args) == 1 else shape[args[1]]
         impl = _METHODS.get(node.target)
+        if _has_slice(args, kwargs) and not (node.target == "__getitem__" and isinstance(args[0], CapturedTensor)):
+            # e.g. (w[h] * feats[q_idx]).sum(), or doc.long()[q_idx] on a small doc
+            return self.unrolled(node.target, f"Tensor.{node.target}", impl, args, kwargs)
         if impl is None:
             raise _Unsupported(f"Tensor.{node.target}", _why_unsupported(node.target))
-        if node.target != "__getitem__" and isinstance(args[0], CapturedTensor):
-            # e.g. doc.long()[q_idx] is traced as a method on the whole captured tensor
-            builder.as_expr(args[0])
         return impl(*args, **kwargs)
 
     # ---- captured tensors
