@@ -162,6 +162,8 @@ class TritonPrinter(ExpressionPrinter):
 
     def _float(self, expr) -> str:
         """An operand of a float-only function: integers are converted first."""
+        if expr.is_Integer:
+            return _float_literal(expr)
         if expr.is_integer:
             return f"({self._print(expr)}).to(tl.float32)"
         return self._print(expr)
@@ -182,7 +184,7 @@ class TritonPrinter(ExpressionPrinter):
         a, c = expr.args
         if not (a.is_integer and c.is_integer):
             x, y = self._float(a), self._float(c)
-            return f"({x} - {y} * tl.floor({x} / {y}))"
+            return f"(({x}) - ({y}) * tl.floor(({x}) / ({y})))"
         if a.is_nonnegative and c.is_positive:
             return f"({self.parenthesize(a, 50)} % {self.parenthesize(c, 50)})"
         self.helpers.add("_mod")
