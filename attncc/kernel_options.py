@@ -1,9 +1,10 @@
 """FlexAttention's ``kernel_options`` (torch 2.13's ``FlexKernelOptions``) in attncc's terms.
 
-Tile sizes, warps and pipeline stages become options of the ``tile`` pass; ``BACKEND``
-chooses attncc's backend; every other key is accepted and has no effect, for the
-reason ``NO_OPS`` gives. Any key may carry torch's ``fwd_`` or ``bwd_`` prefix: attncc's
-backward kernels run on the forward's tiles, so ``bwd_`` tile keys have no effect either.
+Tile sizes, warps and pipeline stages become options of the ``tile`` pass: unprefixed
+or ``fwd_`` keys the forward's, ``bwd_`` keys and torch's backward tiles (``BLOCK_M1`` /
+``BLOCK_N1`` of its dK/dV kernel, ``BLOCK_M2`` / ``BLOCK_N2`` of its dQ kernel) the
+backward's, which attncc's dK/dV and dQ kernels share. ``BACKEND`` chooses attncc's
+backend; every other key is accepted and has no effect, for the reason ``NO_OPS`` gives.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ from dataclasses import dataclass
 
 from attncc.errors import InputError
 
-# kernel option -> option of the tile pass (the forward's tiles, shared by the backward).
+# kernel option -> option of the tile pass (with a bwd_ prefix: its bwd_ option).
 TILE_OPTIONS = {"BLOCK_M": "block_m", "BLOCK_N": "block_n", "num_warps": "num_warps", "num_stages": "num_stages"}
+# torch's backward tiles -> the tile pass's backward tiles.
+BACKWARD_TILES = {"BLOCK_M1": "bwd_block_m", "BLOCK_M2": "bwd_block_m", "BLOCK_N1": "bwd_block_n",
+                  "BLOCK_N2": "bwd_block_n"}  # fmt: skip
 
 # kernel option -> (the type its value must have, why attncc has nothing to change for it).
 NO_OPS = {
-    "BLOCK_M1": (int, "attncc's backward kernels use the forward's tiles"),
-    "BLOCK_N1": (int, "attncc's backward kernels use the forward's tiles"),
-    "BLOCK_M2": (int, "attncc's backward kernels use the forward's tiles"),
-    "BLOCK_N2": (int, "attncc's backward kernels use the forward's tiles"),
     "PRESCALE_QK": (bool, "the fold-scale pass always folds the scale (and log2(e)) into one factor"),
     "ROWS_GUARANTEED_SAFE": (bool, "rows without a visible key cost nothing extra: o = 0, lse = -inf"),
     "BLOCKS_ARE_CONTIGUOUS": (bool, "the sparsity pass derives each query tile's key range from the mask"),
@@ -35,7 +35,7 @@ NO_OPS = {
 # BACKEND -> attncc backend (None: the device's preferred backend).
 BACKENDS = {"AUTO": None, "TRITON": "triton", "TRITON_DECODE": "triton"}
 
-KNOWN = (*TILE_OPTIONS, *NO_OPS, "BACKEND")
+KNOWN = (*TILE_OPTIONS, *BACKWARD_TILES, *NO_OPS, "BACKEND")
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,16 @@ def parse_kernel_options(options) -> KernelOptions:
             )
         if name == "BACKEND":
             backend = _backend(key, value, options)
-        elif name in TILE_OPTIONS:
+        elif name in TILE_OPTIONS or name in BACKWARD_TILES:
             _check_type(key, value, int)
             if value <= 0:
                 raise InputError(f"kernel_options[{key!r}]={value!r} is invalid: a positive integer is allowed")
-            if not key.startswith("bwd_"):
-                tile[TILE_OPTIONS[name]] = value
+            option = BACKWARD_TILES.get(name) or ("bwd_" if key.startswith("bwd_") else "") + TILE_OPTIONS[name]
+            if tile.setdefault(option, value) != value:
+                raise InputError(
+                    f"kernel_options[{key!r}]={value!r} disagrees with another key's {tile[option]} for the tile "
+                    f"pass's {option}: attncc's dK/dV and dQ kernels share the backward tiles"
+                )
         else:
             _check_type(key, value, NO_OPS[name][0])
     return KernelOptions(tuple(sorted(tile.items())), backend)

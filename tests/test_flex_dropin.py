@@ -97,19 +97,21 @@ def test_constant_building_refuses_what_a_scalar_mod_cannot_be(mask, message):
 
 def test_kernel_options_choose_the_tiles_and_accept_torch_keys():
     q, k, v = inputs()
-    options = {"BLOCK_M": 32, "fwd_BLOCK_N": 16, "bwd_BLOCK_M1": 64, "PRESCALE_QK": True, "WRITE_DQ": False,
+    options = {"BLOCK_M": 32, "fwd_BLOCK_N": 16, "bwd_BLOCK_M1": 64, "BLOCK_M2": 64, "bwd_num_warps": 2, "PRESCALE_QK": True, "WRITE_DQ": False,
                "ROWS_GUARANTEED_SAFE": False, "BLOCKS_ARE_CONTIGUOUS": True, "USE_TMA": False, "num_warps": 4,
                "num_stages": 2, "kpack": 2, "waves_per_eu": 1, "matrix_instr_nonkdim": 16, "BACKEND": "AUTO"}  # fmt: skip
     o = attncc.flex_attention(q, k, v, mask_mod=causal, enable_gqa=True, kernel_options=options)
     torch.testing.assert_close(o.double(), dense_attention(q, k, v, mask_mod=causal)[0], atol=2e-6, rtol=2e-6)
     program = next(reversed(attncc.flex._PROGRAMS.values()))
-    assert "block_m = 32, block_n = 16" in str(program.graph)
+    printed = str(program.graph)
+    assert "block_m = 32, block_n = 16" in printed and "bwd_block_m = 64" in printed and "bwd_num_warps = 2" in printed
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
         ({"BLOCK_K": 64}, "kernel_options key 'BLOCK_K' is unknown; allowed"),
+        ({"BLOCK_M1": 32, "BLOCK_M2": 64}, r"kernel_options\['BLOCK_M2'\]=64 disagrees with another key's 32"),
         ({"BLOCK_M": 0}, r"kernel_options\['BLOCK_M'\]=0 is invalid: a positive integer"),
         ({"num_warps": True}, r"kernel_options\['num_warps'\]=True is invalid: a int"),
         ({"PRESCALE_QK": 1}, r"kernel_options\['PRESCALE_QK'\]=1 is invalid: a bool"),
