@@ -200,7 +200,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     _PROGRAMS.move_to_end(program_key)
     captured = {c.name: c.value for mod in (score, mask) if mod for c in mod.captured if c.value is not None}
     wants_lse = return_lse or (return_aux is not None and return_aux.lse)
-    out, lse = program(query, key, value, return_lse=True, **captured)
+    result = program(query, key, value, return_lse=wants_lse, **captured)
+    out, lse = result if wants_lse else (result, None)
     if return_aux is not None:
         max_scores = None
         if return_aux.max_scores:
