@@ -170,6 +170,16 @@ class CudaPrinter(ExpressionDispatch, C99CodePrinter):
         x = self._print(expr.args[0])
         return f"(({x}) > 0 ? 1.0f : (({x}) < 0 ? -1.0f : 0.0f))"
 
+    def _elementwise(self, name: str, args):
+        """libm's float functions (``sinf``, ``expm1f``, ...); round is ``rintf`` (half to even)."""
+        if name == "sign":
+            return self._print_sign(sympy.sign(args[0]))
+        if name == "fmod" and all(arg.is_integer for arg in args):
+            a, c = (f"(long long)({self._print(arg)})" for arg in args)
+            return f"({a} % {c})"  # C's integer % truncates toward zero, as fmod does
+        function = "rintf" if name == "round" else f"{name}f"
+        return f"{function}({', '.join(self._float(arg) for arg in args)})"
+
     def _print_Heaviside(self, expr):
         x = self._print(expr.args[0])
         at_zero = _float_literal(expr.args[1]) if len(expr.args) > 1 else "0.5f"
