@@ -228,7 +228,7 @@ def test_nested_and_multidimensional_captured_tensors():
     spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod, mask_mod=mask_mod)
     attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
     # the nested load's index is a hoisted load, wrapped and checked as torch indexes
-    assert "_index0 = cap0_owner_" in attn.source and "tl.load(cap2_intervals_ptr + cap2_intervals_" in attn.source
+    assert "_index0 = cap2_owner_" in attn.source and "tl.load(cap1_intervals_ptr + cap1_intervals_" in attn.source
     q, k, v = random_qkv(1, 2, 2, 30, 30, 16, seed=6)
     check_forward_backward(attn, {"score_mod": score_mod, "mask_mod": reference_mask}, q, k, v)
 
