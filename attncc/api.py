@@ -221,6 +221,11 @@ class CompiledAttention(torch.nn.Module):
         ``sizes`` fixes the symbols for the cost table (default B=1, N=M=4096).
         """
         sizes = sizes or {"B": 1, "N": 4096, "M": 4096}
+        captured_sizes = {
+            f"{name}_d{dim}": size
+            for name, info in self._captured_meta.items()
+            for dim, size in enumerate(info.value.shape if info.value is not None else info.shape or ())
+        }
         rows = [
             [r.description, ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items())) or "no change",
              f"{1000 * r.seconds:.1f} ms"]
@@ -234,7 +239,7 @@ class CompiledAttention(torch.nn.Module):
             tabulate(rows, headers=["pass", "changes", "time"]),
             "",
             f"cost at {size_text} (T = 2 bytes):",
-            cost_table(stages, sizes),
+            cost_table(stages, {**captured_sizes, **sizes}),
             "",
             "optimized IR:",
             str(self.graph),
