@@ -622,3 +622,18 @@ def test_utf8_bom_and_non_ascii_comments_are_fine(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes("\ufeff# Gemma-2 — local layers\n[attention]\nnum_heads = 2\nhead_dim = 8\n".encode())
     assert load_spec(path).num_heads == 2
+
+
+def test_one_slow_sympy_call_is_cut_off_too(tmp_path, monkeypatch):
+    """The parser's time budget holds even inside a single sympy call that never returns."""
+    monkeypatch.setattr(spec_file, "MAX_TRANSLATE_SECONDS", 0.3)
+
+    def endless(*args, **kwargs):
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(builder, "binary", endless)
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match=r"attention\.mask: the expression is too complex: translating it took more"):
+        spec_with(tmp_path, mask="q_idx >= kv_idx")
+    assert time.perf_counter() - start < 2

@@ -87,6 +87,7 @@ import torch
 from attncc.errors import SpecError
 from attncc.frontend import builder
 from attncc.frontend.mod import Captured, TracedMod, ir_dtype
+from attncc.ir.bounded import OutOfTime, deadline
 from attncc.ir.expr import SYMBOLS_BY_NAME, captured_names, captured_symbol, is_boolean, kind
 from attncc.ir.rope import RoPE
 from attncc.spec import AttentionSpec
@@ -591,10 +592,15 @@ def _parse(text, captured: dict, allowed_names, where: str, expect: str | None):
     if too_deep is not None:
         parser.fail(too_deep, f"the expression is nested more than {MAX_EXPRESSION_DEPTH} levels deep")
     try:
-        result = parser.visit(tree)
-        expr = parser.build(tree.body, builder.as_expr, result)
+        with deadline(MAX_TRANSLATE_SECONDS):  # a backstop for one sympy call that never returns
+            result = parser.visit(tree)
+            expr = parser.build(tree.body, builder.as_expr, result)
     except (RecursionError, MemoryError):
         raise SpecError(f"{where}: the expression is nested too deeply to translate") from None
+    except OutOfTime:
+        raise SpecError(
+            f"{where}: the expression is too complex: translating it took more than {MAX_TRANSLATE_SECONDS} s"
+        ) from None
 
     if expect == "bool" and not is_boolean(expr):
         raise SpecError(

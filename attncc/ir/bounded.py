@@ -27,7 +27,7 @@ SECONDS = 2.0
 TOO_LARGE, TIMED_OUT, FAILED = "too_large", "timed_out", "failed"
 
 
-class _OutOfTime(BaseException):
+class OutOfTime(BaseException):
     """Raised by the alarm inside sympy; a BaseException, so sympy's own ``except Exception`` cannot swallow it."""
 
 
@@ -36,17 +36,20 @@ def bounded(transform: Callable, expr: sympy.Basic):
     if sympy.count_ops(expr) > MAX_OPS:
         return None, TOO_LARGE
     try:
-        with _deadline(SECONDS):
+        with deadline(SECONDS):
             return transform(expr), None
-    except _OutOfTime:
+    except OutOfTime:
         return None, TIMED_OUT
     except Exception:  # noqa: BLE001 - sympy raises anything from RecursionError to PolynomialError here
         return None, FAILED
 
 
 @contextlib.contextmanager
-def _deadline(seconds: float):
-    """Raise _OutOfTime in the body after ``seconds`` (main thread, no alarm already set; else no limit)."""
+def deadline(seconds: float):
+    """Raise OutOfTime in the body after ``seconds`` (main thread, no alarm already set; else no limit).
+
+    For callers that must end rather than fall back, like the spec-file parser.
+    """
     usable = (
         hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
@@ -57,7 +60,7 @@ def _deadline(seconds: float):
         return
 
     def expire(signum, frame):
-        raise _OutOfTime
+        raise OutOfTime
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
