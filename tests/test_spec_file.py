@@ -591,10 +591,10 @@ OVERSIZED = {
 def test_oversized_specs_end_quickly_with_the_cap_in_the_message(tmp_path, case):
     body, message = OVERSIZED[case]
     path = write_spec(tmp_path, body, "big.toml")
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(SpecError) as info:
         load_spec(path)
-    assert time.perf_counter() - start < 2
+    assert time.process_time() - start < 2
     assert str(info.value).startswith(f"{path}: ") and message in str(info.value), str(info.value)
 
 
@@ -602,13 +602,15 @@ def test_oversized_specs_end_quickly_with_the_cap_in_the_message(tmp_path, case)
     "index, item, last", [("t[q_idx]", "0,", "0]\n"), ("t[q_idx, 0]", "[0],", "[0]]\n")], ids=["integers", "nested"]
 )
 def test_the_largest_accepted_file_parses_in_under_two_seconds(tmp_path, index, item, last):
-    """One tensor whose values fill the file up to the size cap: the slowest kind of file to parse."""
+    """One tensor whose values fill the file up to the size cap: the slowest kind of file to parse.
+
+    Counted in CPU seconds of this process, which other processes on the machine do not inflate."""
     head = TENSOR.replace("t[q_idx]", index) + "t = ["
     path = write_spec(tmp_path, head + item * ((spec_file.MAX_FILE_BYTES - len(head) - len(last)) // len(item)) + last)
     assert spec_file.MAX_FILE_BYTES - 8 < path.stat().st_size <= spec_file.MAX_FILE_BYTES
-    start = time.perf_counter()
+    start = time.process_time()
     spec = load_spec(path)
-    assert time.perf_counter() - start < 2
+    assert time.process_time() - start < 2
     assert spec.mask_mod.captured[0].value.numel() > 30_000
     assert spec.mask_mod.captured[0].value.numel() > 20_000
 
