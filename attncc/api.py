@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from attncc.cache import cached_source, content_key, generator_fingerprint, load_module
+from attncc.cache import Generated, content_key, generator_fingerprint, load_generated
 from attncc.errors import InputError, SpecError
 from attncc.frontend.lower import (
     POSITION_TENSORS,
@@ -97,17 +95,16 @@ def compile(  # noqa: A001
         captured=examples,
     )
     graph = manager.run(unoptimized)
-    path, function = load_program(graph, target)
-    attn = CompiledAttention(spec, unoptimized, graph, manager.records, target.name, path, function, captured)
+    attn = CompiledAttention(spec, unoptimized, graph, manager.records, target.name, load_program(graph, target),
+                             captured)  # fmt: skip
     attn.positions, attn._pipeline = positions, pipeline
     return attn
 
 
-def load_program(graph: Graph, target) -> tuple[Path, Callable]:
-    """The generated source of an optimized graph for a backend (from the cache, generated if missing), loaded."""
+def load_program(graph: Graph, target) -> Generated:
+    """The generated module of an optimized graph for a backend (from the cache, generated if missing)."""
     key = content_key(str(graph), target.name, generator_fingerprint(target))
-    path = cached_source(key, ".py", lambda: target.generate(graph).source)
-    return path, load_module(path).attention
+    return load_generated(key, lambda: target.generate(graph).source)
 
 
 class CapturedTensors(torch.nn.Module):
@@ -151,20 +148,20 @@ class CompiledAttention(torch.nn.Module):
     spec (``score_mod``, ``mask_mod``) are saved as their traced expressions.
     """
 
-    def __init__(self, spec, unoptimized_graph: Graph, graph: Graph, pass_records, backend: str, path, function,
-                 captured: dict[str, Captured]):  # fmt: skip
+    def __init__(self, spec, unoptimized_graph: Graph, graph: Graph, pass_records, backend: str,
+                 generated: Generated, captured: dict[str, Captured]):  # fmt: skip
         super().__init__()
         self.spec = spec
         self.unoptimized_graph = unoptimized_graph
         self.graph = graph
         self.pass_records = list(pass_records)
         self.backend = backend
-        self.path = path
-        self._function = function
+        self.generated = generated
+        self._function = generated.module.attention
         self._captured_meta = dict(captured)
         self.captured = CapturedTensors({name: info.value for name, info in captured.items() if info.value is not None})
         self._index_uses = graph_index_uses(unoptimized_graph)
-        self._ops = program_ops(Path(path).stem, function, graph)
+        self._ops = program_ops(generated.key, self._function, graph)
         self.positions: tuple[str, ...] = ()
         self._pipeline = None
         self._variants: dict[tuple[str, ...], CompiledAttention] = {}
@@ -180,7 +177,7 @@ class CompiledAttention(torch.nn.Module):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_function"], state["_ops"]
+        del state["generated"], state["_function"], state["_ops"]
         state["spec"] = portable_spec(self.spec)
         return state
 
@@ -188,8 +185,9 @@ class CompiledAttention(torch.nn.Module):
         from attncc.backends import get_backend
 
         self.__dict__.update(state)
-        self.path, self._function = load_program(self.graph, get_backend(self.backend))
-        self._ops = program_ops(Path(self.path).stem, self._function, self.graph)
+        self.generated = load_program(self.graph, get_backend(self.backend))
+        self._function = self.generated.module.attention
+        self._ops = program_ops(self.generated.key, self._function, self.graph)
 
     @property
     def op(self):
@@ -209,11 +207,17 @@ class CompiledAttention(torch.nn.Module):
     @property
     def module(self):
         """The loaded generated module (its region classes and helpers, e.g. ``FlashAttention.tiles``)."""
-        return sys.modules[self._function.__module__]
+        return self.generated.module
+
+    @property
+    def path(self) -> Path | None:
+        """The cache entry the program was imported from; None if it was compiled in memory."""
+        return self.generated.path
 
     @property
     def source(self) -> str:
-        return self.path.read_text(encoding="utf-8")
+        """The generated source that runs (verified against its cache entry's checksum)."""
+        return self.generated.source
 
     def explain(self, sizes: dict | None = None) -> str:
         """The passes that ran, what each changed, the cost before and after each, and the final IR.
@@ -221,6 +225,11 @@ class CompiledAttention(torch.nn.Module):
         ``sizes`` fixes the symbols for the cost table (default B=1, N=M=4096).
         """
         sizes = sizes or {"B": 1, "N": 4096, "M": 4096}
+        captured_sizes = {
+            f"{name}_d{dim}": size
+            for name, info in self._captured_meta.items()
+            for dim, size in enumerate(info.value.shape if info.value is not None else info.shape or ())
+        }
         rows = [
             [r.description, ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items())) or "no change",
              f"{1000 * r.seconds:.1f} ms"]
@@ -229,12 +238,12 @@ class CompiledAttention(torch.nn.Module):
         stages = [("(unoptimized)", self.unoptimized_graph)] + [(r.name, r.graph) for r in self.pass_records]
         size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
         return "\n".join([
-            f"backend: {self.backend}    source: {self.path}",
+            f"backend: {self.backend}    source: {self.path or '(compiled in memory, not cached)'}",
             "passes:",
             tabulate(rows, headers=["pass", "changes", "time"]),
             "",
             f"cost at {size_text} (T = 2 bytes):",
-            cost_table(stages, sizes),
+            cost_table(stages, {**captured_sizes, **sizes}),
             "",
             "optimized IR:",
             str(self.graph),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 import attncc
 import attncc.bench
 from attncc.backends import BACKENDS
+from attncc.cache import CacheWarning
 from attncc.errors import AttnccError
 from attncc.ir.cost import cost_table, parse_sizes
 from attncc.tiles import tile_report
@@ -126,11 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except AttnccError as error:
-        print(f"attncc: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restores showwarning afterwards
+        warnings.showwarning = _show_warning
+        try:
+            return args.run(args)
+        except AttnccError as error:
+            print(f"attncc: error: {error}", file=sys.stderr)
+            return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A CacheWarning as one line without a source location; other warnings as Python prints them."""
+    if issubclass(category, CacheWarning):
+        print(f"attncc: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 if __name__ == "__main__":

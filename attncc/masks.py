@@ -6,9 +6,16 @@ Each function returns a ``mask_mod(b, h, q_idx, kv_idx)`` to pass as
 blocks) close over tensors, which become runtime inputs of the compiled program.
 Positions are plain indices (top-left): combine with ``AttentionSpec(causal=...)``
 for bottom-right alignment when N != M.
+
+Patterns that build tensors cap their sizes, so that a parameter from a spec file
+cannot ask for more memory or time than a real model would: at most ``MAX_POSITIONS``
+(2**24) positions, and BigBird at most ``MAX_BIGBIRD_BLOCKS`` blocks per side (its
+random-block table is blocks x blocks).
 """
 
 from __future__ import annotations
+
+import reprlib
 
 import torch
 
@@ -17,6 +24,10 @@ from attncc.errors import SpecError
 __all__ = [
     "bigbird", "causal", "chunked", "document", "fixed", "longformer", "prefix_lm", "sliding_window", "strided",
 ]  # fmt: skip
+
+
+MAX_POSITIONS = 1 << 24
+MAX_BIGBIRD_BLOCKS = 4096
 
 
 def _positive(name: str, value) -> int:
@@ -29,6 +40,24 @@ def _non_negative(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SpecError(f"{name}={value!r} is invalid: a non-negative integer is allowed")
     return value
+
+
+def _positions(name: str, value) -> int:
+    value = _positive(name, value)
+    if value > MAX_POSITIONS:
+        raise SpecError(f"{name}={value} is invalid: at most {MAX_POSITIONS} (2**24) positions are allowed")
+    return value
+
+
+def _int64s(name: str, values) -> torch.Tensor:
+    """``values`` as a 1-D int64 tensor, or a SpecError naming ``name`` (not torch's overflow message)."""
+    try:
+        tensor = torch.as_tensor(values)
+    except (OverflowError, RuntimeError, TypeError, ValueError):
+        raise SpecError(f"{name}={reprlib.repr(values)} is invalid: a list of 64-bit integers is allowed") from None
+    if tensor.dim() > 1 or (tensor.numel() and (tensor.is_floating_point() or tensor.dtype == torch.bool)):
+        raise SpecError(f"{name}={reprlib.repr(values)} is invalid: a flat list of integers is allowed")
+    return tensor.to(torch.int64).reshape(-1)
 
 
 def _named(fn, name: str):
@@ -76,13 +105,19 @@ def _document_ids(lengths, offsets) -> torch.Tensor:
     if (lengths is None) == (offsets is None):
         raise SpecError("document() takes lengths or offsets, exactly one of them")
     if offsets is not None:
-        offsets = torch.as_tensor(offsets, dtype=torch.int64)
-        if offsets.dim() != 1 or offsets.numel() < 2 or offsets[0] != 0 or bool((offsets.diff() <= 0).any()):
+        offsets = _int64s("offsets", offsets)
+        if offsets.numel() < 2 or offsets[0] != 0 or bool((offsets.diff() <= 0).any()):
             raise SpecError(f"offsets={offsets.tolist()} is invalid: increasing positions starting at 0")
         lengths = offsets.diff()
-    lengths = torch.as_tensor(lengths, dtype=torch.int64)
-    if lengths.dim() != 1 or lengths.numel() == 0 or bool((lengths <= 0).any()):
+    lengths = _int64s("lengths", lengths)
+    if lengths.numel() == 0 or bool((lengths <= 0).any()):
         raise SpecError(f"lengths={lengths.tolist()} is invalid: a non-empty list of positive lengths")
+    # Each length is checked before the sum, which could otherwise wrap around in int64.
+    if int(lengths.max()) > MAX_POSITIONS or int(lengths.sum()) > MAX_POSITIONS:
+        raise SpecError(
+            f"lengths={reprlib.repr(lengths.tolist())} is invalid: the documents may hold at most {MAX_POSITIONS} "
+            "(2**24) positions in all"
+        )
     return torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
 
 
@@ -99,9 +134,9 @@ def document(lengths=None, offsets=None, causal: bool = False):
 
 def longformer(window: int, global_tokens, seq_len: int):
     """Longformer: a sliding window of ``window`` keys on each side, plus global tokens that see and are seen by all."""
-    window, seq_len = _non_negative("window", window), _positive("seq_len", seq_len)
+    window, seq_len = _non_negative("window", window), _positions("seq_len", seq_len)
+    indices = _int64s("global_tokens", global_tokens)
     is_global = torch.zeros(seq_len, dtype=torch.bool)
-    indices = torch.as_tensor(global_tokens, dtype=torch.int64).reshape(-1)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= seq_len):
         raise SpecError(f"global_tokens={indices.tolist()} is invalid: positions in 0..{seq_len - 1}")
     is_global[indices] = True
@@ -117,10 +152,15 @@ def bigbird(block_size: int, seq_len: int, window_blocks: int = 1, global_blocks
     """BigBird (Zaheer et al.): blocks see their ``window_blocks`` neighbours on each side, the first
     ``global_blocks`` blocks see and are seen by all, and each block row sees ``random_blocks`` random
     blocks, drawn with ``seed``."""
-    size, seq_len = _positive("block_size", block_size), _positive("seq_len", seq_len)
+    size, seq_len = _positive("block_size", block_size), _positions("seq_len", seq_len)
     window_blocks = _non_negative("window_blocks", window_blocks)
     global_blocks, random_blocks = _non_negative("global_blocks", global_blocks), _non_negative("random_blocks", random_blocks)
     count = -(-seq_len // size)
+    if count > MAX_BIGBIRD_BLOCKS:
+        raise SpecError(
+            f"block_size={size}, seq_len={seq_len} is invalid: {count} blocks; at most {MAX_BIGBIRD_BLOCKS} are "
+            f"allowed (block_size >= {-(-seq_len // MAX_BIGBIRD_BLOCKS)} for this seq_len)"
+        )
     generator = torch.Generator().manual_seed(seed)
     random_table = torch.zeros(count, count, dtype=torch.bool)
     for row in range(count):

@@ -13,13 +13,19 @@ from attncc.frontend.mod import TracedMod
 from attncc.ir.rope import RoPE
 
 CAUSAL_VALUES = (False, True, "bottom_right", "top_left")
+# Caps far above any model (128 heads, head dims of 576 at most), so that checking a spec and
+# listing the allowed values stay cheap whatever a spec file says.
+MAX_HEADS = 4096
+MAX_HEAD_DIM = 4096
 
 Mod = Callable | TracedMod | None
 
 
-def _positive_int(field: str, value) -> int:
+def _positive_int(field: str, value, largest: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise SpecError(f"{field}={value!r} is invalid: a positive integer is allowed")
+    if value > largest:
+        raise SpecError(f"{field}={value} is invalid: at most {largest} is allowed")
     return int(value)
 
 
@@ -43,6 +49,7 @@ class AttentionSpec:
     follow FlexAttention. ``rope``: an ``attncc.RoPE`` (or a mapping of its fields)
     rotating q and k; key j sits at position j and query i at M - N + i, unless
     the call passes ``q_positions`` / ``kv_positions``.
+    Head counts are at most ``MAX_HEADS`` and head dims at most ``MAX_HEAD_DIM`` (4096 each).
     """
 
     num_heads: int
@@ -59,16 +66,18 @@ class AttentionSpec:
     rope: RoPE | None = None
 
     def __post_init__(self):
-        self._set("num_heads", _positive_int("num_heads", self.num_heads))
-        self._set("head_dim", _positive_int("head_dim", self.head_dim))
-        kv_heads = self.num_heads if self.num_kv_heads is None else _positive_int("num_kv_heads", self.num_kv_heads)
+        self._set("num_heads", _positive_int("num_heads", self.num_heads, MAX_HEADS))
+        self._set("head_dim", _positive_int("head_dim", self.head_dim, MAX_HEAD_DIM))
+        kv_heads = (
+            self.num_heads if self.num_kv_heads is None else _positive_int("num_kv_heads", self.num_kv_heads, MAX_HEADS)
+        )
         if self.num_heads % kv_heads:
             raise SpecError(
                 f"num_kv_heads={kv_heads} is invalid: num_heads={self.num_heads} must be a multiple of it "
                 f"(allowed: {', '.join(str(d) for d in _divisors(self.num_heads))})"
             )
         self._set("num_kv_heads", kv_heads)
-        v_dim = self.head_dim if self.v_head_dim is None else _positive_int("v_head_dim", self.v_head_dim)
+        v_dim = self.head_dim if self.v_head_dim is None else _positive_int("v_head_dim", self.v_head_dim, MAX_HEAD_DIM)
         self._set("v_head_dim", v_dim)
         if self.scale is not None:
             self._set("scale", _finite_float("scale", self.scale))

@@ -421,14 +421,17 @@ TABLE_TEMPLATE = '''
         """Which KV tiles each query tile visits, and which of those are full, from the mask itself.
 
         The mask is evaluated one query tile at a time (never N x M at once) and the
-        table is cached while the captured tensors are unchanged (same tensors, same
-        version counters).
+        table is cached while the captured tensors are unchanged: the same tensors
+        holding the same values, compared with a copy, so an update that bypasses the
+        version counter (``t.data.copy_(new)``, an inference tensor) is seen too.
         """
         tensors = ({captured_tuple})
-        key = (B, N, M, kv_heads, str(device), {versions})
+        key = (B, N, M, kv_heads, str(device), {ids})
         cached = cls.tables.get(key)
         # The entry holds the tensors it was built from, so their ids cannot be reused while it lives.
-        if cached is None or any(old is not new for old, new in zip(cached[0], tensors)):
+        if cached is None or any(
+            old is not new or not torch.equal(copy, new) for old, copy, new in zip(cached[0], cached[1], tensors)
+        ):
             kv_idx = torch.arange(M, device=device).view(1, 1, 1, -1)
             blocks = -(-M // cls.BLOCK_N)
             visit, full = [], []
@@ -441,8 +444,8 @@ TABLE_TEMPLATE = '''
                 full.append(torch.nn.functional.pad(keep, (0, 0, 0, padded), value=True).reshape(blocks, -1).all(-1).tolist())
             if len(cls.tables) >= 8:
                 cls.tables.clear()
-            cls.tables[key] = (tensors, visit, full)
-        return cls.tables[key][1:]
+            cls.tables[key] = (tensors, tuple(t.clone() for t in tensors), visit, full)
+        return cls.tables[key][2:]
 '''
 
 
@@ -523,8 +526,8 @@ def _region_source(node, cls: str, ir_line: str, names: CapturedNames) -> str:
     table_source = table_lookup = ""
     kv_tiles = "            kv_tiles = _kv_chunks(lo, hi, full_lo, full_hi, M, cls.BLOCK_N)\n"
     if table:
-        versions = "(" + "".join(f"(id({c}), {c}._version), " for c in captured) + ")"
-        table_source = TABLE_TEMPLATE.format(captured_params=captured_params, versions=versions,
+        ids = "(" + "".join(f"id({c}), " for c in captured) + ")"
+        table_source = TABLE_TEMPLATE.format(captured_params=captured_params, ids=ids,
                                              captured_tuple=_tuple(captured), keep=print_expr(op.mask, names))  # fmt: skip
         table_lookup = f"        visit, full_tiles = cls.tile_table(B, N, M, kv_heads, device, b{captured_params})\n"
         kv_tiles = (  # the table's tiles are aligned to BLOCK_N

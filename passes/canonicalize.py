@@ -5,7 +5,10 @@
   consecutive ``mask``s conjoin;
 - identities go: ``scale`` by 1, ``score_mod`` returning ``score``, ``mask`` of true,
   ``repeat_kv`` of 1;
-- expressions are simplified with sympy (small ones fully, large ones structurally);
+- expressions are simplified with sympy (small ones fully, large ones structurally),
+  within the bounds of :mod:`attncc.ir.bounded`: when sympy fails or runs out of
+  time the expression stays as it is (still correct) and ``unsimplified_<why>``
+  counts it;
 - common subexpressions are shared (same op, same inputs) and dead nodes dropped.
 """
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import sympy
 
 from attncc.ir import ops
+from attncc.ir.bounded import bounded
 from attncc.ir.expr import score
 from attncc.ir.graph import Graph
 from attncc.passes.base import Pass
@@ -27,6 +31,7 @@ SIMPLIFY_MAX_OPS = 40
 
 
 def simplify(expr):
+    """The simpler of ``expr`` and sympy's simplification of it; unbounded: call through ``bounded``."""
     if sympy.count_ops(expr) <= SIMPLIFY_MAX_OPS:
         simpler = sympy.simplify(expr)
         if isinstance(simpler, sympy.logic.boolalg.Boolean) == isinstance(expr, sympy.logic.boolalg.Boolean):
@@ -90,7 +95,10 @@ class Canonicalize(Pass):
         return builder.add(ops.ScoreMod(expr), source, *captured_operands([expr], builder.nodes))
 
     def simplified(self, expr):
-        simpler = simplify(expr)
+        simpler, why = bounded(simplify, expr)
+        if why is not None:
+            self.count(f"unsimplified_{why}")
+            return expr
         if simpler != expr:
             self.count("expressions_simplified")
         return simpler

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import networkx
-import sympy
 
 from attncc.ir import ops
 from attncc.ir.expr import captured_names, score
@@ -63,7 +62,3 @@ def captured_operands(expressions, graph_inputs) -> list[Node]:
 def single_user(node: Node, users: dict) -> Node | None:
     found = users.get(node, [])
     return found[0] if len(found) == 1 else None
-
-
-def is_identity_score(expr) -> bool:
-    return sympy.simplify(expr - score) == 0

@@ -11,11 +11,14 @@ keys visible to every row ``[max lower, min upper + 1)``. Both are sound: a tile
 a visible element is always visited; a tile is "full" only if every element is
 visible. Conjuncts that are not such inequalities (document ids, 2-D neighbourhoods,
 row predicates) stay as the ``residual``; a tile table built at call time from the
-captured tensors then classifies each tile as empty, partial or full.
+captured tensors then classifies each tile as empty, partial or full. Expanding a
+conjunct is bounded (:mod:`attncc.ir.bounded`): one sympy cannot expand in time stays in
+the residual, and ``unsolved_<why>`` counts it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import sympy
@@ -23,6 +26,7 @@ import torch
 
 from attncc.interpreter import evaluate, index_grids
 from attncc.ir import ops
+from attncc.ir.bounded import bounded
 from attncc.ir.expr import FloorDiv, kv_idx, q_idx
 from attncc.ir.graph import Graph
 from attncc.ir.schedule import TileSchedule, q_first, q_last
@@ -31,6 +35,10 @@ from attncc.passes.base import Pass
 from attncc.passes.rewrite import captured_operands, rebuild
 
 _t = sympy.Dummy("t", integer=True)
+
+
+def _ignore(why: str) -> None:
+    """The default ``on_fallback``: a conjunct sympy could not expand just stays in the residual."""
 
 
 def direction(expr) -> int | None:
@@ -84,8 +92,11 @@ def _kv_atom(expr):
     return None, None
 
 
-def _solve_relation(term) -> KVRange | None:
-    difference = sympy.expand(term.lhs - term.rhs)
+def _solve_relation(term, on_fallback: Callable[[str], None]) -> KVRange | None:
+    difference, why = bounded(sympy.expand, term.lhs - term.rhs)
+    if why is not None:
+        on_fallback(why)
+        return None
     atom, chunk = _kv_atom(difference)
     if atom is None:
         return None
@@ -134,13 +145,16 @@ def _without_abs(term):
     return term
 
 
-def kv_range(term) -> KVRange | None:
-    """The range of kv_idx a conjunct allows, if it has a closed form monotone in q_idx."""
+def kv_range(term, on_fallback: Callable[[str], None] = _ignore) -> KVRange | None:
+    """The range of kv_idx a conjunct allows, if it has a closed form monotone in q_idx.
+
+    ``on_fallback(why)`` hears of each relation sympy could not expand (see ``bounded``).
+    """
     term = _without_abs(term)
     if isinstance(term, sympy.core.relational.Relational):
-        return _solve_relation(term)
+        return _solve_relation(term, on_fallback)
     if isinstance(term, sympy.And):
-        ranges = [kv_range(a) for a in term.args]
+        ranges = [kv_range(a, on_fallback) for a in term.args]
         if any(r is None for r in ranges):
             return None
         lowers = [r.lower for r in ranges if r.lower is not None]
@@ -148,7 +162,7 @@ def kv_range(term) -> KVRange | None:
         return KVRange(sympy.Max(*lowers) if lowers else None, sympy.Min(*uppers) if uppers else None,
                        all(r.exact for r in ranges))  # fmt: skip
     if isinstance(term, sympy.Or):
-        ranges = [kv_range(a) for a in term.args]
+        ranges = [kv_range(a, on_fallback) for a in term.args]
         if any(r is None for r in ranges):
             return None
         lowers, uppers = [r.lower for r in ranges], [r.upper for r in ranges]
@@ -168,13 +182,13 @@ def _at_tile(bound, smallest: bool):
     return bound.xreplace({q_idx: row})
 
 
-def schedule_for(mask) -> TileSchedule:
+def schedule_for(mask, on_fallback: Callable[[str], None] = _ignore) -> TileSchedule:
     if mask is sympy.false:  # nothing is visible: visit no tile at all
         return TileSchedule(sympy.Integer(0), sympy.Integer(0), sympy.Integer(0), sympy.Integer(0), sympy.true, False)
     terms = list(mask.args) if isinstance(mask, sympy.And) else [mask]
     ranges, residual = [], []
     for term in terms:
-        found = kv_range(term)
+        found = kv_range(term, on_fallback)
         if found is not None:
             ranges.append(found)
         if found is None or not found.exact:
@@ -203,7 +217,7 @@ class Sparsity(Pass):
         def rule(node, inputs, builder):
             if not isinstance(node.op, ops.FlashAttention) or node.op.mask is sympy.true:
                 return None
-            schedule = schedule_for(node.op.mask)
+            schedule = schedule_for(node.op.mask, on_fallback=lambda why: self.count(f"unsolved_{why}"))
             self.count("tile_tables" if schedule.table else "closed_form_bounds")
             op = replace(node.op, schedule=schedule)
             expressions = [op.score, op.mask, *schedule.expressions(), *op.positions().values()]

@@ -8,12 +8,14 @@ grouped-query attention the backends pack the query heads of a group as rows),
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import sympy
 
 from attncc.errors import BackendError
 from attncc.ir import ops
+from attncc.ir.bounded import bounded
 from attncc.ir.expr import kv_idx, q_idx, score
 from attncc.ir.graph import Graph
 from attncc.ir.schedule import q_first, q_last
@@ -60,11 +62,12 @@ def fused_kernel(node) -> str:
     return masks.get(op.mask, "")
 
 
-def band_width(schedule) -> int | None:
+def band_width(schedule, on_fallback: Callable[[str], None] = lambda why: None) -> int | None:
     """The number of keys a single query row may see, if the schedule is a band of constant width.
 
     With ``visit [lo(q_first), hi(q_last))`` and rows ``q_last = q_first + L - 1``,
-    a band has ``hi - lo = L - 1 + width``; anything else (N- or M-dependent) is None.
+    a band has ``hi - lo = L - 1 + width``; anything else (N- or M-dependent) is None,
+    and so is a width sympy cannot simplify within its bounds (``on_fallback(why)`` hears of it).
     """
     if schedule is None:
         return None
@@ -72,7 +75,10 @@ def band_width(schedule) -> int | None:
     hi = next((a for a in hi.args if a != M), hi) if isinstance(hi, sympy.Min) and len(hi.args) == 2 else hi
     lo = next((a for a in lo.args if a != 0), lo) if isinstance(lo, sympy.Max) and len(lo.args) == 2 else lo
     rows = sympy.Symbol("rows", integer=True, positive=True)
-    width = sympy.simplify((hi - lo).xreplace({q_last: q_first + rows - 1}) - rows + 1)
+    width, why = bounded(sympy.simplify, (hi - lo).xreplace({q_last: q_first + rows - 1}) - rows + 1)
+    if why is not None:
+        on_fallback(why)
+        return None
     return int(width) if width.is_Integer and width > 0 else None
 
 
@@ -116,7 +122,7 @@ class Tile(Pass):
                 return None
             head_dim = max(int(node.inputs[0].type.shape[3]), int(node.inputs[2].type.shape[3]))
             block_m, block_n, warps, stages = self.choose(head_dim)
-            band = band_width(node.op.schedule)
+            band = band_width(node.op.schedule, on_fallback=lambda why: self.count(f"band_unknown_{why}"))
             if self.target == "pytorch" and band is not None and band < BANDED_PYTORCH_LIMIT and not self.block_m:
                 block_m, block_n = band_tiles(band)
                 self.count("banded_tiles")

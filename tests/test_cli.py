@@ -105,3 +105,13 @@ def test_masks_are_reachable_from_the_package():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert result.stdout == "sliding_window\n"
+
+
+def test_a_value_tomllib_cannot_convert_is_an_error_not_a_traceback(tmp_path, capsys):
+    path = tmp_path / "digits.toml"
+    path.write_text("[attention]\nnum_heads = " + "7" * 5000 + "\nhead_dim = 8\n")
+    assert main(["compile", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"attncc: error: {path}: invalid TOML: a value cannot be read (Exceeds the limit (4300 digits) for integer "
+        "string conversion: value has 5000 digits)\n"
+    )

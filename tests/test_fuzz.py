@@ -768,3 +768,20 @@ def test_positive_infinite_score_gives_nan_rows():
                                 score_mod=lambda score, b, h, q_idx, kv_idx: torch.where(kv_idx == 0, math.inf, score))  # fmt: skip
     o = attncc.compile(spec)(q, k, v)
     assert torch.isnan(o).all()  # softmax of +inf is inf - inf, as in FlexAttention
+
+
+def test_piecewise_over_a_boolean_table_compiles():
+    """Finding F: sympy.simplify of this Piecewise recursed without end in its inequality solver
+    (``q_idx > 3`` first, then ``Ne(flags[q_idx], 0)``): canonicalize keeps the expression unsimplified."""
+    q, k, v = small_qkv(n=7, m=5)
+    flags = torch.tensor([True, False, True, True, False, True, False])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx > 3, score, torch.where(flags[q_idx], score * 2, score * 3))
+
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, score_mod=score_mod))
+    o, lse = attn(q, k, v, return_lse=True)
+    reference_o, reference_lse = dense_attention(q, k, v, score_mod=score_mod)
+    assert_attention_matches(o, lse, reference_o, reference_lse, torch.float32)
+    assert attn.pass_records[0].stats["unsimplified_failed"] == 1
+    assert "unsimplified_failed=1" in attn.explain()

@@ -223,3 +223,30 @@ def test_plain_attention_runs_on_the_fused_kernel(case, dtype):
 def test_other_regions_stream_their_tiles(fields, pipeline):
     attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, **fields), pipeline=pipeline)
     assert "fused_kernel" not in str(attn.graph) and "_scaled_dot_product_flash_attention" not in attn.source
+
+
+@pytest.mark.parametrize("update", ["copy_", "data.copy_", "inference tensor"])
+def test_tile_table_follows_every_update_of_a_captured_mask_tensor(update):
+    """The call-time tile table is rebuilt when a captured tensor's values change, however they changed:
+    ``.data.copy_`` bypasses the version counter, and inference tensors have none."""
+    doc = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])  # tiles of 4: only the diagonal tiles are visible
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    tiles = [*SMALL_TILES[:-1], "tile{target=pytorch,block_m=4,block_n=4}"]
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, mask_mod=mask_mod), pipeline=tiles)
+    q, k, v = random_qkv(1, 1, 1, 12, 12, 8, seed=3)
+    assert_attention_matches(*attn(q, k, v, return_lse=True), *dense_attention(q, k, v, mask_mod=mask_mod),
+                             torch.float32)  # fmt: skip
+    new = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1])  # off-diagonal tiles become visible
+    if update == "copy_":
+        doc.copy_(new)
+    elif update == "data.copy_":
+        doc.data.copy_(new)
+    else:
+        with torch.inference_mode():
+            doc = new.clone()
+        attn.captured.doc = doc
+    assert_attention_matches(*attn(q, k, v, return_lse=True), *dense_attention(q, k, v, mask_mod=mask_mod),
+                             torch.float32)  # fmt: skip

@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import subprocess
+import time
 
 import pytest
 import sympy
@@ -530,9 +531,88 @@ def test_non_utf8_file(tmp_path):
 
 def test_file_too_large(tmp_path):
     path = tmp_path / "huge.toml"
-    path.write_bytes(b"[attention]\nnum_heads = 2\nhead_dim = 8\n" + b"#" * (16 * 1024 * 1024))
-    with pytest.raises(SpecError, match=r"huge\.toml: the file is larger than 16 MiB"):
+    path.write_bytes(b"[attention]\nnum_heads = 2\nhead_dim = 8\n" + b"#" * spec_file.MAX_FILE_BYTES)
+    with pytest.raises(SpecError, match=r"huge\.toml: the spec is larger than 128 KiB, the most a spec file may hold"):
         load_spec(path)
+
+
+PATTERN = "[attention]\nnum_heads = 2\nhead_dim = 8\n[attention.pattern]\n"
+TENSOR = "[attention]\nnum_heads = 2\nhead_dim = 8\nmask = 't[q_idx] > 0'\n[attention.tensors]\n"
+# Each of these hung, took minutes, hit torch's allocator or raised a bare ValueError before the caps.
+OVERSIZED = {
+    "heads of a prime count": (
+        "[attention]\nnum_heads = 1000000007\nnum_kv_heads = 2\nhead_dim = 8\n",
+        "num_heads=1000000007 is invalid: at most 4096 is allowed",
+    ),
+    "huge head dim": (
+        "[attention]\nnum_heads = 2\nhead_dim = 1000000000\n",
+        "head_dim=1000000000 is invalid: at most 4096",
+    ),
+    "bigbird of one-token blocks": (
+        PATTERN + "name = 'bigbird'\nblock_size = 1\nseq_len = 40000\n",
+        "attention.pattern: block_size=1, seq_len=40000 is invalid: 40000 blocks; at most 4096 are allowed "
+        "(block_size >= 10 for this seq_len)",
+    ),
+    "longformer of 10**12 tokens": (
+        PATTERN + "name = 'longformer'\nwindow = 4\nglobal_tokens = [0]\nseq_len = 1000000000000\n",
+        "attention.pattern: seq_len=1000000000000 is invalid: at most 16777216 (2**24) positions are allowed",
+    ),
+    "a document of 10**12 tokens": (
+        PATTERN + "name = 'document'\nlengths = [1000000000000]\n",
+        "attention.pattern: lengths=[1000000000000] is invalid: the documents may hold at most 16777216 (2**24) "
+        "positions in all",
+    ),
+    "documents whose total wraps int64": (
+        PATTERN + "name = 'document'\nlengths = [" + ", ".join(["4611686018427387904"] * 4) + "]\n",
+        "the documents may hold at most 16777216 (2**24) positions in all",
+    ),
+    "offsets past 2**24": (
+        PATTERN + "name = 'document'\noffsets = [0, 3, 1099511627776]\n",
+        "the documents may hold at most 16777216 (2**24) positions in all",
+    ),
+    "float global tokens": (
+        PATTERN + "name = 'longformer'\nwindow = 4\nglobal_tokens = [0.5]\nseq_len = 16\n",
+        "attention.pattern: global_tokens=[0.5] is invalid: a flat list of integers is allowed",
+    ),
+    "declared tensor of 10**18 elements": (
+        TENSOR + "t = { dtype = 'int64', shape = [1000000, 1000000, 1000000] }\n",
+        "attention.tensors.t: shape=[1000000, 1000000, 1000000] has 1000000000000000000 elements; at most "
+        "16777216 (2**24) are allowed",
+    ),
+    "an integer of 5000 digits": (
+        "[attention]\nnum_heads = " + "7" * 5000 + "\nhead_dim = 8\n",
+        "invalid TOML: a value cannot be read (Exceeds the limit (4300 digits) for integer string conversion: value "
+        "has 5000 digits)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERSIZED))
+def test_oversized_specs_end_quickly_with_the_cap_in_the_message(tmp_path, case):
+    body, message = OVERSIZED[case]
+    path = write_spec(tmp_path, body, "big.toml")
+    start = time.process_time()
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert time.process_time() - start < 2
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "index, item, last", [("t[q_idx]", "0,", "0]\n"), ("t[q_idx, 0]", "[0],", "[0]]\n")], ids=["integers", "nested"]
+)
+def test_the_largest_accepted_file_parses_in_under_two_seconds(tmp_path, index, item, last):
+    """One tensor whose values fill the file up to the size cap: the slowest kind of file to parse.
+
+    Counted in CPU seconds of this process, which other processes on the machine do not inflate."""
+    head = TENSOR.replace("t[q_idx]", index) + "t = ["
+    path = write_spec(tmp_path, head + item * ((spec_file.MAX_FILE_BYTES - len(head) - len(last)) // len(item)) + last)
+    assert spec_file.MAX_FILE_BYTES - 8 < path.stat().st_size <= spec_file.MAX_FILE_BYTES
+    start = time.process_time()
+    spec = load_spec(path)
+    assert time.process_time() - start < 2
+    assert spec.mask_mod.captured[0].value.numel() > 30_000
+    assert spec.mask_mod.captured[0].value.numel() > 20_000
 
 
 def test_missing_file(tmp_path):
@@ -544,3 +624,18 @@ def test_utf8_bom_and_non_ascii_comments_are_fine(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes("\ufeff# Gemma-2 — local layers\n[attention]\nnum_heads = 2\nhead_dim = 8\n".encode())
     assert load_spec(path).num_heads == 2
+
+
+def test_one_slow_sympy_call_is_cut_off_too(tmp_path, monkeypatch):
+    """The parser's time budget holds even inside a single sympy call that never returns."""
+    monkeypatch.setattr(spec_file, "MAX_TRANSLATE_SECONDS", 0.3)
+
+    def endless(*args, **kwargs):
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(builder, "binary", endless)
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match=r"attention\.mask: the expression is too complex: translating it took more"):
+        spec_with(tmp_path, mask="q_idx >= kv_idx")
+    assert time.perf_counter() - start < 2

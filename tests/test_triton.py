@@ -22,7 +22,6 @@ import torch
 
 import attncc
 import attncc.masks
-from attncc.cache import load_module
 from attncc.ir import ops
 from attncc.passes import PIPELINES
 from tests.reference import assert_attention_matches, dense_attention
@@ -468,7 +467,7 @@ def test_trainable_captured_tensor_is_refused_with_advice():
         attn(q, k, v, table=table.clone().requires_grad_()).sum().backward()
     # the backward refuses too, when called directly with a context (as attncc's custom op calls it)
     o, lse = attn(q, k, v, return_lse=True)
-    region = load_module(attn.path).FlashAttention
+    region = attn.module.FlashAttention
     context = types.SimpleNamespace(saved_tensors=(q, k, v, o, lse, table), needs_input_grad=(True,) * 4)
     with pytest.raises(attncc.BackendError, match="no gradients for captured tensors"):
         region.backward(context, torch.ones_like(o), torch.zeros_like(lse))

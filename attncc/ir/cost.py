@@ -33,8 +33,13 @@ class Cost:
     peak_memory: sympy.Expr
 
     def at(self, sizes: dict) -> Cost:
-        values = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
-        return Cost(*(sympy.sympify(e).subs(values) for e in (self.flops, self.bytes, self.peak_memory)))
+        """The cost with the named symbols (``N``, ``M``, a captured tensor's ``doc_d0``) set to sizes."""
+
+        def bind(expr):
+            expr = sympy.sympify(expr)
+            return expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols if s.name in sizes})
+
+        return Cost(*(bind(e) for e in (self.flops, self.bytes, self.peak_memory)))
 
 
 def numel(t: TensorType) -> sympy.Expr:
