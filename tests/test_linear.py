@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attncc
+from attncc.bench import BenchCase
 from attncc.frontend.feature_map import FEATURE_MAPS, feature_map_expr
 from attncc.frontend.lower import lower_linear
 from attncc.interpreter import run_linear_region, run_reference
@@ -390,3 +391,25 @@ def test_triton_matches_the_quadratic_graph(dtype):
     o = attn(q, k, v)
     assert o.dtype == dtype
     assert_close(o, reference(attn, q, k, v), dtype)
+
+
+# --------------------------------------------------------------------------- benchmark suite
+
+
+def test_linear_bench_suite_and_its_peers():
+    from attncc import bench
+    from attncc.bench import peers
+
+    cases = bench.SUITES["linear"](torch.device("cpu"))
+    assert [c.n for c in cases] == [1024, 2048, 4096, 8192, 16384, 32768, 262144]
+    assert cases[-1].n == 8 * cases[-2].n and cases[-1].implementations == ("attncc-pytorch",)
+    assert cases[0].implementations == ("attncc-pytorch", "attncc-pytorch-softmax", "sdpa-softmax", "naive-linear")
+    small = BenchCase("small", "causal elu+1", cases[0].spec.replace(num_kv_heads=4), 1, 40, 52)
+    names = ["attncc-pytorch", "naive-linear", "sdpa-softmax"]
+    rows = bench.run_benchmarks([small], "cpu", names, warmup=0, repeats=1, budget_s=1)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    naive = next(r for r in rows if r["implementation"] == "naive-linear")
+    assert naive["max_abs_diff"] < 1e-5  # the same linear attention, quadratic and eager
+    with pytest.raises(peers.Unsupported, match="not kind='linear'"):
+        peers._setup_naive_linear(BenchCase("softmax", "causal", attncc.AttentionSpec(num_heads=2, head_dim=8), 1, 4, 4),
+                                  "cpu")  # fmt: skip

@@ -90,6 +90,26 @@ def gpu_suite(device) -> list[BenchCase]:
     return cases
 
 
+def linear_suite(device) -> list[BenchCase]:
+    """The [linear] issue's benchmark: causal elu+1 linear attention, B=1, H=8, D=64, fp32, N=M from 1K to 256K.
+
+    attncc's linear program at every length (1K to 32K by doubling, then 256K: eight times
+    32K, for the growth of time with length); softmax attention of the same shapes (attncc's
+    pytorch backend and SDPA) up to 16K, for the crossover; the quadratic eager linear
+    attention up to 8K, where its N x N weights still fit.
+    """
+    spec = AttentionSpec(num_heads=8, head_dim=64, causal=True, kind="linear", feature_map="elu+1")
+    cases = []
+    for n in (1024, 2048, 4096, 8192, 16384, 32768, 262144):
+        names = ["attncc-pytorch"]
+        if n <= 16384:
+            names += ["attncc-pytorch-softmax", "sdpa-softmax"]
+        if n <= 8192:
+            names.append("naive-linear")
+        cases.append(BenchCase(f"linear N=M={n}", "causal elu+1", spec, 1, n, n, implementations=tuple(names)))
+    return cases
+
+
 # Named suites: name -> function(device) -> cases. A new suite is one line here; workers
 # rebuild a suite's cases by name, so a suite function must return the same cases every
 # time it is called.
@@ -98,6 +118,7 @@ SUITES: dict[str, Callable[[torch.device], list[BenchCase]]] = {
     "passes": passes_suite,
     "sparsity": sparsity_suite,
     "gpu": gpu_suite,
+    "linear": linear_suite,
 }
 
 
