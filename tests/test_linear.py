@@ -401,9 +401,9 @@ def test_linear_bench_suite_and_its_peers():
     from attncc.bench import peers
 
     cases = bench.SUITES["linear"](torch.device("cpu"))
-    assert [c.n for c in cases] == [1024, 2048, 4096, 8192, 16384, 32768, 262144]
+    assert [c.n for c in cases] == [1024, 4096, 8192, 32768, 262144]
     assert cases[-1].n == 8 * cases[-2].n and cases[-1].implementations == ("attncc-pytorch",)
-    assert cases[0].implementations == ("attncc-pytorch", "attncc-pytorch-softmax", "sdpa-softmax", "naive-linear")
+    assert cases[0].implementations == ("attncc-pytorch", "sdpa-softmax", "attncc-pytorch-softmax", "naive-linear")
     small = BenchCase("small", "causal elu+1", cases[0].spec.replace(num_kv_heads=4), 1, 40, 52)
     names = ["attncc-pytorch", "naive-linear", "sdpa-softmax"]
     rows = bench.run_benchmarks([small], "cpu", names, warmup=0, repeats=1, budget_s=1)

@@ -93,19 +93,18 @@ def gpu_suite(device) -> list[BenchCase]:
 def linear_suite(device) -> list[BenchCase]:
     """The [linear] issue's benchmark: causal elu+1 linear attention, B=1, H=8, D=64, fp32, N=M from 1K to 256K.
 
-    attncc's linear program at every length (1K to 32K by doubling, then 256K: eight times
-    32K, for the growth of time with length); softmax attention of the same shapes (attncc's
-    pytorch backend and SDPA) up to 16K, for the crossover; the quadratic eager linear
-    attention up to 8K, where its N x N weights still fit.
+    attncc's linear program at every length (32K and 256K: eight times the length, for the
+    growth of time); softmax attention of the same shapes (SDPA up to 8K, attncc's pytorch
+    backend up to 4K), for the crossover; the quadratic eager linear attention up to 4K.
     """
     spec = AttentionSpec(num_heads=8, head_dim=64, causal=True, kind="linear", feature_map="elu+1")
     cases = []
-    for n in (1024, 2048, 4096, 8192, 16384, 32768, 262144):
+    for n in (1024, 4096, 8192, 32768, 262144):
         names = ["attncc-pytorch"]
-        if n <= 16384:
-            names += ["attncc-pytorch-softmax", "sdpa-softmax"]
         if n <= 8192:
-            names.append("naive-linear")
+            names.append("sdpa-softmax")
+        if n <= 4096:
+            names += ["attncc-pytorch-softmax", "naive-linear"]
         cases.append(BenchCase(f"linear N=M={n}", "causal elu+1", spec, 1, n, n, implementations=tuple(names)))
     return cases
 
