@@ -8,7 +8,7 @@ carries each layer's ``LinearAttentionState`` (a [D, Dv] matrix and a [D] vector
 head): constant work per token, whatever the length. The decoded tokens are checked
 against a full-sequence evaluation of the same tokens.
 
-    python examples/linear_transformer.py [--steps 300]
+    python examples/linear_transformer.py [--steps 200]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def decode(model: LinearTransformer, prompt: torch.Tensor, new_tokens: int) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = LinearTransformer()
