@@ -413,3 +413,15 @@ def test_linear_bench_suite_and_its_peers():
     with pytest.raises(peers.Unsupported, match="not kind='linear'"):
         peers._setup_naive_linear(BenchCase("softmax", "causal", attncc.AttentionSpec(num_heads=2, head_dim=8), 1, 4, 4),
                                   "cpu")  # fmt: skip
+
+
+def test_command_line_compiles_and_validates_a_linear_spec(tmp_path, capsys):
+    from attncc.cli import main
+
+    spec_path = tmp_path / "linear.toml"
+    spec_path.write_text('[attention]\nnum_heads = 2\nhead_dim = 8\nkind = "linear"\ncausal = true\n')
+    assert main(["compile", str(spec_path), "-o", str(tmp_path / "out.py")]) == 0
+    assert "attention(q, k, v, kv=None, k_sum=None) -> (o, kv, k_sum)" in capsys.readouterr().out
+    assert "class LinearAttention(torch.autograd.Function)" in (tmp_path / "out.py").read_text()
+    assert main(["inspect", str(spec_path)]) == 0
+    assert "linear_attention(%q, %k, %v)" in capsys.readouterr().out
