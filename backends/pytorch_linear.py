@@ -23,7 +23,7 @@ import sympy
 
 import attncc
 from attncc.backends.pytorch import print_expr
-from attncc.backends.source import GeneratedSource, SourceWriter
+from attncc.backends.source import CapturedNames, GeneratedSource, SourceWriter
 from attncc.errors import BackendError
 from attncc.ir import ops
 from attncc.ir.expr import feature, score
@@ -39,7 +39,7 @@ ROWS_PER_STEP = 2048
 
 def print_feature_map(expr) -> str:
     """phi as torch code of the tensor ``x`` (printed with the score printer, whose tensor symbol is ``score``)."""
-    return re.sub(r"\bscore\b", "x", print_expr(expr.xreplace({feature: score})))
+    return re.sub(r"\bscore\b", "x", print_expr(expr.xreplace({feature: score}), CapturedNames(())))
 
 
 def linear_region(graph: Graph):

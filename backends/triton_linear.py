@@ -26,7 +26,7 @@ import sympy
 
 import attncc
 from attncc.backends.pytorch_linear import linear_region
-from attncc.backends.source import GeneratedSource, SourceWriter
+from attncc.backends.source import CapturedNames, GeneratedSource, SourceWriter
 from attncc.backends.triton import TritonPrinter, fold_numbers, padded
 from attncc.ir.expr import feature
 from attncc.ir.graph import Graph
@@ -296,7 +296,7 @@ def attention(q, k, v, kv=None, k_sum=None):
 
 def print_feature_map(expr) -> str:
     """phi as Triton code of the float32 tile ``x``; a constant is broadcast to the tile."""
-    text = TritonPrinter().doprint(fold_numbers(expr))
+    text = TritonPrinter(CapturedNames(())).doprint(fold_numbers(expr))  # a feature map captures nothing
     return text if expr.has(feature) else f"{text} + tl.zeros_like(x)"
 
 

@@ -3,12 +3,12 @@
 The task: every sequence repeats a random pattern of PERIOD tokens, so from the second
 period on each next token is the one PERIOD positions back. Two layers of causal
 elu+1 linear attention (``attncc.compile(AttentionSpec(kind="linear", causal=True))``)
-learn it in a few hundred steps on a CPU. Decoding then feeds one token at a time and
+learn it in about a hundred steps on a CPU. Decoding then feeds one token at a time and
 carries each layer's ``LinearAttentionState`` (a [D, Dv] matrix and a [D] vector per
 head): constant work per token, whatever the length. The decoded tokens are checked
 against a full-sequence evaluation of the same tokens.
 
-    python examples/linear_transformer.py [--steps 200]
+    python examples/linear_transformer.py [--steps 100]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def decode(model: LinearTransformer, prompt: torch.Tensor, new_tokens: int) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = LinearTransformer()
