@@ -425,3 +425,8 @@ def test_command_line_compiles_and_validates_a_linear_spec(tmp_path, capsys):
     assert "class LinearAttention(torch.autograd.Function)" in (tmp_path / "out.py").read_text()
     assert main(["inspect", str(spec_path)]) == 0
     assert "linear_attention(%q, %k, %v)" in capsys.readouterr().out
+
+
+def test_backends_without_linear_attention_say_so():
+    with pytest.raises(attncc.BackendError, match="backend='cuda' does not compile linear attention"):
+        attncc.compile(spec(), backend="cuda")
