@@ -72,6 +72,11 @@ def compile(  # noqa: A001
 
     if not isinstance(spec, AttentionSpec):
         raise SpecError(f"spec={spec!r} is invalid: an attncc.AttentionSpec is allowed (see attncc.load_spec)")
+    if spec.kind == "linear":
+        from attncc.linear import compile_linear
+
+        return compile_linear(spec, backend, pipeline=pipeline, validate_each=validate_each,
+                              print_after_all=print_after_all, print_after=print_after)  # fmt: skip
     target = get_backend(backend)
     score_mod, mask_mod = trace_mods(spec)
     positions = tuple(sorted(positions))
@@ -380,6 +385,10 @@ def validate(spec, backend: str = "pytorch", dtypes=INPUT_DTYPES, shapes=DEFAULT
     passes when |out - ref| <= atol + rtol * |ref| (``TOLERANCES`` per dtype); the
     table's "worst / allowed" is the largest ratio of the two, at most 1 to pass.
     """
+    if isinstance(spec, AttentionSpec) and spec.kind == "linear":
+        from attncc.linear import validate_linear
+
+        return validate_linear(spec, backend, dtypes, shapes, seed, device, verbose)
     attn = compile(spec, backend=backend).to(device)
     generator = torch.Generator().manual_seed(seed)
     captured = example_captured(attn._captured_meta, generator, device)

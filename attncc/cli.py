@@ -28,8 +28,11 @@ def _compile(args) -> int:
         sys.stdout.write(attn.source)
         return 0
     Path(args.output).write_text(attn.source, encoding="utf-8")
-    print(f"wrote {args.output}: attention(q, k, v{''.join(', ' + n for n in attn._captured_meta)}) -> (o, lse), "
-          f"backend {attn.backend}")  # fmt: skip
+    if isinstance(attn, attncc.CompiledLinearAttention):
+        signature = "attention(q, k, v, kv=None, k_sum=None) -> (o, kv, k_sum)"
+    else:
+        signature = f"attention(q, k, v{''.join(', ' + n for n in attn._captured_meta)}) -> (o, lse)"
+    print(f"wrote {args.output}: {signature}, backend {attn.backend}")
     return 0
 
 

@@ -286,8 +286,65 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
     return o, lse
 
 
+def _feature_map(phi, x):
+    return _real(evaluate(phi, {"x": x}, {})).expand_as(x)
+
+
+def _normalize_rows(a, eps):
+    total = a.sum(dim=-1, keepdim=True) + eps
+    return torch.where(total == 0, 0.0, a / torch.where(total == 0, 1.0, total))
+
+
+def run_linear_region(op: ops.LinearAttention, q, k, v, state=None):
+    """Run a linear_attention region's form literally in float64: (o, (kv, k_sum)).
+
+    ``state`` is (kv [B, Hkv, D, Dv], k_sum [B, Hkv, D]) summarising keys before these (or
+    None: none); the result's state summarises those and all of k, v. The chunked form
+    walks query chunks in order, each with its own keys under the causal mask and the
+    state of the keys before them.
+    """
+    q, k, v = q.to(REAL), k.to(REAL), v.to(REAL)
+    batch, kv_heads, m, dv = v.shape
+    n = q.shape[2]
+    phi_q, phi_k = _feature_map(op.phi, q), _feature_map(op.phi, k)
+    values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [V 1]: numerator and denominator at once
+    if state is None:
+        carried = torch.zeros(batch, kv_heads, k.shape[3], dv + 1, dtype=REAL, device=q.device)
+    else:
+        carried = torch.cat([state[0].to(REAL), state[1].to(REAL).unsqueeze(-1)], dim=-1)
+    scale = float(op.scale)
+
+    def read(rows, summary):  # scale * phi(q) . (state), each query head reading its KV head
+        return scale * phi_q[:, :, rows] @ _grouped(summary, op.groups)
+
+    if op.form == "parallel":
+        carried = carried + phi_k.transpose(-1, -2) @ values
+        out = read(slice(0, n), carried)
+    else:
+        out = torch.zeros(*q.shape[:3], dv + 1, dtype=REAL, device=q.device)
+        offset = m - n  # query i sits at key position i + M - N
+        lead, first = max(offset, 0), max(-offset, 0)
+        carried = carried + phi_k[:, :, :lead].transpose(-1, -2) @ values[:, :, :lead]
+        out[:, :, :first] = read(slice(0, first), carried)
+        for r0 in range(first, n, op.chunk):
+            rows = slice(r0, min(n, r0 + op.chunk))
+            keys = slice(rows.start + offset, rows.stop + offset)
+            size = rows.stop - rows.start
+            causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+            a = (phi_q[:, :, rows] @ _grouped(phi_k[:, :, keys], op.groups).transpose(-1, -2)) * causal
+            out[:, :, rows] = scale * a @ _grouped(values[:, :, keys], op.groups) + read(rows, carried)
+            carried = carried + phi_k[:, :, keys].transpose(-1, -2) @ values[:, :, keys]
+    numerator, denominator = out[..., :dv], out[..., dv:]
+    if op.normalize:
+        total = denominator + float(op.eps)
+        o = torch.where(total == 0, 0.0, numerator / torch.where(total == 0, 1.0, total))
+    else:
+        o = numerator
+    return o, (carried[..., :dv], carried[..., dv])
+
+
 def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
-    """Evaluate the graph in float64; returns its outputs by name (``o`` and ``lse``)."""
+    """Evaluate the graph in float64; returns its outputs by name (``o`` and ``lse``, or ``o`` for linear attention)."""
     captured = {name: (t.to(REAL) if t.is_floating_point() else t) for name, t in (captured or {}).items()}
     for node in graph.captured:
         if node.op.label not in captured:
@@ -320,6 +377,15 @@ def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:
         elif isinstance(op, ops.Mask):
             keep = _tensor(evaluate(op.predicate, grids, captured))
             values[node] = torch.where(keep, args[0], -math.inf)
+        elif isinstance(op, ops.FeatureMap):
+            values[node] = _feature_map(op.phi, args[0])
+        elif isinstance(op, ops.MaskZero):
+            keep = _tensor(evaluate(op.predicate, grids, captured))
+            values[node] = torch.where(keep, args[0], 0.0)
+        elif isinstance(op, ops.NormalizeRows):
+            values[node] = _normalize_rows(args[0], float(op.eps))
+        elif isinstance(op, ops.LinearAttention):
+            values[node] = run_linear_region(op, *args)[0]
         elif isinstance(op, ops.Softmax):
             values[node] = _softmax(args[0], op.exp2)
         elif isinstance(op, ops.LogSumExp):

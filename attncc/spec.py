@@ -17,6 +17,8 @@ CAUSAL_VALUES = (False, True, "bottom_right", "top_left")
 # listing the allowed values stay cheap whatever a spec file says.
 MAX_HEADS = 4096
 MAX_HEAD_DIM = 4096
+KINDS = ("softmax", "linear")
+LINEAR_EPS = 1e-6
 
 Mod = Callable | TracedMod | None
 
@@ -50,6 +52,13 @@ class AttentionSpec:
     rotating q and k; key j sits at position j and query i at M - N + i, unless
     the call passes ``q_positions`` / ``kv_positions``.
     Head counts are at most ``MAX_HEADS`` and head dims at most ``MAX_HEAD_DIM`` (4096 each).
+
+    ``kind="linear"``: linear attention (docs/semantics.md), o_i = sum_j a_ij v_j with
+    a_ij = scale * phi(q_i) . phi(k_j) over the visible keys, divided by
+    sum_j a_ij + ``eps`` when ``normalize``. ``feature_map`` is ``"elu+1"`` (default),
+    ``"relu"``, ``"identity"`` or an element-wise callable ``phi(x)``; ``eps`` defaults
+    to 1e-6. Linear attention takes ``causal`` False or bottom-right, no window,
+    softcap, alibi, rope or mods.
     """
 
     num_heads: int
@@ -64,6 +73,10 @@ class AttentionSpec:
     score_mod: Mod = None
     mask_mod: Mod = None
     rope: RoPE | None = None
+    kind: str = "softmax"
+    feature_map: str | Callable | TracedMod | None = None
+    normalize: bool = True
+    eps: float | None = None
 
     def __post_init__(self):
         self._set("num_heads", _positive_int("num_heads", self.num_heads, MAX_HEADS))
@@ -102,6 +115,37 @@ class AttentionSpec:
             mod = getattr(self, field)
             if mod is not None and not callable(mod) and not isinstance(mod, TracedMod):
                 raise SpecError(f"{field}={mod!r} is invalid: a callable, a TracedMod or None is allowed")
+        if self.kind not in KINDS:
+            raise SpecError(f"kind={self.kind!r} is invalid: allowed are {', '.join(repr(k) for k in KINDS)}")
+        if not isinstance(self.normalize, bool):
+            raise SpecError(f"normalize={self.normalize!r} is invalid: True or False is allowed")
+        if self.kind == "linear":
+            self._check_linear()
+        else:
+            for field, default in (("feature_map", None), ("normalize", True), ("eps", None)):
+                if getattr(self, field) != default:
+                    raise SpecError(
+                        f"{field}={getattr(self, field)!r} is invalid for kind='softmax': it needs kind='linear'"
+                    )
+
+    def _check_linear(self) -> None:
+        from attncc.frontend.feature_map import feature_map_name
+
+        if self.causal == "top_left":
+            raise SpecError("causal='top_left' is invalid for kind='linear': allowed are False, True, 'bottom_right'")
+        unsupported = {"window": None, "softcap": None, "alibi": False, "score_mod": None, "mask_mod": None, "rope": None}
+        for field, default in unsupported.items():
+            if getattr(self, field) != default:
+                raise SpecError(
+                    f"{field}={getattr(self, field)!r} is invalid for kind='linear': linear attention takes "
+                    "feature_map, normalize, eps, scale and causal (False or bottom-right)"
+                )
+        self._set("feature_map", "elu+1" if self.feature_map is None else self.feature_map)
+        feature_map_name(self.feature_map)
+        eps = LINEAR_EPS if self.eps is None else _finite_float("eps", self.eps)
+        if eps < 0:
+            raise SpecError(f"eps={self.eps!r} is invalid: a number >= 0 is allowed")
+        self._set("eps", eps)
 
     def _set(self, field: str, value) -> None:
         object.__setattr__(self, field, value)  # the dataclass is frozen; normalise fields once

@@ -17,6 +17,8 @@ BACKENDS = {
     "triton": "attncc.backends.triton",
     "cuda": "attncc.backends.cuda",
 }
+# The modules that compile linear attention's linear_attention region, per backend.
+LINEAR_BACKENDS = {"pytorch": "attncc.backends.pytorch_linear", "triton": "attncc.backends.triton_linear"}
 # Devices that prefer another order: generated Triton kernels on GPUs.
 PREFERENCES = {"cuda": ("triton", "pytorch")}
 
@@ -25,6 +27,16 @@ def get_backend(name: str):
     if not isinstance(name, str) or name not in BACKENDS:
         raise BackendError(f"backend={name!r} is unknown; available backends: {', '.join(BACKENDS)}")
     return importlib.import_module(BACKENDS[name])
+
+
+def get_linear_backend(name: str):
+    """The module generating linear attention for backend ``name``."""
+    get_backend(name)  # a clear error for unknown names and missing dependencies
+    if name not in LINEAR_BACKENDS:
+        raise BackendError(
+            f"backend={name!r} does not compile linear attention; backends that do: {', '.join(LINEAR_BACKENDS)}"
+        )
+    return importlib.import_module(LINEAR_BACKENDS[name])
 
 
 def backend_for_device(device_type: str) -> str:

@@ -11,17 +11,23 @@ from attncc.passes.base import Pass
 from attncc.passes.canonicalize import Canonicalize
 from attncc.passes.fold_scale import FoldScale
 from attncc.passes.group_kv import GroupKV
+from attncc.passes.linearize import Linearize
 from attncc.passes.manager import PassManager, PassRecord
 from attncc.passes.online_softmax import OnlineSoftmax
 from attncc.passes.sparsity import Sparsity
 from attncc.passes.tile import Tile
 
-PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, OnlineSoftmax, Sparsity, Tile)}
+PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, Linearize, OnlineSoftmax, Sparsity, Tile)}
 
 PIPELINES = {
     "pytorch": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=pytorch}"],
     "triton": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=triton}"],
     "cuda": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=cuda}"],
+}
+# Linear attention: the quadratic graph reassociated, chunked for each target's tiles.
+LINEAR_PIPELINES = {
+    "pytorch": ["canonicalize", "group-kv", "linearize{chunk=64}"],
+    "triton": ["canonicalize", "group-kv", "linearize{chunk=16}"],
 }
 
 
@@ -59,4 +65,4 @@ def pipeline(names) -> list[Pass]:
     return [parse_pass(n) if isinstance(n, str) else n for n in names]
 
 
-__all__ = ["PASSES", "PIPELINES", "Pass", "PassManager", "PassRecord", "parse_pass", "pipeline"]
+__all__ = ["LINEAR_PIPELINES", "PASSES", "PIPELINES", "Pass", "PassManager", "PassRecord", "parse_pass", "pipeline"]

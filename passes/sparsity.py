@@ -246,7 +246,9 @@ def tile_map(mask, schedule, n: int, m: int, block_m: int, block_n: int, capture
     result = torch.zeros(rows, cols, dtype=torch.int8)
     for row in range(rows):
         r0, r1 = row * block_m, min(n, (row + 1) * block_m)
-        lo, hi, full_lo, full_hi = (0, m, 0, 0) if schedule is None else _tile_bounds(schedule, grids, captured, r0, r1 - 1)
+        lo, hi, full_lo, full_hi = (
+            (0, m, 0, 0) if schedule is None else _tile_bounds(schedule, grids, captured, r0, r1 - 1)
+        )
         visible = _visible(mask, grids, captured, r0, r1) if schedule is None or schedule.table else None
         for col in range(cols):
             c0, c1 = col * block_n, min(m, (col + 1) * block_n)

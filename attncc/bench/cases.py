@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
+from attncc.errors import AttnccError
 from attncc.frontend.lower import alibi_slope, mask_predicate, merged_captured, trace_mods
 from attncc.interpreter import evaluate, index_grids
 from attncc.ir.expr import free_symbol_names
@@ -112,7 +113,9 @@ def visible_pairs(case: BenchCase) -> int:
 
 
 def useful_flops(case: BenchCase) -> int:
-    """2 * D FLOPs for q . k and 2 * Dv for p * v, per visible (query, key) pair."""
+    """2 * D FLOPs for q . k and 2 * Dv for p * v, per visible (query, key) pair (softmax attention only)."""
+    if case.spec.kind == "linear":
+        raise AttnccError("useful FLOPs count softmax attention's (query, key) pairs; linear attention has none")
     return visible_pairs(case) * 2 * (case.spec.head_dim + case.spec.v_head_dim)
 
 

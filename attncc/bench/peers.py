@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,55 @@ def naive_attention(q, k, v, scale: float, hidden: torch.Tensor | None = None, s
     probs = torch.softmax(scores, dim=-1)
     del scores
     return torch.matmul(probs, v)
+
+
+def naive_linear_attention(q, k, v, phi, scale: float, causal: bool, normalize: bool, eps: float):
+    """Textbook eager linear attention: the quadratic form, every (query, key) weight materialised.
+
+    ``phi(x)`` is the feature map on a tensor; computes in the input dtype, as eager model code does.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(phi(q), phi(k).transpose(-1, -2)).mul_(scale)
+    if causal:
+        n, m = q.shape[2], k.shape[2]
+        weights = weights.tril_(m - n)  # key j visible to query i iff j <= i + M - N
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + eps)
+    return torch.matmul(weights, v)
+
+
+def _setup_naive_linear(case: BenchCase, device) -> Setup:
+    from attncc.frontend.feature_map import feature_map_expr
+
+    spec = case.spec
+    if spec.kind != "linear":
+        raise Unsupported("naive-linear computes linear attention: the case's spec is not kind='linear'")
+    expr = feature_map_expr(spec.feature_map)
+
+    def phi(x):
+        return torch.as_tensor(evaluate(expr, {"x": x}, {})).to(x.dtype).expand_as(x)
+
+    scores = case.batch * spec.num_heads * case.n * case.m * case.dtype.itemsize
+    extra = 2 * scores + case.batch * spec.num_heads * case.n * spec.v_head_dim * case.dtype.itemsize
+
+    def bind(q, k, v):
+        return lambda: naive_linear_attention(q, k, v, phi, _scale(spec), bool(spec.causal), spec.normalize, spec.eps)
+
+    return Setup(bind, extra)
+
+
+def _as_softmax(setup: Callable):
+    """A softmax-attention implementation timed on a linear case: same shapes and mask, softmax instead of phi."""
+
+    def softmax_setup(case: BenchCase, device) -> Setup:
+        if case.spec.kind != "linear":
+            raise Unsupported("the -softmax implementations stand in for linear attention cases only")
+        softmax = case.spec.replace(kind="softmax", feature_map=None, normalize=True, eps=None)
+        return setup(dataclasses.replace(case, spec=softmax), device)
+
+    return softmax_setup
 
 
 def _scale(spec: AttentionSpec) -> float:
@@ -302,12 +352,17 @@ def available_implementations(device) -> dict[str, Callable]:
 
 def optional_implementations(device) -> dict[str, Callable]:
     """Implementations that run only when asked for by name: SDPA's own dispatch, eager FlexAttention,
-    attncc backends that would run in an interpreter (``INTERPRETED``)."""
+    attncc backends that would run in an interpreter (``INTERPRETED``), and for linear attention cases
+    the quadratic eager form (``naive-linear``) and softmax attention of the same shapes and mask
+    (``attncc-pytorch-softmax``, ``sdpa-softmax``)."""
     device = torch.device(device)
     found = {f"attncc-{backend}": _setup_attncc(backend) for backend, kind in INTERPRETED if kind == device.type}
     found["sdpa"] = _setup_sdpa("sdpa")
     if _flex_importable():
         found["flex-eager"] = _setup_flex(compiled=False)
+    found["naive-linear"] = _setup_naive_linear
+    found["attncc-pytorch-softmax"] = _as_softmax(_setup_attncc("pytorch"))
+    found["sdpa-softmax"] = _as_softmax(_setup_sdpa("sdpa"))
     return found
 
 

@@ -202,3 +202,29 @@ def lower(spec: AttentionSpec, traced: tuple[TracedMod | None, TracedMod | None]
 
 def _captured_operands(expr, captured: dict) -> list:
     return [captured[name] for name in sorted(captured_names(expr))]
+
+
+def lower_linear(spec: AttentionSpec, phi: sympy.Expr) -> Graph:
+    """Linear attention's quadratic graph, its meaning: feature maps, QK^T, scale, mask by zero, normalise, AV.
+
+    ``phi`` is the feature map as an expression of ``x`` (``feature_map_expr``).
+    """
+    H, Hkv, D, Dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
+    g = GraphBuilder()
+    q = g.input("q", "query", TensorType((B, H, N, D), "T"))
+    k = g.input("k", "key", TensorType((B, Hkv, M, D), "T"))
+    v = g.input("v", "value", TensorType((B, Hkv, M, Dv), "T"))
+    phi_q = g.add(ops.FeatureMap(phi), q)
+    phi_k = g.add(ops.FeatureMap(phi), k)
+    if spec.groups > 1:
+        phi_k = g.add(ops.RepeatKV(spec.groups), phi_k)
+        v = g.add(ops.RepeatKV(spec.groups), v)
+    a = g.add(ops.Matmul(transpose_b=True), phi_q, phi_k)
+    factor = number(spec.scale) if spec.scale is not None else 1 / sympy.sqrt(D)
+    a = g.add(ops.Scale(factor), a)
+    if spec.causal:
+        a = g.add(ops.MaskZero(ops.CAUSAL_BOTTOM_RIGHT), a)
+    if spec.normalize:
+        a = g.add(ops.NormalizeRows(number(spec.eps)), a)
+    o = g.add(ops.Matmul(transpose_b=False), a, v)
+    return g.finish({"o": o})

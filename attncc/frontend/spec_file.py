@@ -48,6 +48,10 @@ indices. An expression is ASCII, at most 10 000 characters, nested at most 100 l
 at most 10 000 sympy terms once translated, and translated within 5 seconds; every
 constant it computes must be a finite real float64 (or +-inf).
 
+Linear attention (``kind = "linear"``): ``feature_map`` is ``"elu+1"``, ``"relu"``,
+``"identity"`` or an expression of one element ``x`` (e.g. ``"where(x > 0, x + 1, exp(x))"``),
+parsed like the other expressions; ``normalize`` and ``eps`` as in ``AttentionSpec``.
+
 ``[attention.tensors]``: each entry is a nested list of numbers (dtype inferred: all
 booleans -> bool, any float -> float32, else int64) or an inline table with ``dtype``
 (bool, uint8, int8, int16, int32, int64, float16, bfloat16, float32, float64) and
@@ -86,6 +90,7 @@ import torch
 
 from attncc.errors import SpecError
 from attncc.frontend import builder
+from attncc.frontend.feature_map import FEATURE_MAPS
 from attncc.frontend.mod import Captured, TracedMod, ir_dtype
 from attncc.ir.bounded import OutOfTime, deadline
 from attncc.ir.expr import SYMBOLS_BY_NAME, captured_names, captured_symbol, is_boolean, kind
@@ -128,6 +133,7 @@ ATTENTION_KEYS = tuple(_FILE_FIELD_NAMES.get(f, f) for f in AttentionSpec.field_
 
 MASK_NAMES = ("b", "h", "q_idx", "kv_idx", "N", "M")
 SCORE_NAMES = ("score", *MASK_NAMES)
+FEATURE_MAP_NAMES = ("x",)
 CONSTANTS = {"inf": sympy.oo, "pi": sympy.pi, "e": sympy.E}
 _MIN_MAX = {"min": "minimum", "max": "maximum"}
 FUNCTION_NAMES = tuple(sorted({*builder.FUNCTIONS, *_MIN_MAX}))
@@ -283,6 +289,10 @@ def _spec_from_document(document: dict, source: str) -> AttentionSpec:
         fields["window"] = _window(fields["window"], source)
     if "rope" in fields:
         fields["rope"] = RoPE.from_dict(fields["rope"], where=f"{source}: attention.rope")
+    if isinstance(fields.get("feature_map"), str) and fields["feature_map"] not in FEATURE_MAPS:
+        where = f"{source}: attention.feature_map"
+        expr, _ = _parse(fields["feature_map"], {}, FEATURE_MAP_NAMES, where, "number")
+        fields["feature_map"] = TracedMod(expr, (), source=f"{source}:attention.feature_map")
     try:
         spec = AttentionSpec(**fields)
     except SpecError as exc:

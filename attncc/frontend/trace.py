@@ -55,13 +55,21 @@ from attncc.errors import ModError
 from attncc.frontend import builder, unroll
 from attncc.frontend.builder import CapturedTensor, ExpressionError
 from attncc.frontend.mod import TORCH_DTYPE_NAMES, Captured, TracedMod, ir_dtype
-from attncc.ir.expr import b, captured_symbol, h, is_boolean, kind, kv_idx, q_idx, score
+from attncc.ir.expr import b, captured_symbol, feature, h, is_boolean, kind, kv_idx, q_idx, score
 
-__all__ = ["trace_score_mod", "trace_mask_mod", "expression_key", "supported_functions", "RESERVED_NAMES"]
+__all__ = [
+    "trace_score_mod",
+    "trace_mask_mod",
+    "trace_feature_map",
+    "expression_key",
+    "supported_functions",
+    "RESERVED_NAMES",
+]
 
 SCORE_MOD_PARAMS = ("score", "b", "h", "q_idx", "kv_idx")
 MASK_MOD_PARAMS = ("b", "h", "q_idx", "kv_idx")
-SYMBOLS = {"score": score, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx}
+FEATURE_MAP_PARAMS = ("x",)
+SYMBOLS = {"score": score, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, "x": feature}
 
 # Names a captured tensor may not take: the program's inputs/outputs, the index symbols and the dimensions.
 RESERVED_NAMES = frozenset(
@@ -100,6 +108,24 @@ def trace_mask_mod(fn) -> TracedMod:
         raise ModError(
             f"mask_mod must return a boolean (True keeps the element), but {_qualname(fn)} returned the "
             f"{kind(traced.expr)} expression {traced.expr}; compare it, e.g. q_idx >= kv_idx"
+        )
+    return traced
+
+
+def trace_feature_map(fn) -> TracedMod:
+    """Trace a linear-attention feature map ``phi(x)``, element-wise, to a number expression of ``x``."""
+    if isinstance(fn, TracedMod):
+        return fn
+    traced = _memoized_trace(fn, "feature_map", FEATURE_MAP_PARAMS)
+    if is_boolean(traced.expr):
+        raise ModError(
+            f"feature_map must return a number, but {_qualname(fn)} returned the boolean expression {traced.expr}"
+        )
+    if traced.captured:
+        names = ", ".join(c.name for c in traced.captured)
+        raise ModError(
+            f"feature_map {_qualname(fn)} reads the captured tensor(s) {names}: a feature map is element-wise, "
+            "a function of its one argument and constants only"
         )
     return traced
 
@@ -426,6 +452,10 @@ def _new_tensor(x, data, dtype=None, **kwargs):
     return _filled(data, dtype or _dtype_of(x), "Tensor.new_tensor")
 
 
+def _elu(x, alpha=1.0, inplace=False):
+    return builder.call("where", builder.binary(">", x, 0), x, builder.binary("*", alpha, builder.call("exp", x) - 1))
+
+
 def _identity(x, *args, **kwargs):
     return builder.as_expr(x)
 
@@ -543,6 +573,7 @@ _METHODS = {
 
 # Functions outside the torch namespace that fx records by object.
 _EXTRA_FUNCTIONS = {
+    torch.nn.functional.elu: ("torch.nn.functional.elu", _elu),
     torch.special.expit: ("torch.special.expit", _call("sigmoid")),
     torch.special.exp2: ("torch.special.exp2", _call("exp2")),
     torch.nn.functional.sigmoid: ("torch.nn.functional.sigmoid", _call("sigmoid")),
@@ -622,7 +653,7 @@ SUPPORTED_SUMMARY = (
     "sinh, cosh, tanh, sigmoid, erf, relu, gelu, silu, softplus, floor, ceil, round, trunc, fmod, remainder, "
     "logical_and/or/xor/not, bitwise_and/or/xor/not/left_shift/right_shift, floor_divide, div (rounding_mode "
     "None or 'floor'), add, sub, mul, pow, eq/ne/lt/le/gt/ge, zeros_like, ones_like, full_like, new_ones, "
-    "new_zeros, new_full, new_tensor, and the casts .float(), .long(), .bool(), .to(dtype)"
+    "new_zeros, new_full, new_tensor, torch.nn.functional.elu, and the casts .float(), .long(), .bool(), .to(dtype)"
 )
 
 

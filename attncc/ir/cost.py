@@ -71,6 +71,27 @@ def _region(node, dtype_bytes: int):
     return flops, reads + writes, working_set
 
 
+def _linear_region(node, dtype_bytes: int):
+    """A linear_attention region: O(N) in time and memory, a [D, Dv + 1] state per head.
+
+    Feature maps of q and k, the state phi(K)^T [V 1], every query reading it, and, in
+    the chunked form, each query against the ``chunk`` keys of its own chunk.
+    """
+    op = node.op
+    q, k, v = (i.type for i in node.inputs)
+    batch, heads, n, d = q.shape
+    kv_heads, m, dv = k.shape[1], k.shape[2], v.shape[3]
+    phi = expression_flops(op.phi)
+    flops = phi * (numel(q) + numel(k)) + 2 * batch * kv_heads * m * d * (dv + 1) + 2 * batch * heads * n * d * (dv + 1)
+    scores = 0
+    if op.form == "chunked":
+        flops += 2 * batch * heads * n * op.chunk * (d + dv + 1)
+        scores = batch * heads * op.chunk * op.chunk * 4
+    moved = nbytes(q, dtype_bytes) + nbytes(k, dtype_bytes) + nbytes(v, dtype_bytes) + nbytes(node.type, 4)
+    working_set = batch * heads * d * (dv + 1) * 4 + scores
+    return flops, moved, working_set
+
+
 def node_cost(node, dtype_bytes: int) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
     """(flops, bytes moved, transient working set beyond the node's result)."""
     op = node.op
@@ -78,6 +99,8 @@ def node_cost(node, dtype_bytes: int) -> tuple[sympy.Expr, sympy.Expr, sympy.Exp
         return sympy.Integer(0), sympy.Integer(0), sympy.Integer(0)
     if isinstance(op, ops.FlashAttention):
         return _region(node, dtype_bytes)
+    if isinstance(op, ops.LinearAttention):
+        return _linear_region(node, dtype_bytes)
     out = numel(node.type)
     moved = nbytes(node.type, dtype_bytes) + sum(nbytes(i.type, dtype_bytes) for i in node.inputs[:2])
     if isinstance(op, ops.Matmul):
@@ -89,7 +112,9 @@ def node_cost(node, dtype_bytes: int) -> tuple[sympy.Expr, sympy.Expr, sympy.Exp
         return SOFTMAX_FLOPS * out, moved, sympy.Integer(0)
     if isinstance(op, ops.LogSumExp):
         return LOGSUMEXP_FLOPS * numel(node.inputs[0].type), moved, sympy.Integer(0)
-    expressions = [getattr(op, name) for name in ("expr", "predicate", "slope") if hasattr(op, name)]
+    if isinstance(op, ops.NormalizeRows):
+        return 2 * out, moved, sympy.Integer(0)  # row sum and divide
+    expressions = [getattr(op, name) for name in ("expr", "predicate", "slope", "phi") if hasattr(op, name)]
     return out * (expression_flops(expressions[0]) if expressions else 1), moved, sympy.Integer(0)
 
 

@@ -16,10 +16,12 @@ from attncc.ir.types import FLOAT_DTYPES, M, N
 
 b, h, q_idx, kv_idx = sympy.symbols("b h q_idx kv_idx", integer=True, nonnegative=True)
 score = sympy.Symbol("score", real=True)
+# The element a feature map of linear attention reads (one entry of q or k).
+feature = sympy.Symbol("x", real=True)
 
 INDEX_SYMBOLS = (b, h, q_idx, kv_idx)
 LENGTH_SYMBOLS = (N, M)
-SYMBOLS_BY_NAME = {str(s): s for s in (score, *INDEX_SYMBOLS, *LENGTH_SYMBOLS)}
+SYMBOLS_BY_NAME = {str(s): s for s in (score, feature, *INDEX_SYMBOLS, *LENGTH_SYMBOLS)}
 
 
 class FloorDiv(sympy.Function):

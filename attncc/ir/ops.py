@@ -17,6 +17,7 @@ from attncc.ir.expr import (
     INDEX_SYMBOLS,
     LENGTH_SYMBOLS,
     captured_names,
+    feature,
     free_symbol_names,
     is_boolean,
     kv_idx,
@@ -28,6 +29,7 @@ from attncc.ir.schedule import TileSchedule
 from attncc.ir.types import M, N, TensorType
 
 ALIGNMENTS = ("bottom_right", "top_left")
+LINEAR_FORMS = ("parallel", "chunked")
 
 
 class Op:
@@ -380,3 +382,107 @@ class Output(Op):
     def infer_type(self, inputs):
         _expect_arity(self, inputs, len(self.names))
         return None
+
+
+# --------------------------------------------------------------------------- linear attention
+
+# Bottom-right causality, the mask of causal linear attention: query i sees key j iff j <= i + M - N.
+CAUSAL_BOTTOM_RIGHT = sympy.Le(kv_idx, q_idx + M - N)
+
+
+def _check_feature_map(op: Op, phi) -> None:
+    if not isinstance(phi, sympy.Expr) or is_boolean(phi) or phi.atoms(sympy.Indexed):
+        raise IRError(f"{op.name} feature map {phi} is not a number expression of x alone")
+    _check_expression(op, phi, {str(feature)})
+
+
+@dataclass(frozen=True)
+class FeatureMap(Op):
+    """Apply ``phi``, an expression of one element ``x``, to every element of q or k (in f32)."""
+
+    name: ClassVar[str] = "feature_map"
+    phi: sympy.Expr
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        if inputs[0].rank != 4:
+            raise IRError(f"feature_map expects a [B, H, L, D] tensor, got {inputs[0]}")
+        _check_feature_map(self, self.phi)
+        return inputs[0].with_dtype("f32")
+
+
+@dataclass(frozen=True)
+class MaskZero(Op):
+    """Set the scores where ``predicate`` is false to 0 (linear attention's mask)."""
+
+    name: ClassVar[str] = "mask_zero"
+    predicate: sympy.Basic
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        _expect_float_scores(self, inputs[0])
+        if not is_boolean(self.predicate) or self.predicate.atoms(sympy.Indexed):
+            raise IRError(f"mask_zero predicate {self.predicate} is not a boolean of the indices")
+        _check_expression(self, self.predicate, _INDEX_NAMES)
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class NormalizeRows(Op):
+    """Divide each row by its sum plus ``eps``; a row whose divisor is 0 gives zeros."""
+
+    name: ClassVar[str] = "normalize_rows"
+    eps: sympy.Expr
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 1)
+        _expect_float_scores(self, inputs[0])
+        if not (self.eps.is_number and self.eps.is_real and self.eps >= 0):
+            raise IRError(f"normalize_rows eps {self.eps} is not a real constant >= 0")
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class LinearAttention(Op):
+    """Linear attention, reassociated: o_i = sum_j a_ij v_j (/ (sum_j a_ij + eps)) in O(N) time.
+
+    a_ij = scale * phi(q_i) . phi(k_j) over the visible keys (all, or j <= i + M - N when
+    ``causal``); query head h reads KV head h // ``groups``. ``form``:
+
+    - ``parallel`` (not causal): o = phi(Q) (phi(K)^T [V 1]), one [D, Dv + 1] state per head;
+    - ``chunked`` (causal): query chunks of ``chunk`` rows, each against its own ``chunk``
+      keys with the causal mask, plus a running state S = sum phi(k) v^T, z = sum phi(k) of
+      the keys before them (``chunk = 1`` is the recurrent form of decoding).
+
+    The keys a state summarises may come from an earlier call (``initial_state``); the
+    region then reads it as keys before all of its own.
+    """
+
+    name: ClassVar[str] = "linear_attention"
+    groups: int
+    phi: sympy.Expr
+    scale: sympy.Expr
+    causal: bool
+    normalize: bool
+    eps: sympy.Expr
+    form: str
+    chunk: int = 0
+
+    def infer_type(self, inputs):
+        _expect_arity(self, inputs, 3)
+        q, k, v = inputs
+        if q.rank != 4 or k.rank != 4 or v.rank != 4 or self.groups < 1:
+            raise IRError(f"linear_attention expects 4-D q, k, v and groups >= 1, got {q}, {k}, {v}, {self.groups}")
+        if sympy.simplify(q.shape[1] - k.shape[1] * self.groups) != 0 or k.shape[1] != v.shape[1]:
+            raise IRError(f"linear_attention heads do not match: q {q}, k {k}, v {v}, groups {self.groups}")
+        if q.shape[3] != k.shape[3] or k.shape[2] != v.shape[2] or not (q.shape[0] == k.shape[0] == v.shape[0]):
+            raise IRError(f"linear_attention shapes do not fit: q {q}, k {k}, v {v}")
+        _check_feature_map(self, self.phi)
+        if self.form not in LINEAR_FORMS or (self.form == "chunked") != self.causal:
+            raise IRError(f"linear_attention form {self.form!r} does not fit causal={self.causal}: parallel or chunked")
+        if self.form == "chunked" and self.chunk < 1:
+            raise IRError(f"linear_attention chunked form needs chunk >= 1, got {self.chunk}")
+        for label, value in (("scale", self.scale), ("eps", self.eps)):
+            if not (value.is_number and value.is_real and value >= 0):
+                raise IRError(f"linear_attention {label} {value} is not a real constant >= 0")
+        return TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), "f32")
