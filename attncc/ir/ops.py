@@ -23,7 +23,7 @@ from attncc.ir.expr import (
     q_idx,
     score,
 )
-from attncc.ir.schedule import TileSchedule
+from attncc.ir.schedule import DecodeSchedule, TileSchedule
 from attncc.ir.types import M, N, TensorType
 
 ALIGNMENTS = ("bottom_right", "top_left")
@@ -254,6 +254,8 @@ class FlashAttention(Op):
     "causal_bottom_right", which holds when N == M); "" streams the tiles.
     ``schedule`` (from the sparsity pass) bounds the KV tiles each query tile
     visits and marks those that need no mask (see ``attncc.ir.schedule``).
+    ``decode`` (from the split-kv pass) says when and how the region decodes:
+    query heads of a group packed into one tile, keys split across programs.
     """
 
     name: ClassVar[str] = "flash_attention"
@@ -271,6 +273,7 @@ class FlashAttention(Op):
     bwd_num_stages: int = 0
     fused_kernel: str = ""
     schedule: TileSchedule | None = None
+    decode: DecodeSchedule | None = None
 
     def captured_inputs(self):
         names = captured_names(self.score) | captured_names(self.mask)
@@ -297,6 +300,8 @@ class FlashAttention(Op):
         for size in (self.block_m, self.block_n, self.num_warps, self.num_stages):
             if size < 0:
                 raise IRError(f"flash_attention tile and launch sizes must be >= 0, got {size}")
+        if self.decode is not None and min(self.decode.max_rows, self.decode.min_keys, self.decode.waves) < 1:
+            raise IRError(f"flash_attention decode schedule needs positive sizes, got {self.decode}")
         return TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), "f32")
 
 
