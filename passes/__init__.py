@@ -21,7 +21,13 @@ PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, OnlineSoftmax, S
 
 PIPELINES = {
     "pytorch": [
-        "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "split-kv", "tile{target=pytorch}"
+        "canonicalize",
+        "fold-scale",
+        "group-kv",
+        "online-softmax",
+        "sparsity",
+        "split-kv",
+        "tile{target=pytorch}",
     ],
     "triton": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=triton}"],
     "cuda": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=cuda}"],
