@@ -22,6 +22,7 @@ from attncc.errors import (  # noqa: E402
 )
 from attncc.flex import BlockMask, create_block_mask, flex_attention  # noqa: E402
 from attncc.frontend.spec_file import load_spec  # noqa: E402
+from attncc.kv_cache import PagedKVCache, StaticKVCache  # noqa: E402
 from attncc.merge import merge_attention_states  # noqa: E402
 from attncc.spec import AttentionSpec  # noqa: E402
 
@@ -34,7 +35,9 @@ __all__ = [
     "IRError",
     "InputError",
     "ModError",
+    "PagedKVCache",
     "SpecError",
+    "StaticKVCache",
     "ValidationError",
     "ValidationReport",
     "capture",

@@ -11,7 +11,7 @@ import torch
 from tabulate import tabulate
 
 from attncc.cache import cached_source, content_key, generator_fingerprint, load_module
-from attncc.errors import InputError, SpecError
+from attncc.errors import BackendError, InputError, SpecError
 from attncc.frontend.lower import lower, merged_captured, sharded_captured, trace_mods
 from attncc.frontend.mod import Captured, ir_dtype
 from attncc.integrations.custom_op import program_ops
@@ -233,17 +233,21 @@ class CompiledAttention(torch.nn.Module):
             values.append(value)
         return values
 
-    def forward(self, q, k, v, return_lse: bool = False, **captured):
-        check_inputs(self.spec, q, k, v)
-        values = self.captured_values(captured, q.device)
-        by_name = dict(zip(self._captured_meta, values))
-        sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": k.shape[2]}
+    def _check_index_ranges(self, by_name: dict, sizes: dict) -> None:
+        """Raise InputError unless every captured tensor covers the indices it is read at."""
         for name, dim, symbol in sorted(self._index_uses):
             if by_name[name].shape[dim] < sizes[symbol]:
                 raise InputError(
                     f"captured tensor {name!r} has {by_name[name].shape[dim]} entries along dim {dim}, but is indexed "
                     f"by {symbol} up to {sizes[symbol] - 1}"
                 )
+
+    def forward(self, q, k, v, return_lse: bool = False, **captured):
+        check_inputs(self.spec, q, k, v)
+        values = self.captured_values(captured, q.device)
+        by_name = dict(zip(self._captured_meta, values))
+        sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": k.shape[2]}
+        self._check_index_ranges(by_name, sizes)
         # Passes may simplify a captured tensor away: the program takes those its graph still reads.
         program_inputs = [by_name[node.op.label] for node in self.graph.captured]
         try:
@@ -253,6 +257,39 @@ class CompiledAttention(torch.nn.Module):
             raise InputError(
                 f"an index into a captured tensor ({names}) is out of range for these inputs: {error}"
             ) from error
+        return (o, lse) if return_lse else o
+
+    def decode(self, q, cache, return_lse: bool = False, **captured):
+        """Attention of ``q [B, H, N, D]`` against a KV cache (``attncc.StaticKVCache`` or ``attncc.PagedKVCache``).
+
+        Means, for every sequence ``b``, ``attn(q[b], k_b, v_b)`` with ``k_b`` its first
+        ``cache.lengths[b]`` keys (so ``M = lengths[b]`` for causal masks and mods); a
+        sequence without keys gives ``o = 0``, ``lse = -inf``. Paged caches are read
+        through their page table. Differentiable in q, the cache's tensors and captured tensors.
+        """
+        from attncc.kv_cache import PagedKVCache, StaticKVCache
+
+        function = getattr(self.module, "decode", None)
+        if function is None:
+            raise BackendError(
+                f"this program (backend {self.backend!r}) has no decoding path: compile with backend='pytorch'"
+            )
+        if not isinstance(cache, (StaticKVCache, PagedKVCache)):
+            raise InputTypeError(
+                f"cache is a {type(cache).__name__}: an attncc.StaticKVCache or attncc.PagedKVCache is allowed"
+            )
+        paged = isinstance(cache, PagedKVCache)
+        k, v = (cache.k_pages, cache.v_pages) if paged else (cache.k, cache.v)
+        logical = (cache.batch_size, cache.num_kv_heads, 1, cache.head_dim)
+        check_inputs(self.spec, q, k.new_empty(logical), v.new_empty(logical[:3] + (cache.v_head_dim,)))
+        if q.shape[0] != cache.batch_size:
+            raise InputError(f"q has batch size {q.shape[0]}; the cache holds {cache.batch_size} sequences")
+        values = self.captured_values(captured, q.device)
+        by_name = dict(zip(self._captured_meta, values))
+        sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": len(cache)}
+        self._check_index_ranges(by_name, sizes)
+        program_inputs = [by_name[node.op.label] for node in self.graph.captured]
+        o, lse = function(q, k, v, cache.lengths, cache.page_table if paged else None, *program_inputs)
         return (o, lse) if return_lse else o
 
 

@@ -1,0 +1,165 @@
+"""The PyTorch backend's decoding path: source for a region's decode schedule (split-kv pass).
+
+The query heads of a KV group are the rows of one tile and the visited keys are split
+into parts that run as one batched matmul; the parts' (o, lse) merge exactly with
+``attncc.merge_attention_states``. Each sequence may have its own length (a KV cache):
+the region's expressions then read ``M`` as that length, so the batch means what each
+sequence alone would. Paged caches are read through their page table.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from attncc.ir.expr import b, kv_idx
+from attncc.ir.types import M
+
+DECODE_TEMPLATE = '''\
+class {cls}Decode:
+    """Decoding for {cls}: few query rows against many keys (its ``decode`` schedule).
+
+    The GROUPS query heads of a KV head are the rows of one tile (GROUPS x N <= MAX_ROWS);
+    the keys the rows may see are split into parts of at least MIN_KEYS keys, enough for
+    WAVES parts per worker, computed as one batched matmul and merged by their (o, lse).
+    ``kv_lengths [B]`` gives each sequence its own M (None: every sequence has M keys);
+    with ``page_table [B, pages]``, k and v are pages [num_pages, page_size, Hkv, *].
+    """
+
+    MAX_ROWS = {max_rows}
+    MIN_KEYS = {min_keys}
+    WAVES = {waves}
+    GROUPS = {groups}
+
+    @classmethod
+    def applies(cls, N):
+        return cls.GROUPS * N <= cls.MAX_ROWS
+
+    @classmethod
+    def splits(cls, keys, batch_heads, device):
+        """Parts of the keys: WAVES per worker (streaming multiprocessors on a GPU, threads on a CPU)."""
+        workers = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                   else torch.get_num_threads())
+        wanted = -(-cls.WAVES * workers // batch_heads)
+        return max(1, min(wanted, keys // cls.MIN_KEYS))
+
+    @staticmethod
+    def scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}{captured_params}):
+        """Scores [B, Hkv, parts, rows, keys] in {units} units, -inf where the mask or the sequence's length hides a key."""
+{score_lines}
+    @staticmethod
+    def bounds(q_first, q_last, b, h, N, {length}{captured_params}):
+        """Keys [lo, hi) may be visible to queries q_first..q_last of some sequence."""
+{bounds_lines}
+    @classmethod
+    def part(cls, q_rows, k_parts, v_parts, c0, b, h, q_idx, N, {length}{captured_params}):
+        """(o, lse) [B, Hkv, parts, rows, *] of each part of keys c0 .. c0 + parts x keys."""
+        count, size = k_parts.shape[2], k_parts.shape[3]
+        kv_idx = (c0 + torch.arange(count * size, device=q_rows.device)).view(1, 1, count, 1, size)
+        s = cls.scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}{captured_params})
+        row_max = s.amax(dim=-1, keepdim=True)
+        safe_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+        p = torch.{exp}(s - safe_max)
+        total = p.sum(dim=-1)
+        o = torch.matmul(p, v_parts) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+        return o, (safe_max.squeeze(-1) + torch.{log}(total)){to_natural}
+
+    @classmethod
+    def apply(cls, q, k, v, kv_lengths, page_table{captured_params}):
+        B, H, N, D = q.shape
+        paged = page_table is not None
+        kv_heads, Dv = (k.shape[2] if paged else k.shape[1]), v.shape[-1]
+        M = page_table.shape[1] * k.shape[1] if paged else k.shape[2]
+        rows = cls.GROUPS * N
+{captured_to_float}        {length} = torch.full((B,), M, device=q.device) if kv_lengths is None else kv_lengths.long()
+        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
+        packed = torch.arange(rows, device=q.device)
+        h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, -1, 1)
+        q_idx = (packed % N).view(1, 1, 1, -1, 1)
+        lo, hi = cls.bounds(0, N - 1, b, h, N, {length}{captured_args})
+        lo, hi = max(_lowest(lo), 0), min(_highest(hi), M)
+        o = torch.zeros(B, kv_heads, rows, Dv, device=q.device)
+        lse = torch.full((B, kv_heads, rows), float("-inf"), device=q.device)
+        if hi > lo:
+            if paged:  # the visited pages, in logical order: k [B, Hkv, keys, D] from page p0 on
+                page_size = k.shape[1]
+                p0 = lo // page_size
+                pages = page_table[:, p0 : -(-hi // page_size)].long()
+                k = k[pages].flatten(1, 2).transpose(1, 2)
+                v = v[pages].flatten(1, 2).transpose(1, 2)
+                lo, hi, offset = lo - p0 * page_size, hi - p0 * page_size, p0 * page_size
+            else:
+                offset = 0
+            q_rows = (q.reshape(B, kv_heads, 1, rows, D).float(){prescale})
+            k_f, v_f = k.float(), v.float()
+            parts = cls.splits(hi - lo, B * kv_heads, q.device)
+            size = -(-(hi - lo) // parts)
+            whole = (hi - lo) // size * size
+            results = []
+            for c0, c1 in ((lo, lo + whole), (lo + whole, hi)):
+                if c1 > c0:
+                    chunk = size if c0 == lo else c1 - c0
+                    k_parts = k_f[:, :, c0:c1].unflatten(2, (-1, chunk))
+                    v_parts = v_f[:, :, c0:c1].unflatten(2, (-1, chunk))
+                    results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}{captured_args}))
+            o_parts = torch.cat([part[0] for part in results], dim=2)
+            lse_parts = torch.cat([part[1] for part in results], dim=2)
+            o, lse = merge_attention_states(o_parts.unbind(2), lse_parts.unbind(2))
+        return o.view(B, H, N, Dv).to(q.dtype), lse.view(B, H, N)
+'''
+
+
+def length_name(captured: list[str]) -> str:
+    """A name for the per-sequence lengths that no captured tensor of the program has."""
+    name = "kv_len"
+    while name in captured:
+        name += "_"
+    return name
+
+
+def decode_source(op, cls: str, captured: list[str], print_expr, split_linear, is_tensor) -> str:
+    """Source of the ``{cls}Decode`` class for a region with a decode schedule.
+
+    ``M`` in the region's expressions becomes the sequence's length ``kv_len[b]``, and
+    keys at or beyond it are masked.
+    """
+    length = length_name(captured)
+    per_sequence = {M: sympy.IndexedBase(length, integer=True)[b]}
+    score = op.score.xreplace(per_sequence)
+    keep = sympy.And(kv_idx < per_sequence[M], op.mask.xreplace(per_sequence))
+    coefficient, rest = split_linear(score)
+    if coefficient is not None:
+        lines = ["s = torch.matmul(q_rows, k_parts.transpose(-1, -2))"]
+        if rest != 0:
+            lines.append(f"s = s + {print_expr(rest)}")
+    else:
+        lines = ["score = torch.matmul(q_rows, k_parts.transpose(-1, -2))"]
+        if is_tensor(score):
+            lines.append(f"s = torch.broadcast_to({print_expr(score)}, score.shape).float()")
+        else:
+            lines.append(f"s = torch.full_like(score, {print_expr(score)})")
+    lines.append(f'return s.masked_fill(~{print_expr(keep)}, float("-inf"))')
+    if op.schedule is None:
+        bounds = ["return 0, " + length]
+    else:
+        lo, hi = (print_expr(e.xreplace(per_sequence)) for e in op.schedule.expressions()[:2])
+        bounds = [f"return {lo}, {hi}"]
+    captured_params = "".join(f", {c}" for c in captured)
+    casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
+    return DECODE_TEMPLATE.format(
+        cls=cls,
+        max_rows=op.decode.max_rows,
+        min_keys=op.decode.min_keys,
+        waves=op.decode.waves,
+        groups=op.groups,
+        length=length,
+        captured_params=captured_params,
+        captured_args=captured_params,
+        captured_to_float=casts,
+        units="base-2" if op.exp2 else "natural",
+        score_lines="".join(f"        {line}\n" for line in lines),
+        bounds_lines="".join(f"        {line}\n" for line in bounds),
+        prescale=f" * {coefficient!r}" if coefficient is not None else "",
+        exp="exp2" if op.exp2 else "exp",
+        log="log2" if op.exp2 else "log",
+        to_natural=" * LN2" if op.exp2 else "",
+    )
