@@ -281,9 +281,9 @@ class CompiledAttention(torch.nn.Module):
         paged = isinstance(cache, PagedKVCache)
         k, v = (cache.k_pages, cache.v_pages) if paged else (cache.k, cache.v)
         logical = (cache.batch_size, cache.num_kv_heads, 1, cache.head_dim)
-        check_inputs(self.spec, q, k.new_empty(logical), v.new_empty(logical[:3] + (cache.v_head_dim,)))
-        if q.shape[0] != cache.batch_size:
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] != cache.batch_size:
             raise InputError(f"q has batch size {q.shape[0]}; the cache holds {cache.batch_size} sequences")
+        check_inputs(self.spec, q, k.new_empty(logical), v.new_empty(logical[:3] + (cache.v_head_dim,)))
         values = self.captured_values(captured, q.device)
         by_name = dict(zip(self._captured_meta, values))
         sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": len(cache)}
