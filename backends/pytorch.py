@@ -604,7 +604,7 @@ def generate(graph: Graph) -> GeneratedSource:
         w.line(f"def decode({', '.join(['q', 'k', 'v', 'kv_lengths', 'page_table', *captured])}):")
         w.indent = 1
         w.line('"""attention(q, k, v) of each sequence b over its first kv_lengths[b] keys (a KV cache);')
-        w.line("with page_table, k and v are pages [num_pages, page_size, Hkv, *] read through it.\"\"\"")
+        w.line('with page_table, k and v are pages [num_pages, page_size, Hkv, *] read through it."""')
         args = ", ".join(["q", "k", "v", "kv_lengths", "page_table", *captured])
         w.line(f"return {region_classes[decoded]}Decode.apply({args})")
 
