@@ -43,22 +43,24 @@ class {cls}Decode:
         return max(1, min(wanted, keys // cls.MIN_KEYS))
 
     @staticmethod
-    def scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}{captured_params}):
-        """Scores [B, Hkv, parts, rows, keys] in {units} units, -inf where the mask or the sequence's length hides a key."""
+    def scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}, masked{captured_params}):
+        """Scores [B, Hkv, parts, rows, keys] in {units} units; unless no key can be hidden (``masked`` false),
+        -inf where the mask or the sequence's length hides a key."""
 {score_lines}
     @staticmethod
     def bounds(q_first, q_last, b, h, N, {length}{captured_params}):
-        """Keys [lo, hi) may be visible to queries q_first..q_last of some sequence."""
+        """Keys [lo, hi) may be visible to queries q_first..q_last of some sequence; [full_lo, full_hi) to all."""
 {bounds_lines}
     @classmethod
-    def part(cls, q_rows, k_parts, v_parts, c0, b, h, q_idx, N, {length}{captured_params}):
+    def part(cls, q_rows, k_parts, v_parts, c0, b, h, q_idx, N, {length}, masked{captured_params}):
         """(o, lse) [B, Hkv, parts, rows, *] of each part of keys c0 .. c0 + parts x keys."""
         count, size = k_parts.shape[2], k_parts.shape[3]
         kv_idx = (c0 + torch.arange(count * size, device=q_rows.device)).view(1, 1, count, 1, size)
-        s = cls.scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}{captured_params})
-        row_max = s.amax(dim=-1, keepdim=True)
+        s = cls.scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}, masked{captured_params})
+        # the shift cancels out of o and lse: no gradient flows through it, and s may be updated in place
+        row_max = s.detach().amax(dim=-1, keepdim=True)
         safe_max = torch.where(row_max == float("-inf"), 0.0, row_max)
-        p = torch.{exp}(s - safe_max)
+        p = s.sub_(safe_max).{exp}_()
         total = p.sum(dim=-1)
         o = torch.matmul(p, v_parts) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
         return o, (safe_max.squeeze(-1) + torch.{log}(total)){to_natural}
@@ -75,8 +77,9 @@ class {cls}Decode:
         packed = torch.arange(rows, device=q.device)
         h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, -1, 1)
         q_idx = (packed % N).view(1, 1, 1, -1, 1)
-        lo, hi = cls.bounds(0, N - 1, b, h, N, {length}{captured_args})
+        lo, hi, full_lo, full_hi = cls.bounds(0, N - 1, b, h, N, {length}{captured_args})
         lo, hi = max(_lowest(lo), 0), min(_highest(hi), M)
+        masked = not (_highest(full_lo) <= lo and hi <= _lowest(torch.minimum(torch.as_tensor(full_hi), {length}[b])))
         o = torch.zeros(B, kv_heads, rows, Dv, device=q.device)
         lse = torch.full((B, kv_heads, rows), float("-inf"), device=q.device)
         if hi > lo:
@@ -100,7 +103,7 @@ class {cls}Decode:
                     chunk = size if c0 == lo else c1 - c0
                     k_parts = k_f[:, :, c0:c1].unflatten(2, (-1, chunk))
                     v_parts = v_f[:, :, c0:c1].unflatten(2, (-1, chunk))
-                    results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}{captured_args}))
+                    results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}, masked{captured_args}))
             o_parts = torch.cat([part[0] for part in results], dim=2)
             lse_parts = torch.cat([part[1] for part in results], dim=2)
             o, lse = merge_attention_states(o_parts.unbind(2), lse_parts.unbind(2))
@@ -137,12 +140,16 @@ def decode_source(op, cls: str, captured: list[str], print_expr, split_linear, i
             lines.append(f"s = torch.broadcast_to({print_expr(score)}, score.shape).float()")
         else:
             lines.append(f"s = torch.full_like(score, {print_expr(score)})")
-    lines.append(f'return s.masked_fill(~{print_expr(keep)}, float("-inf"))')
+    lines.append("if masked:")
+    lines.append(f'    s = s.masked_fill(~{print_expr(keep)}, float("-inf"))')
+    lines.append("return s")
     if op.schedule is None:
-        bounds = ["return 0, " + length]
+        bounds = [f"return 0, {length}, 0, {length if op.mask is sympy.true else 0}"]
     else:
-        lo, hi = (print_expr(e.xreplace(per_sequence)) for e in op.schedule.expressions()[:2])
-        bounds = [f"return {lo}, {hi}"]
+        expressions = op.schedule.expressions()[:4]
+        if op.schedule.residual is not sympy.true:  # the bounds do not say the whole mask: no range is full
+            expressions = (*expressions[:2], 0, 0)
+        bounds = ["return " + ", ".join(print_expr(sympy.sympify(e).xreplace(per_sequence)) for e in expressions)]
     captured_params = "".join(f", {c}" for c in captured)
     casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
     return DECODE_TEMPLATE.format(
