@@ -26,6 +26,7 @@ class {cls}Decode:
     """
 
     MAX_ROWS = {max_rows}
+    BLOCK_M = {block_m}  # packed query rows per tile when a call has more rows than a decode step
     MIN_KEYS = {min_keys}
     WAVES = {waves}
     GROUPS = {groups}
@@ -68,46 +69,55 @@ class {cls}Decode:
     @classmethod
     def apply(cls, q, k, v, kv_lengths, page_table{captured_params}):
         B, H, N, D = q.shape
-        paged = page_table is not None
-        kv_heads, Dv = (k.shape[2] if paged else k.shape[1]), v.shape[-1]
-        M = page_table.shape[1] * k.shape[1] if paged else k.shape[2]
-        rows = cls.GROUPS * N
+        kv_heads, Dv = (k.shape[2] if page_table is not None else k.shape[1]), v.shape[-1]
+        M = page_table.shape[1] * k.shape[1] if page_table is not None else k.shape[2]
 {captured_to_float}        {length} = torch.full((B,), M, device=q.device) if kv_lengths is None else kv_lengths.long()
         b = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
-        packed = torch.arange(rows, device=q.device)
-        h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, -1, 1)
-        q_idx = (packed % N).view(1, 1, 1, -1, 1)
-        lo, hi, full_lo, full_hi = cls.bounds(0, N - 1, b, h, N, {length}{captured_args})
-        lo, hi = max(_lowest(lo), 0), min(_highest(hi), M)
-        masked = not (_highest(full_lo) <= lo and hi <= _lowest(torch.minimum(torch.as_tensor(full_hi), {length}[b])))
-        o = torch.zeros(B, kv_heads, rows, Dv, device=q.device)
-        lse = torch.full((B, kv_heads, rows), float("-inf"), device=q.device)
-        if hi > lo:
-            if paged:  # the visited pages, in logical order: k [B, Hkv, keys, D] from page p0 on
-                page_size = k.shape[1]
-                p0 = lo // page_size
-                pages = page_table[:, p0 : -(-hi // page_size)].long()
-                k = k[pages].flatten(1, 2).transpose(1, 2)
-                v = v[pages].flatten(1, 2).transpose(1, 2)
-                lo, hi, offset = lo - p0 * page_size, hi - p0 * page_size, p0 * page_size
-            else:
-                offset = 0
-            q_rows = (q.reshape(B, kv_heads, 1, rows, D).float(){prescale})
-            k_f, v_f = k.float(), v.float()
-            parts = cls.splits(hi - lo, B * kv_heads, q.device)
-            size = -(-(hi - lo) // parts)
-            whole = (hi - lo) // size * size
-            results = []
-            for c0, c1 in ((lo, lo + whole), (lo + whole, hi)):
-                if c1 > c0:
-                    chunk = size if c0 == lo else c1 - c0
-                    k_parts = k_f[:, :, c0:c1].unflatten(2, (-1, chunk))
-                    v_parts = v_f[:, :, c0:c1].unflatten(2, (-1, chunk))
-                    results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}, masked{captured_args}))
-            o_parts = torch.cat([part[0] for part in results], dim=2)
-            lse_parts = torch.cat([part[1] for part in results], dim=2)
-            o, lse = merge_attention_states(o_parts.unbind(2), lse_parts.unbind(2))
+        q_rows = q.reshape(B, kv_heads, 1, cls.GROUPS * N, D).float(){prescale}
+        o, lse = [], []
+        # query tiles of BLOCK_M packed rows bound the scores by BLOCK_M x M (long prompts into a cache)
+        for r0, r1, q_first, q_last in _row_tiles(N, cls.GROUPS, cls.BLOCK_M):
+            packed = torch.arange(r0, r1, device=q.device)
+            h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, -1, 1)
+            q_idx = (packed % N).view(1, 1, 1, -1, 1)
+            o_tile, lse_tile = cls.rows(q_rows[:, :, :, r0:r1], k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_args})
+            o.append(o_tile)
+            lse.append(lse_tile)
+        o, lse = (torch.cat(o, dim=2), torch.cat(lse, dim=2)) if len(o) > 1 else (o[0], lse[0])
         return o.view(B, H, N, Dv).to(q.dtype), lse.view(B, H, N)
+
+    @classmethod
+    def rows(cls, q_rows, k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_params}):
+        """(o, lse) of one tile of packed rows: its visited keys split into parts, merged."""
+        B, kv_heads, rows, Dv = q_rows.shape[0], q_rows.shape[1], q_rows.shape[3], v.shape[-1]
+        lo, hi, full_lo, full_hi = cls.bounds(q_first, q_last, b, h, N, {length}{captured_args})
+        lo, hi = max(_lowest(lo), 0), min(_highest(hi), M)
+        if hi <= lo:
+            return (torch.zeros(B, kv_heads, rows, Dv, device=q_rows.device),
+                    torch.full((B, kv_heads, rows), float("-inf"), device=q_rows.device))
+        masked = not (_highest(full_lo) <= lo and hi <= _lowest(torch.minimum(torch.as_tensor(full_hi), {length}[b])))
+        offset = 0
+        if page_table is not None:  # the visited pages, in logical order: k [B, Hkv, keys, D] from page p0 on
+            page_size = k.shape[1]
+            p0 = lo // page_size
+            pages = page_table[:, p0 : -(-hi // page_size)].long()
+            k = k[pages].flatten(1, 2).transpose(1, 2)
+            v = v[pages].flatten(1, 2).transpose(1, 2)
+            lo, hi, offset = lo - p0 * page_size, hi - p0 * page_size, p0 * page_size
+        k_f, v_f = k.float(), v.float()
+        parts = cls.splits(hi - lo, B * kv_heads, q_rows.device)
+        size = -(-(hi - lo) // parts)
+        whole = (hi - lo) // size * size
+        results = []
+        for c0, c1 in ((lo, lo + whole), (lo + whole, hi)):
+            if c1 > c0:
+                chunk = size if c0 == lo else c1 - c0
+                k_parts = k_f[:, :, c0:c1].unflatten(2, (-1, chunk))
+                v_parts = v_f[:, :, c0:c1].unflatten(2, (-1, chunk))
+                results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}, masked{captured_args}))
+        o_parts = torch.cat([part[0] for part in results], dim=2)
+        lse_parts = torch.cat([part[1] for part in results], dim=2)
+        return merge_attention_states(o_parts.unbind(2), lse_parts.unbind(2))
 '''
 
 
@@ -158,6 +168,7 @@ def decode_source(op, cls: str, captured: list[str], print_expr, split_linear, i
         min_keys=op.decode.min_keys,
         waves=op.decode.waves,
         groups=op.groups,
+        block_m=op.block_m or 1 << 30,
         length=length,
         captured_params=captured_params,
         captured_args=captured_params,

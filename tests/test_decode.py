@@ -259,3 +259,17 @@ def test_decode_needs_a_backend_with_a_decoding_path():
     attn = attncc.compile(_spec(2, causal=True), backend="triton")
     with pytest.raises(attncc.BackendError, match="no decoding path"):
         attn.decode(torch.randn(1, HEADS, 1, D), attncc.StaticKVCache(1, 2, 4, D))
+
+
+def test_cache_prompt_of_many_rows_runs_in_row_tiles():
+    """A prompt appended to a cache: groups x N rows beyond a decode step run in query tiles of BLOCK_M rows."""
+    pipeline = [*PIPELINE[:-1], "tile{target=pytorch,block_m=16}"]
+    attn = attncc.compile(_spec(2, causal=True, window=(6, 0)), pipeline=pipeline)
+    assert attn.module.FlashAttentionDecode.BLOCK_M == 16
+    generator = torch.Generator().manual_seed(7)
+    lengths = [23, 40]
+    cache = _filled_static(lengths, 2, 40, generator)
+    q = torch.randn(2, HEADS, 11, D, generator=generator)  # 44 packed rows: 3 tiles
+    o, lse = attn.decode(q, cache, return_lse=True)
+    reference = _cache_reference(q, cache.k, cache.v, lengths, causal=True, window=(6, 0))
+    assert_attention_matches(o, lse, *reference, torch.float32)
