@@ -259,13 +259,15 @@ class CompiledAttention(torch.nn.Module):
             ) from error
         return (o, lse) if return_lse else o
 
-    def decode(self, q, cache, return_lse: bool = False, **captured):
+    def decode(self, q, cache, return_lse: bool = False, sequences=None, **captured):
         """Attention of ``q [B, H, N, D]`` against a KV cache (``attncc.StaticKVCache`` or ``attncc.PagedKVCache``).
 
-        Means, for every sequence ``b``, ``attn(q[b], k_b, v_b)`` with ``k_b`` its first
-        ``cache.lengths[b]`` keys (so ``M = lengths[b]`` for causal masks and mods); a
-        sequence without keys gives ``o = 0``, ``lse = -inf``. Paged caches are read
-        through their page table. Differentiable in q, the cache's tensors and captured tensors.
+        Row ``b`` of q belongs to cache sequence ``sequences[b]`` (default: every sequence, in
+        order). Means, for every row, ``attn(q[b], k_b, v_b)`` with ``k_b`` its sequence's first
+        ``lengths`` keys (so ``M`` is that length for causal masks and mods, whose ``b`` is the
+        row); a sequence without keys gives ``o = 0``, ``lse = -inf``. Paged caches are read
+        through their page table in place (a static cache's rows are copied when
+        ``sequences`` picks some). Differentiable in q, the cache's tensors and captured tensors.
         """
         from attncc.kv_cache import PagedKVCache, StaticKVCache
 
@@ -279,17 +281,23 @@ class CompiledAttention(torch.nn.Module):
                 f"cache is a {type(cache).__name__}: an attncc.StaticKVCache or attncc.PagedKVCache is allowed"
             )
         paged = isinstance(cache, PagedKVCache)
+        rows = cache.indices(sequences)
         k, v = (cache.k_pages, cache.v_pages) if paged else (cache.k, cache.v)
-        logical = (cache.batch_size, cache.num_kv_heads, 1, cache.head_dim)
-        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] != cache.batch_size:
-            raise InputError(f"q has batch size {q.shape[0]}; the cache holds {cache.batch_size} sequences")
+        lengths, table = cache.lengths, cache.page_table if paged else None
+        if sequences is not None:
+            index = torch.tensor(rows, device=cache.device)
+            lengths, table = lengths[index], table[index] if paged else None
+            k, v = (k, v) if paged else (k[index], v[index])
+        logical = (len(rows), cache.num_kv_heads, 1, cache.head_dim)
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] != len(rows):
+            raise InputError(f"q has batch size {q.shape[0]}; the call reads {len(rows)} sequences of the cache")
         check_inputs(self.spec, q, k.new_empty(logical), v.new_empty(logical[:3] + (cache.v_head_dim,)))
         values = self.captured_values(captured, q.device)
         by_name = dict(zip(self._captured_meta, values))
-        sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": len(cache)}
+        sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": int(lengths.max())}
         self._check_index_ranges(by_name, sizes)
         program_inputs = [by_name[node.op.label] for node in self.graph.captured]
-        o, lse = function(q, k, v, cache.lengths, cache.page_table if paged else None, *program_inputs)
+        o, lse = function(q, k, v, lengths, table, *program_inputs)
         return (o, lse) if return_lse else o
 
 

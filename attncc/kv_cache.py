@@ -47,7 +47,8 @@ class _KVCache:
         self.device = torch.device(device or "cpu")
         self.lengths = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
 
-    def _sequences(self, sequences) -> list[int]:
+    def indices(self, sequences=None) -> list[int]:
+        """Checked sequence indices: ``None`` (all), one index, or a list or tensor of distinct indices."""
         if sequences is None:
             return list(range(self.batch_size))
         if isinstance(sequences, numbers.Integral) and not isinstance(sequences, bool):
@@ -60,6 +61,8 @@ class _KVCache:
             raise InputError(
                 f"sequences={sequences!r} is invalid: sequence indices in [0, {self.batch_size}) are allowed"
             )
+        if not sequences:
+            raise InputError("sequences=[] is invalid: at least one sequence index is allowed")
         if len(set(sequences)) != len(sequences):
             raise InputError(f"sequences={sequences!r} names a sequence twice: each at most once is allowed")
         return [int(s) for s in sequences]
@@ -95,7 +98,7 @@ class StaticKVCache(_KVCache):
 
     def append(self, k: torch.Tensor, v: torch.Tensor, sequences=None) -> None:
         """Write ``k, v [len(sequences), Hkv, n, *]`` after each named sequence's keys (default: every sequence)."""
-        rows = self._sequences(sequences)
+        rows = self.indices(sequences)
         self._check_new(k, v, len(rows))
         index = torch.tensor(rows, device=self.device)
         start = self.lengths[index].long()
@@ -110,7 +113,7 @@ class StaticKVCache(_KVCache):
 
     def reset(self, sequences=None) -> None:
         """Empty the named sequences (default: all)."""
-        self.lengths[torch.tensor(self._sequences(sequences), device=self.device, dtype=torch.long)] = 0
+        self.lengths[torch.tensor(self.indices(sequences), device=self.device, dtype=torch.long)] = 0
 
 
 class PagedKVCache(_KVCache):
@@ -142,7 +145,9 @@ class PagedKVCache(_KVCache):
 
     def reserve(self, sequence: int, length: int) -> None:
         """Assign pages so that ``sequence`` can hold ``length`` keys (its keys so far stay where they are)."""
-        (sequence,) = self._sequences(sequence)
+        if isinstance(sequence, bool) or not isinstance(sequence, numbers.Integral):
+            raise InputError(f"sequence={sequence!r} is invalid: one sequence index is allowed")
+        (sequence,) = self.indices(sequence)
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 0:
             raise InputError(f"length={length!r} is invalid: a non-negative integer is allowed")
         needed = -(-int(length) // self.page_size)
@@ -164,7 +169,7 @@ class PagedKVCache(_KVCache):
 
     def append(self, k: torch.Tensor, v: torch.Tensor, sequences=None) -> None:
         """Write ``k, v [len(sequences), Hkv, n, *]`` after each named sequence's keys, reserving pages as needed."""
-        rows = self._sequences(sequences)
+        rows = self.indices(sequences)
         self._check_new(k, v, len(rows))
         count = k.shape[2]
         for row in rows:
@@ -179,7 +184,7 @@ class PagedKVCache(_KVCache):
 
     def erase(self, sequences=None) -> None:
         """Free the named sequences' pages (default: all) and empty them."""
-        for row in self._sequences(sequences):
+        for row in self.indices(sequences):
             self._free.extend(reversed(self._owned[row]))
             self._owned[row] = []
             self.page_table[row] = 0

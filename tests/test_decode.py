@@ -236,7 +236,7 @@ def test_decode_rejects_bad_input():
     cache = attncc.StaticKVCache(2, 2, 16, D)
     with pytest.raises(attncc.InputError, match="StaticKVCache or attncc.PagedKVCache"):
         attn.decode(torch.randn(2, HEADS, 1, D), (cache.k, cache.v))
-    with pytest.raises(attncc.InputError, match="batch size 3; the cache holds 2"):
+    with pytest.raises(attncc.InputError, match="batch size 3; the call reads 2 sequences"):
         attn.decode(torch.randn(3, HEADS, 1, D), cache)
     with pytest.raises(attncc.InputError, match="num_kv_heads is 2"):
         attn.decode(torch.randn(2, HEADS, 1, D), attncc.StaticKVCache(2, 4, 16, D))
@@ -273,3 +273,26 @@ def test_cache_prompt_of_many_rows_runs_in_row_tiles():
     o, lse = attn.decode(q, cache, return_lse=True)
     reference = _cache_reference(q, cache.k, cache.v, lengths, causal=True, window=(6, 0))
     assert_attention_matches(o, lse, *reference, torch.float32)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_nn_attention_decodes_ragged_batches_like_each_sequence_alone(paged):
+    """Prompts of different lengths prefilled one by one, then batched steps: each row's output equals
+    the layer run without a cache on that sequence's whole input (RoPE at each sequence's own positions)."""
+    torch.manual_seed(8)
+    layer = attncc.nn.Attention(32, 4, num_kv_heads=2, rope=True, window=(9, 0))
+    prompts = [torch.randn(1, length, 32) for length in (6, 13, 1)]
+    steps = [torch.randn(3, 1, 32) for _ in range(3)]
+    if paged:
+        cache = attncc.PagedKVCache(num_pages=30, page_size=4, batch_size=3, num_kv_heads=2, head_dim=8)
+    else:
+        cache = attncc.StaticKVCache(3, 2, 16, 8)
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            layer(prompt, cache, sequences=[b])
+        outputs = [layer(x, cache) for x in steps]
+        for b, prompt in enumerate(prompts):
+            whole = torch.cat([prompt, *(x[b : b + 1] for x in steps)], dim=1)
+            expected = layer(whole)[0, -len(steps) :]
+            torch.testing.assert_close(torch.cat([o[b] for o in outputs]), expected, atol=2e-6, rtol=2e-6)
+    assert cache.lengths.tolist() == [9, 16, 4]
