@@ -1,5 +1,8 @@
 """Decoding: the split-kv pass, the pytorch decode path, static and paged KV caches, against float64 attention."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ PIPELINE = ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsit
             "tile{target=pytorch}"]  # fmt: skip
 HEADS = 8
 D = 16
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _spec(kv_heads, **fields):
@@ -296,3 +300,18 @@ def test_nn_attention_decodes_ragged_batches_like_each_sequence_alone(paged):
             expected = layer(whole)[0, -len(steps) :]
             torch.testing.assert_close(torch.cat([o[b] for o in outputs]), expected, atol=2e-6, rtol=2e-6)
     assert cache.lengths.tolist() == [9, 16, 4]
+
+
+def test_serve_decode_example_gives_the_tokens_of_decoding_without_a_cache():
+    spec = importlib.util.spec_from_file_location("serve_decode", EXAMPLES / "serve_decode.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    model = example.TinyLlama(dim=32, heads=4, kv_heads=2, layers=1, hidden=64).eval()
+    prompts = [torch.randint(0, example.VOCAB, (length,)) for length in (5, 11, 2)]
+    with torch.no_grad():
+        generated, steps = example.serve(model, prompts, slots=2, new_tokens=4, page_size=3)
+        for request, prompt in enumerate(prompts):
+            tokens = torch.tensor([prompt.tolist() + generated[request][:-1]])
+            assert model(tokens)[0, len(prompt) - 1 :].argmax(-1).tolist() == generated[request]
+    assert steps == 6  # two requests for 3 steps, then the third for 3
