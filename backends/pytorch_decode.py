@@ -35,13 +35,18 @@ class {cls}Decode:
     def applies(cls, N):
         return cls.GROUPS * N <= cls.MAX_ROWS
 
+    @staticmethod
+    def workers(device):
+        """Programs that run at once: streaming multiprocessors on a GPU, threads on a CPU."""
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return torch.get_num_threads()
+
     @classmethod
-    def splits(cls, keys, batch_heads, device):
-        """Parts of the keys: WAVES per worker (streaming multiprocessors on a GPU, threads on a CPU)."""
-        workers = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-                   else torch.get_num_threads())
-        wanted = -(-cls.WAVES * workers // batch_heads)
-        return max(1, min(wanted, keys // cls.MIN_KEYS))
+    def splits(cls, keys, batch_heads, workers):
+        """Parts of the keys: about WAVES per worker, none shorter than MIN_KEYS, a power of two."""
+        wanted = max(1, min(-(-cls.WAVES * workers // batch_heads), keys // cls.MIN_KEYS))
+        return 1 << (wanted.bit_length() - 1)
 
     @staticmethod
     def scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}, masked{captured_params}):
@@ -105,7 +110,7 @@ class {cls}Decode:
             v = v[pages].flatten(1, 2).transpose(1, 2)
             lo, hi, offset = lo - p0 * page_size, hi - p0 * page_size, p0 * page_size
         k_f, v_f = k.float(), v.float()
-        parts = cls.splits(hi - lo, B * kv_heads, q_rows.device)
+        parts = cls.splits(hi - lo, B * kv_heads, cls.workers(q_rows.device))
         size = -(-(hi - lo) // parts)
         whole = (hi - lo) // size * size
         results = []

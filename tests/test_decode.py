@@ -56,12 +56,14 @@ def test_split_kv_rejects_bad_options(option):
         attncc.passes.pipeline([f"split-kv{{{option}}}"])
 
 
-def test_decode_schedule_splits_from_keys_heads_and_workers():
-    schedule = attncc.ir.schedule.DecodeSchedule(max_rows=16, min_keys=1024)
-    assert schedule.splits(keys=131072, batch_heads=8, workers=132) == 33  # a GPU: 2 waves of 132 SMs over 8 heads
-    assert schedule.splits(keys=131072, batch_heads=512, workers=132) == 1  # batch x heads fill the device
-    assert schedule.splits(keys=3000, batch_heads=1, workers=64) == 2  # no split shorter than min_keys
-    assert schedule.splits(keys=100, batch_heads=1, workers=64) == 1
+def test_decode_splits_from_keys_heads_and_workers():
+    decoding = attncc.compile(_spec(2), pipeline=[*PIPELINE[:5], "split-kv{min_keys=1024}", PIPELINE[-1]])
+    splits = decoding.module.FlashAttentionDecode.splits
+    assert splits(keys=131072, batch_heads=8, workers=132) == 32  # a GPU: about 2 waves of 132 SMs over 8 heads
+    assert splits(keys=131072, batch_heads=512, workers=132) == 1  # batch x heads fill the device
+    assert splits(keys=3000, batch_heads=1, workers=64) == 2  # no split shorter than min_keys
+    assert splits(keys=100, batch_heads=1, workers=64) == 1
+    assert splits(keys=16384, batch_heads=8, workers=2) == 1  # this CPU at a Llama-3-8B decode step
 
 
 def test_interpreter_validates_the_split_schedule_at_decode_shapes():

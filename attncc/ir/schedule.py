@@ -45,8 +45,10 @@ class DecodeSchedule:
     packed as rows of one tile) are at most ``max_rows``, one program handles one
     KV head of one sequence and the keys it visits are split across ``splits``
     programs, each at least ``min_keys`` keys long; the partial results merge
-    exactly by their (o, lse). ``splits`` is chosen at call time from the number
-    of keys, batch x KV heads and the device's parallel workers.
+    exactly by their (o, lse). The backends choose the number of splits at call
+    time from the number of keys, batch x KV heads and the device's parallel
+    workers: ``waves`` programs per worker, a power of two (so that splits of a
+    power-of-two cache are equal).
     """
 
     max_rows: int
@@ -58,8 +60,3 @@ class DecodeSchedule:
 
     def applies(self, rows: int) -> bool:
         return rows <= self.max_rows
-
-    def splits(self, keys: int, batch_heads: int, workers: int) -> int:
-        """The number of key splits: enough programs for ``waves`` per worker, none shorter than ``min_keys``."""
-        wanted = -(-self.waves * workers // max(batch_heads, 1))
-        return max(1, min(wanted, keys // self.min_keys))
