@@ -50,8 +50,9 @@ class {cls}Decode:
 
     @staticmethod
     def scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}, masked{captured_params}):
-        """Scores [B, Hkv, parts, rows, keys] in {units} units; unless no key can be hidden (``masked`` false),
-        -inf where the mask or the sequence's length hides a key."""
+        """Scores [B, Hkv, parts, keys, rows] in {units} units; unless no key can be hidden (``masked`` false),
+        -inf where the mask or the sequence's length hides a key. Keys by rows: k @ q^T streams K at a
+        higher rate than q @ k^T for a few rows on CPUs."""
 {score_lines}
     @staticmethod
     def bounds(q_first, q_last, b, h, N, {length}{captured_params}):
@@ -61,15 +62,15 @@ class {cls}Decode:
     def part(cls, q_rows, k_parts, v_parts, c0, b, h, q_idx, N, {length}, masked{captured_params}):
         """(o, lse) [B, Hkv, parts, rows, *] of each part of keys c0 .. c0 + parts x keys."""
         count, size = k_parts.shape[2], k_parts.shape[3]
-        kv_idx = (c0 + torch.arange(count * size, device=q_rows.device)).view(1, 1, count, 1, size)
+        kv_idx = (c0 + torch.arange(count * size, device=q_rows.device)).view(1, 1, count, size, 1)
         s = cls.scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}, masked{captured_params})
         # the shift cancels out of o and lse: no gradient flows through it, and s may be updated in place
-        row_max = s.detach().amax(dim=-1, keepdim=True)
+        row_max = s.detach().amax(dim=-2, keepdim=True)
         safe_max = torch.where(row_max == float("-inf"), 0.0, row_max)
         p = s.sub_(safe_max).{exp}_()
-        total = p.sum(dim=-1)
-        o = torch.matmul(p, v_parts) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
-        return o, (safe_max.squeeze(-1) + torch.{log}(total)){to_natural}
+        total = p.sum(dim=-2)
+        o = torch.matmul(p.transpose(-1, -2), v_parts) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+        return o, (safe_max.squeeze(-2) + torch.{log}(total)){to_natural}
 
     @classmethod
     def apply(cls, q, k, v, kv_lengths, page_table{captured_params}):
@@ -83,8 +84,8 @@ class {cls}Decode:
         # query tiles of BLOCK_M packed rows bound the scores by BLOCK_M x M (long prompts into a cache)
         for r0, r1, q_first, q_last in _row_tiles(N, cls.GROUPS, cls.BLOCK_M):
             packed = torch.arange(r0, r1, device=q.device)
-            h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, -1, 1)
-            q_idx = (packed % N).view(1, 1, 1, -1, 1)
+            h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, 1, -1)
+            q_idx = (packed % N).view(1, 1, 1, 1, -1)
             o_tile, lse_tile = cls.rows(q_rows[:, :, :, r0:r1], k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_args})
             o.append(o_tile)
             lse.append(lse_tile)
@@ -122,6 +123,8 @@ class {cls}Decode:
                 results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}, masked{captured_args}))
         o_parts = torch.cat([part[0] for part in results], dim=2)
         lse_parts = torch.cat([part[1] for part in results], dim=2)
+        if o_parts.shape[2] == 1:  # one part: nothing to merge
+            return o_parts[:, :, 0], lse_parts[:, :, 0]
         return merge_attention_states(o_parts.unbind(2), lse_parts.unbind(2))
 '''
 
@@ -146,11 +149,11 @@ def decode_source(op, cls: str, captured: list[str], print_expr, split_linear, i
     keep = sympy.And(kv_idx < per_sequence[M], op.mask.xreplace(per_sequence))
     coefficient, rest = split_linear(score)
     if coefficient is not None:
-        lines = ["s = torch.matmul(q_rows, k_parts.transpose(-1, -2))"]
+        lines = ["s = torch.matmul(k_parts, q_rows.transpose(-1, -2))"]
         if rest != 0:
             lines.append(f"s = s + {print_expr(rest)}")
     else:
-        lines = ["score = torch.matmul(q_rows, k_parts.transpose(-1, -2))"]
+        lines = ["score = torch.matmul(k_parts, q_rows.transpose(-1, -2))"]
         if is_tensor(score):
             lines.append(f"s = torch.broadcast_to({print_expr(score)}, score.shape).float()")
         else:
