@@ -29,7 +29,15 @@ PIPELINES = {
         "split-kv",
         "tile{target=pytorch}",
     ],
-    "triton": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=triton}"],
+    "triton": [
+        "canonicalize",
+        "fold-scale",
+        "group-kv",
+        "online-softmax",
+        "sparsity",
+        "split-kv",
+        "tile{target=triton}",
+    ],
     "cuda": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=cuda}"],
 }
 
