@@ -274,7 +274,8 @@ class CompiledAttention(torch.nn.Module):
         function = getattr(self.module, "decode", None)
         if function is None:
             raise BackendError(
-                f"this program (backend {self.backend!r}) has no decoding path: compile with backend='pytorch'"
+                f"this program (backend {self.backend!r}) has no decoding path: compile it with a pipeline that "
+                "runs split-kv (the pytorch and triton pipelines do)"
             )
         if not isinstance(cache, (StaticKVCache, PagedKVCache)):
             raise InputTypeError(

@@ -10,6 +10,7 @@ import attncc
 from attncc.errors import AttnccError
 from attncc.interpreter import run_reference
 from tests.reference import assert_attention_matches, dense_attention
+from tests.test_triton import requires_triton
 
 # Splits of at least 8 keys, so the small tests below run several parts and merge them.
 PIPELINE = ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "split-kv{min_keys=8}",
@@ -120,8 +121,8 @@ def test_decode_rows_fully_masked_and_parts_fully_masked():
     assert_attention_matches(o, lse, *dense_attention(q, k, v, **fields), torch.float32)
 
 
-def _filled_static(lengths, kv_heads, max_len, generator):
-    cache = attncc.StaticKVCache(len(lengths), kv_heads, max_len, D)
+def _filled_static(lengths, kv_heads, max_len, generator, dtype=torch.float32):
+    cache = attncc.StaticKVCache(len(lengths), kv_heads, max_len, D, dtype=dtype)
     for b, length in enumerate(lengths):
         if length:
             cache.append(torch.randn(1, kv_heads, length, D, generator=generator),
@@ -261,8 +262,7 @@ def test_decode_rejects_bad_input():
 
 
 def test_decode_needs_a_backend_with_a_decoding_path():
-    pytest.importorskip("triton")
-    attn = attncc.compile(_spec(2, causal=True), backend="triton")
+    attn = attncc.compile(_spec(2, causal=True), pipeline=[p for p in PIPELINE if not p.startswith("split-kv")])
     with pytest.raises(attncc.BackendError, match="no decoding path"):
         attn.decode(torch.randn(1, HEADS, 1, D), attncc.StaticKVCache(1, 2, 4, D))
 
@@ -317,3 +317,35 @@ def test_serve_decode_example_gives_the_tokens_of_decoding_without_a_cache():
             tokens = torch.tensor([prompt.tolist() + generated[request][:-1]])
             assert model(tokens)[0, len(prompt) - 1 :].argmax(-1).tolist() == generated[request]
     assert steps == 6  # two requests for 3 steps, then the third for 3
+
+
+TRITON_PIPELINE = [*PIPELINE[:-1], "tile{target=triton,block_m=16,block_n=16}"]
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "paged, fields, dtype",
+    [
+        (False, {"causal": True, "window": (40, 0), "softcap": 30.0}, torch.float32),
+        (True, {"mask_mod": lambda b, h, q_idx, kv_idx: (kv_idx % 5 != 2) & (h != 3)}, torch.float32),
+        (True, {"causal": True}, torch.bfloat16),
+    ],
+)
+def test_triton_decode_kernel_matches_float64_attention(paged, fields, dtype):
+    """One (sequence, KV head) pair: the keys split across programs (min 8 keys a split), merged."""
+    attn = attncc.compile(_spec(1, **fields), backend="triton", pipeline=TRITON_PIPELINE)
+    assert "def _attn_decode(" in attn.source
+    generator = torch.Generator().manual_seed(9)
+    lengths = [45, 70]
+    if paged:
+        cache = attncc.PagedKVCache(40, 3, 2, 1, D, dtype=dtype)
+        for b, length in enumerate(lengths):
+            cache.append(*(torch.randn(1, 1, length, D, generator=generator) for _ in range(2)), sequences=b)
+        k, v = cache.gather()
+    else:
+        cache = _filled_static(lengths, 1, 70, generator, dtype)
+        k, v = cache.k, cache.v
+    assert attn.module.FlashAttentionDecode.splits(70, 2, 2) == 2
+    q = torch.randn(2, HEADS, 1, D, generator=generator).to(dtype)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, **fields), dtype)
