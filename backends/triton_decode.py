@@ -119,6 +119,17 @@ class FlashAttentionDecode:
         wanted = max(1, min(-(-cls.WAVES * workers // batch_heads), keys // cls.MIN_KEYS))
         return 1 << (wanted.bit_length() - 1)
 
+    @staticmethod
+    def refuse_gradients(tensors):
+        """The decoding kernel has no backward: a cache read that needs gradients is an error, not a silent zero."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            from attncc.errors import BackendError  # imported here: the module itself needs only torch and triton
+
+            raise BackendError(
+                "the triton backend's decoding kernel computes no gradients, and an input requires grad; "
+                "decode under torch.no_grad(), or compile with backend='pytorch' to differentiate through a cache"
+            )
+
     @classmethod
     def apply(cls, q, k, v, kv_lengths, page_table, *captured):
         _check_device(q.device)

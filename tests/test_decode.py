@@ -349,3 +349,5 @@ def test_triton_decode_kernel_matches_float64_attention(paged, fields, dtype):
     q = torch.randn(2, HEADS, 1, D, generator=generator).to(dtype)
     o, lse = attn.decode(q, cache, return_lse=True)
     assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, **fields), dtype)
+    with pytest.raises(attncc.BackendError, match="decoding kernel computes no gradients"):
+        attn.decode(q.requires_grad_(), cache)
