@@ -345,8 +345,10 @@ def test_decode_suite_cases():
     for c in cases:
         spec = c.spec
         assert (c.n, spec.num_heads, spec.num_kv_heads, spec.head_dim, c.dtype) == (1, 32, 8, 128, torch.float32)
-        assert c.bandwidth and c.implementations == bench.suites.DECODE_IMPLEMENTATIONS
+        assert c.bandwidth and c.implementations == bench.suites.DECODE_IMPLEMENTATIONS["cpu"]
     assert kv_bytes(cases[0]) == 2 * 8 * 1024 * 128 * 4
+    gpu = bench.SUITES["decode"](torch.device("cuda"))  # the cases only, no device needed
+    assert {(c.dtype, c.implementations[:2]) for c in gpu} == {(torch.bfloat16, ("attncc-triton", "attncc-triton-paged"))}
 
 
 def test_paged_cache_of_the_decode_suite_holds_the_keys_scattered():

@@ -98,17 +98,21 @@ def paged_cache(k: torch.Tensor, v: torch.Tensor, page_size: int = PAGE_SIZE) ->
     return cache
 
 
-def _setup_attncc_paged(case: BenchCase, device) -> Setup:
-    """attncc's pytorch decoding path reading K and V through a paged cache's page table."""
-    attn, seconds = timed(lambda: attncc.compile(case.spec, backend="pytorch"))
-    attn = attn.to(device)
+def _setup_attncc_paged(backend: str):
+    """attncc's decoding path reading K and V through a paged cache's page table."""
 
-    def bind(q, k, v):
-        cache = paged_cache(k, v)
-        return lambda: attn.decode(q, cache)
+    def setup(case: BenchCase, device) -> Setup:
+        attn, seconds = timed(lambda: attncc.compile(case.spec, backend=backend))
+        attn = attn.to(device)
 
-    # the pages, and the pytorch path's gather of the pages it visits
-    return Setup(bind, 2 * kv_bytes(case), seconds)
+        def bind(q, k, v):
+            cache = paged_cache(k, v)
+            return lambda: attn.decode(q, cache)
+
+        # the pages, and (pytorch) the gather of the pages a step visits
+        return Setup(bind, (2 if backend == "pytorch" else 1) * kv_bytes(case), seconds)
+
+    return setup
 
 
 def tile_variant(name: str) -> Callable | None:
@@ -334,7 +338,8 @@ def optional_implementations(device) -> dict[str, Callable]:
     device = torch.device(device)
     found = {f"attncc-{backend}": _setup_attncc(backend) for backend, kind in INTERPRETED if kind == device.type}
     found["sdpa"] = _setup_sdpa("sdpa")
-    found["attncc-pytorch-paged"] = _setup_attncc_paged
+    found["attncc-pytorch-paged"] = _setup_attncc_paged("pytorch")
+    found["attncc-triton-paged"] = _setup_attncc_paged("triton")
     if _flex_importable():
         found["flex-eager"] = _setup_flex(compiled=False)
     return found

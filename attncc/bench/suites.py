@@ -90,21 +90,25 @@ def gpu_suite(device) -> list[BenchCase]:
     return cases
 
 
-DECODE_IMPLEMENTATIONS = ("attncc-pytorch", "attncc-pytorch-paged", "sdpa", "naive", "flex-compiled")
+DECODE_IMPLEMENTATIONS = {
+    "cpu": ("attncc-pytorch", "attncc-pytorch-paged", "sdpa", "naive", "flex-compiled"),
+    "cuda": ("attncc-triton", "attncc-triton-paged", "attncc-pytorch", "sdpa", "naive", "flex-compiled"),
+}
 
 
 def decode_suite(device) -> list[BenchCase]:
     """The [decode] issue's benchmark: one decoding step (N=1) of a Llama-3-8B-shaped layer (H=32, Hkv=8,
     D=128) against M in {1K, 16K, 128K} cached keys, B in {1, 8, 64}; fp32 on a CPU, bf16 on a GPU.
-    attncc's decoding path on a contiguous and a paged cache (pages of 16), SDPA, naive eager attention and
-    compiled FlexAttention, with the K/V bytes read per second against the machine's memory bandwidth.
-    Cases are labelled ``B=<batch>`` (``--case B=8``); ``--seq 1 --kv-seq 16384`` picks a length."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    attncc's decoding path (pytorch on a CPU; Triton and pytorch on a GPU) on a contiguous and a paged cache
+    (pages of 16), SDPA, naive eager attention and compiled FlexAttention, with the K/V bytes read per second
+    against the machine's memory bandwidth (a GPU: a copy kernel's). Cases are labelled ``B=<batch>``
+    (``--case B=8``); ``--seq 1 --kv-seq 16384`` picks a length."""
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    implementations = DECODE_IMPLEMENTATIONS[kind]
     spec = AttentionSpec(num_heads=32, num_kv_heads=8, head_dim=128)  # N=1 sees every key: causal or not
     return [
-        BenchCase(
-            f"decode B={batch} M={m}", f"B={batch}", spec, batch, 1, m, dtype, DECODE_IMPLEMENTATIONS, bandwidth=True
-        )
+        BenchCase(f"decode B={batch} M={m}", f"B={batch}", spec, batch, 1, m, dtype, implementations, bandwidth=True)
         for batch in (1, 8, 64)
         for m in (1024, 16384, 131072)
     ]
