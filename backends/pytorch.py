@@ -544,9 +544,6 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line()
     w.line("import torch")
     w.line()
-    if any(node.op.decode for node in regions):
-        w.line("from attncc.merge import merge_attention_states")
-        w.line()
     region_classes = {}
     if regions:
         w.line("LOG2_E = 1.4426950408889634")

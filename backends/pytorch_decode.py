@@ -1,8 +1,9 @@
 """The PyTorch backend's decoding path: source for a region's decode schedule (split-kv pass).
 
 The query heads of a KV group are the rows of one tile and the visited keys are split
-into parts that run as one batched matmul; the parts' (o, lse) merge exactly with
-``attncc.merge_attention_states``. Each sequence may have its own length (a KV cache):
+into parts that run as one batched matmul; the parts' (o, lse) merge exactly as
+``attncc.merge_attention_states`` merges them (``MERGE_PARTS``, printed into the module).
+Each sequence may have its own length (a KV cache):
 the region's expressions then read ``M`` as that length, so the batch means what each
 sequence alone would. Paged caches are read through their page table.
 """
@@ -14,13 +15,31 @@ import sympy
 from attncc.ir.expr import b, kv_idx
 from attncc.ir.types import M
 
+# The split merge of the generated decoding classes: attncc.merge_attention_states's meaning, printed
+# into the generated module so that it runs without attncc.
+MERGE_PARTS = '''\
+    @staticmethod
+    def merge(o_parts, lse_parts):
+        """(o, lse) over the union of the parts' keys from each part's (o, lse) along dim 2: lse is the
+        logsumexp of the parts' lse, o the sum of exp(lse_i - lse) o_i; a part without a visible key
+        (lse = -inf) adds nothing, a row without one in any part gets o = 0, lse = -inf."""
+        shift = lse_parts.detach().amax(dim=2, keepdim=True)  # cancels out: only keeps exp() in range
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        weights = torch.exp(lse_parts - shift)
+        total = weights.sum(dim=2, keepdim=True)
+        seen = total > 0
+        safe_total = torch.where(seen, total, 1.0)
+        lse = torch.where(seen, shift + torch.log(safe_total), float("-inf")).squeeze(2)
+        weights = (weights / safe_total).unsqueeze(-1)
+        return (weights * torch.where(weights > 0, o_parts, 0.0)).sum(dim=2), lse'''
+
 DECODE_TEMPLATE = '''\
 class {cls}Decode:
     """Decoding for {cls}: few query rows against many keys (its ``decode`` schedule).
 
     The GROUPS query heads of a KV head are the rows of one tile (GROUPS x N <= MAX_ROWS);
     the keys the rows may see are split into parts of at least MIN_KEYS keys, enough for
-    WAVES parts per worker, computed as one batched matmul and merged by their (o, lse).
+    WAVES parts per worker, computed as one batched matmul and merged by their (o, lse) (``merge``).
     ``kv_lengths [B]`` gives each sequence its own M (None: every sequence has M keys);
     with ``page_table [B, pages]``, k and v are pages [num_pages, page_size, Hkv, *].
     """
@@ -125,7 +144,9 @@ class {cls}Decode:
         lse_parts = torch.cat([part[1] for part in results], dim=2)
         if o_parts.shape[2] == 1:  # one part: nothing to merge
             return o_parts[:, :, 0], lse_parts[:, :, 0]
-        return merge_attention_states(o_parts.unbind(2), lse_parts.unbind(2))
+        return cls.merge(o_parts, lse_parts)
+
+{merge}
 '''
 
 
@@ -176,6 +197,7 @@ def decode_source(op, cls: str, captured: list[str], print_expr, split_linear, i
         min_keys=op.decode.min_keys,
         waves=op.decode.waves,
         groups=op.groups,
+        merge=MERGE_PARTS,
         block_m=op.block_m or 1 << 30,
         length=length,
         captured_params=captured_params,

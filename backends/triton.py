@@ -35,6 +35,7 @@ import torch
 from sympy.printing.precedence import precedence
 
 import attncc
+from attncc.backends.pytorch_decode import MERGE_PARTS
 from attncc.backends.source import CapturedNames, ExpressionPrinter, GeneratedSource, SourceWriter, python_names
 from attncc.backends.triton_decode import DECODE_HOST, DECODE_KERNEL, decode_bounds
 from attncc.errors import BackendError
@@ -689,7 +690,8 @@ class RegionWriter:
             to_natural=f" * {LN2!r}" if self.op.exp2 else "",
         )
         decode = self.op.decode
-        host = DECODE_HOST.format(max_rows=decode.max_rows, min_keys=decode.min_keys, waves=decode.waves)
+        host = DECODE_HOST.format(max_rows=decode.max_rows, min_keys=decode.min_keys, waves=decode.waves,
+                                  merge=MERGE_PARTS)  # fmt: skip
         return kernel, host
 
     def constants(self) -> str:
@@ -1224,9 +1226,6 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line()
     for row in IMPORTS.splitlines():
         w.line(row)
-    if decoding is not None:
-        w.line()
-        w.line("from attncc.merge import merge_attention_states  # noqa: E402")
     w.line()
     w.line(f"# {ir_line}", ir=ir_line)
     for row in writer.constants().splitlines():

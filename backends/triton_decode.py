@@ -3,7 +3,8 @@
 One program takes one (sequence, KV head) pair, one split of the keys its rows may see
 and one tile of packed rows (the GROUPS query heads of the KV head as rows of one tile);
 it streams its keys with an online softmax and writes the split's (o, lse). The host
-merges the splits with ``attncc.merge_attention_states``. Each sequence may have its own
+merges the splits as ``attncc.merge_attention_states`` does (``MERGE_PARTS``, printed into
+the module, which runs without attncc). Each sequence may have its own
 length (``M`` of the region's expressions is that length), and K and V may be pages read
 in place through a page table. The region's ``_scores`` tile function is reused, with
 the packed rows' head and query indices as row vectors.
@@ -90,7 +91,7 @@ def _attn_decode(Q, K, V, O_PART, LSE_PART, LENGTHS, TABLE,{pointers}
 DECODE_HOST = '''\
 class FlashAttentionDecode:
     """Decoding (the region's decode schedule): when GROUPS x N <= MAX_ROWS, the keys are split across
-    programs, WAVES per streaming multiprocessor (at least MIN_KEYS keys each), and merged by (o, lse).
+    programs, WAVES per streaming multiprocessor (at least MIN_KEYS keys each), and merged by (o, lse) (``merge``).
 
     ``kv_lengths [B]`` gives each sequence its own M (None: every sequence has M keys); with
     ``page_table [B, pages]``, k and v are pages [num_pages, page_size, Hkv, *] read in place.
@@ -161,8 +162,10 @@ class FlashAttentionDecode:
         if splits == 1:
             o, lse = o_parts[:, :, 0], lse_parts[:, :, 0]
         else:
-            o, lse = merge_attention_states(o_parts.unbind(2), lse_parts.unbind(2))
-        return o.reshape(B, H, N, HEAD_DIM_V).to(q.dtype), lse.reshape(B, H, N)'''
+            o, lse = cls.merge(o_parts, lse_parts)
+        return o.reshape(B, H, N, HEAD_DIM_V).to(q.dtype), lse.reshape(B, H, N)
+
+{merge}'''
 
 
 def decode_bounds(writer) -> list[str]:
