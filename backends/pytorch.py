@@ -8,7 +8,6 @@ import sympy
 
 import attncc
 from attncc.backends.pytorch_decode import decode_source
-
 from attncc.backends.source import (
     CapturedNames,
     ExpressionPrinter,
@@ -563,7 +562,7 @@ def generate(graph: Graph) -> GeneratedSource:
         if node.op.decode is not None:
             w.line()
             w.line()
-            for line in decode_source(node.op, cls, region_captured, print_expr, split_linear, is_tensor).splitlines():
+            for line in decode_source(node, cls, captured_names, print_expr, split_linear, is_tensor).splitlines():
                 w.line(line, ir=ir_line)
     w.line()
     w.line()

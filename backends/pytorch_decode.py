@@ -150,22 +150,24 @@ class {cls}Decode:
 '''
 
 
-def length_name(captured: list[str]) -> str:
-    """A name for the per-sequence lengths that no captured tensor of the program has."""
-    name = "kv_len"
-    while name in captured:
-        name += "_"
-    return name
+LENGTHS = "kv-len"  # the per-sequence lengths in expressions: no identifier, so no captured tensor's label
 
 
-def decode_source(op, cls: str, captured: list[str], print_expr, split_linear, is_tensor) -> str:
+def decode_source(node, cls: str, names, print_expr, split_linear, is_tensor) -> str:
     """Source of the ``{cls}Decode`` class for a region with a decode schedule.
 
     ``M`` in the region's expressions becomes the sequence's length ``kv_len[b]``, and
     keys at or beyond it are masked.
     """
-    length = length_name(captured)
-    per_sequence = {M: sympy.IndexedBase(length, integer=True)[b]}
+    op = node.op
+    length = "kv_len"
+    captured = [names[operand.op.label] for operand in node.inputs[3:]]
+    per_sequence = {M: sympy.IndexedBase(LENGTHS, integer=True)[b]}
+    printed = {**names.identifiers, LENGTHS: length}
+
+    def print_expr(expr, print_with=print_expr):
+        return print_with(expr, printed)
+
     score = op.score.xreplace(per_sequence)
     keep = sympy.And(kv_idx < per_sequence[M], op.mask.xreplace(per_sequence))
     coefficient, rest = split_linear(score)

@@ -679,7 +679,7 @@ class RegionWriter:
     def decode_source(self) -> tuple[str, str]:
         """The decoding kernel and its host class (``backends/triton_decode.py``) for the region's decode schedule."""
         kernel = DECODE_KERNEL.format(
-            pointers="".join(f" {label}_ptr," for label in self.captured),
+            pointers=self.kernel_pointers(),
             strides=self.kernel_strides(),
             tile_args="".join(f"{p}, " for p in self.tile_params()),
             d_mask="" if padded(self.head_dim) == self.head_dim else " & (offs_d[None, :] < HEAD_DIM)",

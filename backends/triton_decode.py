@@ -151,14 +151,16 @@ class FlashAttentionDecode:
         table = page_table if paged else q
         grid = (B * kv_heads, splits, triton.cdiv(rows, cls.BLOCK_R))
         meta = {{key: value for key, value in _meta(q).items() if key != "BLOCK_M"}}
+        index_error = _index_error_flag(q.device, captured)
         _attn_decode[grid](
-            q, k, v, o_parts, lse_parts, lengths, table, *captured,
-            *q.stride(), *k_strides, *v_strides, table.stride(0) if paged else 0,
-            *[s for t in captured for s in t.stride()],
+            q, k, v, o_parts, lse_parts, lengths, table, *captured, *index_error,
+            *q.stride(), *k_strides, *v_strides, table.stride(0) if paged else 0, *_strides_and_sizes(captured),
             kv_heads, N, M, splits, k.shape[1] if paged else 1,
             PAGED=paged, LENGTHS_GIVEN=kv_lengths is not None, BLOCK_R=cls.BLOCK_R, **meta,
             num_warps=4, num_stages=NUM_STAGES,
         )
+        if CHECKS_INDICES and index_error[0].item():
+            raise IndexError("an index into a captured tensor is out of range: below -size or at least size")
         if splits == 1:
             o, lse = o_parts[:, :, 0], lse_parts[:, :, 0]
         else:
