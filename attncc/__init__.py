@@ -23,6 +23,7 @@ from attncc.errors import (  # noqa: E402
 from attncc.flex import BlockMask, create_block_mask, flex_attention  # noqa: E402
 from attncc.frontend.spec_file import load_spec  # noqa: E402
 from attncc.ir.rope import RoPE  # noqa: E402
+from attncc.kv_cache import PagedKVCache, StaticKVCache  # noqa: E402
 from attncc.linear import CompiledLinearAttention, LinearAttentionState, linear_attention  # noqa: E402
 from attncc.merge import merge_attention_states  # noqa: E402
 from attncc.spec import AttentionSpec  # noqa: E402
@@ -38,8 +39,10 @@ __all__ = [
     "InputError",
     "LinearAttentionState",
     "ModError",
+    "PagedKVCache",
     "RoPE",
     "SpecError",
+    "StaticKVCache",
     "ValidationError",
     "ValidationReport",
     "capture",

@@ -9,7 +9,7 @@ import torch
 from tabulate import tabulate
 
 from attncc.cache import Generated, content_key, generator_fingerprint, load_generated
-from attncc.errors import InputError, SpecError
+from attncc.errors import BackendError, InputError, SpecError
 from attncc.frontend.lower import (
     POSITION_TENSORS,
     lower,
@@ -285,6 +285,15 @@ class CompiledAttention(torch.nn.Module):
             values.append(value)
         return values
 
+    def _check_index_ranges(self, by_name: dict, sizes: dict) -> None:
+        """Raise InputError unless every captured tensor covers the indices it is read at."""
+        for name, dim, symbol in sorted(self._index_uses):
+            if by_name[name].shape[dim] < sizes[symbol]:
+                raise InputError(
+                    f"captured tensor {name!r} has {by_name[name].shape[dim]} entries along dim {dim}, but is indexed "
+                    f"by {symbol} up to {sizes[symbol] - 1}"
+                )
+
     def forward(self, q, k, v, return_lse: bool = False, q_positions=None, kv_positions=None, **captured):
         given = {role: t for role, t in (("q", q_positions), ("kv", kv_positions)) if t is not None}
         check_inputs(self.spec, q, k, v)
@@ -297,12 +306,7 @@ class CompiledAttention(torch.nn.Module):
         values = self.captured_values(captured, q.device)
         by_name = dict(zip(self._captured_meta, values))
         sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": k.shape[2]}
-        for name, dim, symbol in sorted(self._index_uses):
-            if by_name[name].shape[dim] < sizes[symbol]:
-                raise InputError(
-                    f"captured tensor {name!r} has {by_name[name].shape[dim]} entries along dim {dim}, but is indexed "
-                    f"by {symbol} up to {sizes[symbol] - 1}"
-                )
+        self._check_index_ranges(by_name, sizes)
         # Passes may simplify a captured tensor away: the program takes those its graph still reads.
         program_inputs = [by_name[node.op.label] for node in self.graph.captured]
         try:
@@ -312,6 +316,48 @@ class CompiledAttention(torch.nn.Module):
             raise InputError(
                 f"an index into a captured tensor ({names}) is out of range for these inputs: {error}"
             ) from error
+        return (o, lse) if return_lse else o
+
+    def decode(self, q, cache, return_lse: bool = False, sequences=None, **captured):
+        """Attention of ``q [B, H, N, D]`` against a KV cache (``attncc.StaticKVCache`` or ``attncc.PagedKVCache``).
+
+        Row ``b`` of q belongs to cache sequence ``sequences[b]`` (default: every sequence, in
+        order). Means, for every row, ``attn(q[b], k_b, v_b)`` with ``k_b`` its sequence's first
+        ``lengths`` keys (so ``M`` is that length for causal masks and mods, whose ``b`` is the
+        row); a sequence without keys gives ``o = 0``, ``lse = -inf``. Paged caches are read
+        through their page table in place (a static cache's rows are copied when
+        ``sequences`` picks some). Differentiable in q, the cache's tensors and captured tensors.
+        """
+        from attncc.kv_cache import PagedKVCache, StaticKVCache
+
+        function = getattr(self.module, "decode", None)
+        if function is None:
+            raise BackendError(
+                f"this program (backend {self.backend!r}) has no decoding path: compile it with a pipeline that "
+                "runs split-kv (the pytorch and triton pipelines do)"
+            )
+        if not isinstance(cache, (StaticKVCache, PagedKVCache)):
+            raise InputTypeError(
+                f"cache is a {type(cache).__name__}: an attncc.StaticKVCache or attncc.PagedKVCache is allowed"
+            )
+        paged = isinstance(cache, PagedKVCache)
+        rows = cache.indices(sequences)
+        k, v = (cache.k_pages, cache.v_pages) if paged else (cache.k, cache.v)
+        lengths, table = cache.lengths, cache.page_table if paged else None
+        if sequences is not None:
+            index = torch.tensor(rows, device=cache.device)
+            lengths, table = lengths[index], table[index] if paged else None
+            k, v = (k, v) if paged else (k[index], v[index])
+        logical = (len(rows), cache.num_kv_heads, 1, cache.head_dim)
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] != len(rows):
+            raise InputError(f"q has batch size {q.shape[0]}; the call reads {len(rows)} sequences of the cache")
+        check_inputs(self.spec, q, k.new_empty(logical), v.new_empty(logical[:3] + (cache.v_head_dim,)))
+        values = self.captured_values(captured, q.device)
+        by_name = dict(zip(self._captured_meta, values))
+        sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": int(lengths.max())}
+        self._check_index_ranges(by_name, sizes)
+        program_inputs = [by_name[node.op.label] for node in self.graph.captured]
+        o, lse = function(q, k, v, lengths, table, *program_inputs)
         return (o, lse) if return_lse else o
 
 

@@ -59,9 +59,17 @@ def content_key(*parts: str) -> str:
 
 @functools.cache
 def generator_fingerprint(backend) -> str:
-    """A hash of the backend module's own source: a changed generator never serves stale files."""
+    """A hash of the backend module's source and of the backend modules it imports from: a changed
+    generator never serves stale files."""
+    names = {backend.__name__, "attncc.backends.source"}
+    names |= {
+        getattr(value, "__module__", None) or ""
+        for value in vars(backend).values()
+        if (getattr(value, "__module__", None) or "").startswith("attncc.backends.")
+    }
     digest = hashlib.sha256()
-    for module in (backend, sys.modules.get("attncc.backends.source")):
+    for name in sorted(names):
+        module = sys.modules.get(name)
         if module is not None:
             digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]

@@ -240,6 +240,8 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
 
     With a tile schedule, KV tiles outside a query tile's bounds are skipped and tiles
     the schedule calls full are not masked, so an unsound schedule changes the result.
+    When the decode schedule applies, every KV tile is a split of its own and the
+    splits' (o, lse) are merged, the finest split a backend may choose.
     """
     n, m = q.shape[2], k.shape[2]
     if op.rope is not None:
@@ -249,6 +251,7 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
     block_m, block_n = op.block_m or n, op.block_n or m
     power = (lambda x: torch.exp2(x)) if op.exp2 else torch.exp
     schedule = op.schedule
+    decoding = op.decode is not None and op.decode.applies(op.groups * n)
     o = torch.zeros(*q.shape[:3], v.shape[3], dtype=REAL, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=REAL, device=q.device)
     for r0 in range(0, n, block_m):
@@ -259,6 +262,7 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
         row_max = torch.full(q[:, :, rows, 0].shape, -math.inf, dtype=REAL, device=q.device)
         total = torch.zeros_like(row_max)
         acc = torch.zeros(*row_max.shape, v.shape[3], dtype=REAL, device=q.device)
+        splits = []
         for c0 in range(0, m, block_n):
             cols = slice(c0, min(m, c0 + block_n))
             tile = {**grids, "q_idx": grids["q_idx"][:, :, rows], "kv_idx": grids["kv_idx"][..., cols]}
@@ -272,6 +276,9 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
                     full = full & torch.broadcast_to(keep, scores.shape).flatten(2).all(-1)[..., None, None]
                 keep = torch.where(full, True, keep) & visited
             scores = torch.where(keep, scores, -math.inf)
+            if decoding:
+                splits.append((_softmax(scores, op.exp2) @ v[:, :, cols], _logsumexp(scores, op.exp2)))
+                continue
             new_max = torch.maximum(row_max, scores.amax(dim=-1))
             safe_max = torch.where(new_max == -math.inf, 0.0, new_max)
             weights = power(scores - safe_max.unsqueeze(-1))
@@ -279,6 +286,9 @@ def _flash_attention(op, q, k, v, grids: dict, captured: dict):
             total = total * rescale + weights.sum(dim=-1)
             acc = acc * rescale.unsqueeze(-1) + weights @ v[:, :, cols]
             row_max = new_max
+        if decoding:
+            o[:, :, rows], lse[:, :, rows] = _merge_splits(splits)
+            continue
         safe_max = torch.where(row_max == -math.inf, 0.0, row_max)
         o[:, :, rows] = acc / torch.where(total == 0, 1.0, total).unsqueeze(-1)
         log_total = torch.log2(total) if op.exp2 else torch.log(total)
@@ -341,6 +351,12 @@ def run_linear_region(op: ops.LinearAttention, q, k, v, state=None):
     else:
         o = numerator
     return o, (carried[..., :dv], carried[..., dv])
+def _merge_splits(splits):
+    """(o, lse) over the union of the splits' keys from each split's (o, lse), in float64; see attncc.merge."""
+    lses = torch.stack([lse for _, lse in splits])
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.where(lses == -math.inf, 0.0, torch.exp(lses - torch.where(lse == -math.inf, 0.0, lse)))
+    return sum(w.unsqueeze(-1) * part for w, (part, _) in zip(weights, splits)), lse
 
 
 def run_reference(graph: Graph, q, k, v, captured: dict | None = None) -> dict:

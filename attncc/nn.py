@@ -5,7 +5,10 @@ shape: q/k/v projections, optional rotary embeddings, the attention an
 ``AttentionSpec`` describes (compiled by attncc), and the output projection. With a
 ``KVCache`` it decodes: each call appends its keys and values and attends to all of
 them, and ``causal`` is aligned to the bottom right, so query ``i`` of a call sees
-the cache plus its own prefix.
+the cache plus its own prefix. With an ``attncc.StaticKVCache`` or ``attncc.PagedKVCache``
+the sequences of a batch may have different lengths: each call appends after each
+sequence's own keys, rotates by each sequence's own positions, and decodes with the
+program's decoding path (``CompiledAttention.decode``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from attncc.api import CompiledAttention, compile
 from attncc.distributed import LAYOUTS, context_parallel_attention, shard_positions
 from attncc.errors import InputError, SpecError
+from attncc.kv_cache import PagedKVCache, StaticKVCache
 from attncc.spec import AttentionSpec
 
 
@@ -69,7 +73,9 @@ class Attention(torch.nn.Module):
     defaults to ``embed_dim // num_heads``. ``causal``, ``window``, ``softcap``,
     ``scale``, ``alibi``, ``score_mod`` and ``mask_mod`` are AttentionSpec fields
     (bottom-right alignment). ``rope=True`` rotates q and k by their positions
-    (``rope_base``); positions continue after the cache. ``forward(x, cache=None)``.
+    (``rope_base``); positions continue after the cache. ``forward(x, cache=None, sequences=None)``:
+    with a static or paged cache, row ``b`` of x continues cache sequence ``sequences[b]``
+    (default: every sequence, in order).
 
     With ``context_parallel_group`` (a ``torch.distributed`` process group), ``x`` is this
     rank's shard of the sequence (``attncc.distributed.shard(x, group, layout, dim=1)``
@@ -119,7 +125,8 @@ class Attention(torch.nn.Module):
     def spec(self) -> AttentionSpec:
         return self.attention.spec
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | StaticKVCache | PagedKVCache | None = None,
+                sequences=None) -> torch.Tensor:  # fmt: skip
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"x is {shape}: a tensor [batch, length, {self.embed_dim}] is allowed")
@@ -130,21 +137,34 @@ class Attention(torch.nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope:
-            start = 0 if cache is None else len(cache)
-            positions = torch.arange(start, start + length, device=x.device)
-            if parallel:
-                group, layout = self.context_parallel_group, self.context_parallel_layout
-                positions = shard_positions(length, group, layout).to(x.device)
-            q = rotary(q, positions, self.rope_base)
-            k = rotary(k, positions, self.rope_base)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        if parallel:
-            o = context_parallel_attention(q, k, v, spec=self.spec, group=self.context_parallel_group,
-                                           layout=self.context_parallel_layout, backend=self.attention.backend)  # fmt: skip
+        if isinstance(cache, (StaticKVCache, PagedKVCache)):
+            rows = torch.tensor(cache.indices(sequences), device=cache.device)
+            # each sequence's new tokens sit after its own keys
+            positions = cache.lengths[rows].to(x.device).view(-1, 1, 1) + torch.arange(length, device=x.device)
+            if self.rope:
+                q = rotary(q, positions, self.rope_base)
+                k = rotary(k, positions, self.rope_base)
+            cache.append(k, v, sequences)
+            o = self.attention.decode(q, cache, sequences=sequences)
         else:
-            o = self.attention(q, k, v)
+            if sequences is not None:
+                raise InputError("sequences is only allowed with an attncc.StaticKVCache or attncc.PagedKVCache")
+            if self.rope:
+                start = 0 if cache is None else len(cache)
+                positions = torch.arange(start, start + length, device=x.device)
+                if parallel:
+                    group, layout = self.context_parallel_group, self.context_parallel_layout
+                    positions = shard_positions(length, group, layout).to(x.device)
+                q = rotary(q, positions, self.rope_base)
+                k = rotary(k, positions, self.rope_base)
+            if cache is not None:
+                k, v = cache.update(k, v)
+            if parallel:
+                o = context_parallel_attention(q, k, v, spec=self.spec, group=self.context_parallel_group,
+                                               layout=self.context_parallel_layout,
+                                               backend=self.attention.backend)  # fmt: skip
+            else:
+                o = self.attention(q, k, v)
         return self.o_proj(o.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

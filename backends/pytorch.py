@@ -7,6 +7,7 @@ import math
 import sympy
 
 import attncc
+from attncc.backends.pytorch_decode import decode_source
 from attncc.backends.source import (
     CapturedNames,
     ExpressionPrinter,
@@ -635,6 +636,11 @@ def generate(graph: Graph) -> GeneratedSource:
         w.line()
         for line in _region_source(node, cls, ir_line, captured_names).splitlines():
             w.line(line, ir=ir_line)
+        if node.op.decode is not None:
+            w.line()
+            w.line()
+            for line in decode_source(node, cls, captured_names, print_expr, split_linear, is_tensor).splitlines():
+                w.line(line, ir=ir_line)
     w.line()
     w.line()
     w.line(f"def attention({', '.join(['q', 'k', 'v', *captured])}):")
@@ -654,14 +660,41 @@ def generate(graph: Graph) -> GeneratedSource:
             w.line(f"return {outputs[0]}.to(q.dtype), {outputs[1]}", ir=ir_line)
             break
         if isinstance(op, ops.FlashAttention):
-            args = ", ".join(names[i] for i in node.inputs)
-            w.line(f"{names[node]}, {names[node]}_lse = {region_classes[node]}.apply({args})", ir=ir_line)
+            args = [names[i] for i in node.inputs]
+            call = f"{region_classes[node]}.apply({', '.join(args)})"
+            if op.decode is not None:
+                decode_args = ", ".join([*args[:3], "None", "None", *args[3:]])
+                call = f"{region_classes[node]}Decode.apply({decode_args}) if {region_classes[node]}Decode.applies(N) else {call}"
+            w.line(f"{names[node]}, {names[node]}_lse = {call}", ir=ir_line)
             continue
         for text in _lower_node(node, names, w, grids, captured_names):
             w.line(text, ir=ir_line)
+    decoded = _decoded_region(graph)
+    if decoded is not None:
+        w.indent = 0
+        w.line()
+        w.line()
+        w.line(f"def decode({', '.join(['q', 'k', 'v', 'kv_lengths', 'page_table', *captured])}):")
+        w.indent = 1
+        w.line('"""attention(q, k, v) of each sequence b over its first kv_lengths[b] keys (a KV cache);')
+        w.line('with page_table, k and v are pages [num_pages, page_size, Hkv, *] read through it."""')
+        args = ", ".join(["q", "k", "v", "kv_lengths", "page_table", *captured])
+        w.line(f"return {region_classes[decoded]}Decode.apply({args})")
+
     source = w.text()
     captured_names.check(python_names(source))
     return GeneratedSource(source, "attention", w.line_map, name)
+
+
+def _decoded_region(graph: Graph):
+    """The region if the graph is one region with a decode schedule applied to q, k, v and the captured tensors."""
+    regions = graph.nodes_of(ops.FlashAttention)
+    if len(regions) != 1 or regions[0].op.decode is None:
+        return None
+    region, outputs = regions[0], graph.output.inputs
+    if region.inputs != (graph.input("q"), graph.input("k"), graph.input("v"), *graph.captured):
+        return None
+    return region if outputs[0] is region and isinstance(outputs[1].op, ops.LseOf) else None
 
 
 def _grouped_matmul(a: str, c: str, op: ops.Matmul) -> str:

@@ -35,6 +35,7 @@ import torch
 from sympy.printing.precedence import precedence
 
 import attncc
+from attncc.backends.pytorch_decode import MERGE_PARTS
 from attncc.backends.source import (
     CapturedNames,
     ExpressionPrinter,
@@ -45,6 +46,7 @@ from attncc.backends.source import (
     score_derivative,
     split_linear,
 )
+from attncc.backends.triton_decode import DECODE_HOST, DECODE_KERNEL, decode_bounds
 from attncc.errors import BackendError
 from attncc.ir import ops
 from attncc.ir.expr import b, h, is_boolean, kv_idx, q_idx, score
@@ -723,6 +725,24 @@ class RegionWriter:
         parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
         return "\n\n\n".join(parts)
 
+    def decode_source(self) -> tuple[str, str]:
+        """The decoding kernel and its host class (``backends/triton_decode.py``) for the region's decode schedule."""
+        kernel = DECODE_KERNEL.format(
+            pointers=self.kernel_pointers(),
+            strides=self.kernel_strides(),
+            tile_args="".join(f"{p}, " for p in self.tile_params()),
+            d_mask="" if padded(self.head_dim) == self.head_dim else " & (offs_d[None, :] < HEAD_DIM)",
+            dv_mask="" if padded(self.head_dim_v) == self.head_dim_v else " & (offs_dv[None, :] < HEAD_DIM_V)",
+            bounds="\n".join("    " + line for line in decode_bounds(self)),
+            exp=self.exp,
+            log=self.log,
+            to_natural=f" * {LN2!r}" if self.op.exp2 else "",
+        )
+        decode = self.op.decode
+        host = DECODE_HOST.format(max_rows=decode.max_rows, min_keys=decode.min_keys, waves=decode.waves,
+                                  merge=MERGE_PARTS)  # fmt: skip
+        return kernel, host
+
     def constants(self) -> str:
         op = self.op
         return CONSTANTS.format(
@@ -1335,6 +1355,7 @@ def generate(graph: Graph) -> GeneratedSource:
     writer = RegionWriter(region, ir_line, captured_names)
     captured = [captured_names[n.op.label] for n in graph.captured]
     kernels = writer.source()
+    decoding = writer.decode_source() if region.op.decode is not None else None
     helpers = ["_dot", "_round", *sorted(writer.printer.helpers | writer.helpers)]
 
     w = SourceWriter()
@@ -1369,6 +1390,11 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line(f"# {ir_line}", ir=ir_line)
     for row in kernels.splitlines():
         w.line(row, ir=ir_line)
+    if decoding is not None:
+        w.line()
+        w.line()
+        for row in decoding[0].splitlines():
+            w.line(row, ir=ir_line)
     w.line()
     w.line()
     for row in HOST.splitlines():
@@ -1385,9 +1411,28 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line()
     w.line()
     region_args = ", ".join(["q", "k", "v", *(captured_names[label] for label in writer.captured)])
+    if decoding is not None:
+        for row in decoding[1].splitlines():
+            w.line(row, ir=ir_line)
+        w.line()
+        w.line()
     w.line(f"def attention({', '.join(['q', 'k', 'v', *captured])}):")
     w.line(f'    """o and lse of {ir_names[region]} = flash_attention(...) and {ir_names[lse]} = lse_of(...)."""')
+    if decoding is not None:
+        decode_args = ", ".join(["q", "k", "v", "None", "None", *writer.captured])
+        w.line("    if FlashAttentionDecode.applies(q.shape[2]):", ir=ir_line)
+        w.line(f"        return FlashAttentionDecode.apply({decode_args})", ir=ir_line)
     w.line(f"    return FlashAttention.apply({region_args})", ir=ir_line)
+    if decoding is not None:
+        region_captured = [captured_names[label] for label in writer.captured]
+        w.line()
+        w.line()
+        w.line(f"def decode({', '.join(['q', 'k', 'v', 'kv_lengths', 'page_table', *captured])}):")
+        w.line('    """attention(q, k, v) of each sequence b over its first kv_lengths[b] keys (a KV cache); with')
+        w.line('    page_table, k and v are pages [num_pages, page_size, Hkv, *] read in place through it."""')
+        w.line(f"    FlashAttentionDecode.refuse_gradients(({', '.join(['q', 'k', 'v', *region_captured])},))")
+        decode_args = ", ".join(["q", "k", "v", "kv_lengths", "page_table", *region_captured])
+        w.line(f"    return FlashAttentionDecode.apply({decode_args})")
     source = w.text()
     captured_names.check(python_names(source))
     return GeneratedSource(source, "attention", w.line_map, name)

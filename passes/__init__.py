@@ -15,13 +15,30 @@ from attncc.passes.linearize import Linearize
 from attncc.passes.manager import PassManager, PassRecord
 from attncc.passes.online_softmax import OnlineSoftmax
 from attncc.passes.sparsity import Sparsity
+from attncc.passes.split_kv import SplitKV
 from attncc.passes.tile import Tile
 
-PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, Linearize, OnlineSoftmax, Sparsity, Tile)}
+PASSES = {p.name: p for p in (Canonicalize, FoldScale, GroupKV, Linearize, OnlineSoftmax, Sparsity, SplitKV, Tile)}
 
 PIPELINES = {
-    "pytorch": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=pytorch}"],
-    "triton": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=triton}"],
+    "pytorch": [
+        "canonicalize",
+        "fold-scale",
+        "group-kv",
+        "online-softmax",
+        "sparsity",
+        "split-kv",
+        "tile{target=pytorch}",
+    ],
+    "triton": [
+        "canonicalize",
+        "fold-scale",
+        "group-kv",
+        "online-softmax",
+        "sparsity",
+        "split-kv",
+        "tile{target=triton}",
+    ],
     "cuda": ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile{target=cuda}"],
 }
 # Linear attention: the quadratic graph reassociated, chunked for each target's tiles.

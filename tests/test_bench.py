@@ -334,3 +334,49 @@ def test_validation_catches_a_wrong_implementation():
     assert verdict.startswith("FAIL (")
     right = bench.check.check_implementation(c, bench.peers._setup_naive, "cpu", bench.runner.make_inputs)
     assert right.startswith("ok (")
+
+
+def test_decode_suite_cases():
+    from attncc.bench.cases import kv_bytes
+
+    cases = bench.SUITES["decode"](torch.device("cpu"))
+    assert [(c.name, c.mask) for c in cases][:2] == [("decode B=1 M=1024", "B=1"), ("decode B=1 M=16384", "B=1")]
+    assert [(c.batch, c.m) for c in cases] == [(b, m) for b in (1, 8, 64) for m in (1024, 16384, 131072)]
+    for c in cases:
+        spec = c.spec
+        assert (c.n, spec.num_heads, spec.num_kv_heads, spec.head_dim, c.dtype) == (1, 32, 8, 128, torch.float32)
+        assert c.bandwidth and c.implementations == bench.suites.DECODE_IMPLEMENTATIONS["cpu"]
+    assert kv_bytes(cases[0]) == 2 * 8 * 1024 * 128 * 4
+    gpu = bench.SUITES["decode"](torch.device("cuda"))  # the cases only, no device needed
+    assert {(c.dtype, c.implementations[:2]) for c in gpu} == {(torch.bfloat16, ("attncc-triton", "attncc-triton-paged"))}
+
+
+def test_paged_cache_of_the_decode_suite_holds_the_keys_scattered():
+    from attncc.bench.peers import paged_cache
+
+    k, v = torch.randn(3, 2, 23, 8), torch.randn(3, 2, 23, 8)
+    cache = paged_cache(k, v, page_size=5)
+    assert cache.page_table[0, :3].tolist() == [0, 3, 6]  # the sequences' pages interleave
+    gathered_k, gathered_v = cache.gather()
+    assert torch.equal(gathered_k, k) and torch.equal(gathered_v, v)
+
+
+def test_decode_rows_report_kv_bytes_per_second_against_the_bandwidth(monkeypatch):
+    from attncc.bench import runner
+    from attncc.bench.cases import kv_bytes
+
+    rates = iter([1e9, 2e9])
+    monkeypatch.setattr(runner, "memory_bandwidth", lambda device: next(rates))
+    spec = attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16)
+    case = BenchCase("decode B=2 M=300", "B=2", spec, 2, 1, 300, bandwidth=True)
+    rows = bench.run_benchmarks([case], "cpu", ["attncc-pytorch", "attncc-pytorch-paged", "sdpa"], warmup=0,
+                                repeats=2, rounds=2)  # fmt: skip
+    moved = kv_bytes(case)
+    for row in rows:
+        assert row["status"] == "ok" and row["memory_bandwidths"] == [1e9, 2e9]
+        assert row["kv_bytes_per_s"] == pytest.approx(moved / row["median_s"])
+        first, second = row["round_medians_s"]
+        assert row["bandwidth_fraction"] == pytest.approx((moved / first / 1e9 + moved / second / 2e9) / 2)
+    assert rows[1]["max_abs_diff"] < 1e-5 and rows[2]["max_abs_diff"] < 1e-5
+    table = bench.results_table(rows)
+    assert "K/V read" in table and "of bandwidth" in table

@@ -203,7 +203,7 @@ def test_pipeline_parsing():
     passes = pipeline(["canonicalize", "tile{target=triton,block_m=64}"])
     assert [str(p) for p in passes] == ["canonicalize", "tile{target=triton, block_m=64}"]
     assert [p.name for p in pipeline("pytorch")] == [
-        "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile"
+        "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "split-kv", "tile"
     ]  # fmt: skip
     with pytest.raises(AttnccError, match="pass 'fuse' is unknown; known passes: canonicalize"):
         parse_pass("fuse")
@@ -216,10 +216,10 @@ def test_print_after_all_and_records():
     manager = PassManager(pipeline("pytorch"), print_after_all=True, stream=stream)
     manager.run(lower(LLAMA))
     printed = stream.getvalue()
-    assert printed.count("// ----- IR after") == 6
+    assert printed.count("// ----- IR after") == 7
     assert "// ----- IR after online-softmax -----\ngraph(%q: T[B, 8, N, 64]" in printed
     assert [r.name for r in manager.records] == [
-        "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "tile"
+        "canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "split-kv", "tile"
     ]  # fmt: skip
     assert manager.records[3].stats["fused_regions"] == 1
 

@@ -170,3 +170,28 @@ def test_unsupported_arguments_raise_clear_errors():
         attncc_transformers.attention_forward(module, q, k, v, torch.ones(1, 1, 3, 5, dtype=torch.long))
     with pytest.raises(attncc.BackendError, match="backend='nope' is unknown"):
         attncc_transformers.register(backend="nope")
+
+
+def test_generation_steps_run_the_decoding_path(monkeypatch):
+    """generate(): the single-token steps run the program's decoding path (split keys, packed heads)."""
+    from attncc.integrations import chain
+
+    model = decoder("llama").eval()
+    model.set_attn_implementation("attncc")
+    input_ids, attention_mask = left_padded_batch(model.config.vocab_size)
+
+    def generate():
+        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                              pad_token_id=0)  # fmt: skip
+
+    first = generate()  # compiles the programs
+    query_lengths = []
+    for program in chain._PROGRAMS.values():
+        decoding = getattr(program.module, "FlashAttentionDecode", None)
+        if decoding is not None:
+            apply = decoding.apply
+            monkeypatch.setattr(
+                decoding, "apply", lambda q, *rest, run=apply: query_lengths.append(q.shape[2]) or run(q, *rest)
+            )
+    assert torch.equal(generate(), first)
+    assert query_lengths == [1] * 3 * model.config.num_hidden_layers  # three steps after the prefill, per layer

@@ -25,7 +25,8 @@ class BenchCase:
 
     ``mask`` labels the case in tables and plots; ``implementations`` limits what runs
     (None: every implementation available on the device); ``backward`` also times
-    forward + backward.
+    forward + backward; ``bandwidth`` reports the bytes of K and V read per second
+    (decoding, where reading the cache is the cost).
     """
 
     name: str
@@ -37,6 +38,7 @@ class BenchCase:
     dtype: torch.dtype = torch.float32
     implementations: tuple[str, ...] | None = None
     backward: bool = False
+    bandwidth: bool = False  # also report K/V read per second against the machine's measured bandwidth
 
 
 def document_ids(length: int, documents: int, seed: int = 0, device="cpu") -> torch.Tensor:
@@ -124,6 +126,12 @@ def input_bytes(case: BenchCase) -> int:
     q = case.batch * spec.num_heads * case.n * spec.head_dim
     kv = case.batch * spec.num_kv_heads * case.m * (spec.head_dim + spec.v_head_dim)
     return (q + kv) * size
+
+
+def kv_bytes(case: BenchCase) -> int:
+    """Bytes of K and V: what one call reads at least (all of them, for an unmasked decode step)."""
+    spec = case.spec
+    return case.batch * spec.num_kv_heads * case.m * (spec.head_dim + spec.v_head_dim) * case.dtype.itemsize
 
 
 def mask_bytes(case: BenchCase) -> int:

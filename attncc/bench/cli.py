@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from attncc.bench.cases import DTYPES
-from attncc.bench.report import format_seconds, machine_description, plot_results, results_table
+from attncc.bench.report import format_quantity, format_seconds, machine_description, plot_results, results_table
 from attncc.bench.runner import run_benchmarks
 from attncc.bench.suites import SUITES, CaseSource
 from attncc.bench.timing import GIB
@@ -156,6 +156,11 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(results_table(rows))
+        bandwidths = next((row["memory_bandwidths"] for row in rows if row.get("memory_bandwidths")), None)
+        if bandwidths:
+            kind = "copy kernel, read + written" if device.type == "cuda" else "reading a 1 GiB buffer"
+            rates = ", ".join(format_quantity(b, "B/s") for b in bandwidths)
+            print(f"memory bandwidth ({kind}), before each round: {rates}")
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             print(f"wrote {args.json}")

@@ -16,6 +16,7 @@ from attncc.bench.cases import (
     BenchCase,
     captured_values,
     keep_mask,
+    kv_bytes,
     mask_bytes,
     naive_extra_bytes,
     score_function,
@@ -80,6 +81,40 @@ def _setup_attncc(backend: str, pipeline: list[str] | None = None):
 
         captured = captured_values(case.spec, device)  # spec files may leave their values to the call
         return Setup(lambda q, k, v: lambda: attn(q, k, v, **captured), extra, seconds, warm_compile=warm)
+
+    return setup
+
+
+PAGE_SIZE = 16  # tokens per page of the paged cache (vLLM's default block size)
+
+
+def paged_cache(k: torch.Tensor, v: torch.Tensor, page_size: int = PAGE_SIZE) -> attncc.PagedKVCache:
+    """A paged cache holding k, v [B, Hkv, M, *]: pages handed out to the sequences in turn, as when
+    requests grow together, so each sequence's pages are scattered over the pool."""
+    batch, kv_heads, length, head_dim = k.shape
+    pages = -(-length // page_size)
+    cache = attncc.PagedKVCache(batch * pages, page_size, batch, kv_heads, head_dim, v.shape[3], dtype=k.dtype,
+                                device=k.device)  # fmt: skip
+    for page in range(pages):
+        for sequence in range(batch):
+            cache.reserve(sequence, min(length, (page + 1) * page_size))
+    cache.append(k, v)
+    return cache
+
+
+def _setup_attncc_paged(backend: str):
+    """attncc's decoding path reading K and V through a paged cache's page table."""
+
+    def setup(case: BenchCase, device) -> Setup:
+        attn, seconds = timed(lambda: attncc.compile(case.spec, backend=backend))
+        attn = attn.to(device)
+
+        def bind(q, k, v):
+            cache = paged_cache(k, v)
+            return lambda: attn.decode(q, cache)
+
+        # the pages, and (pytorch) the gather of the pages a step visits
+        return Setup(bind, (2 if backend == "pytorch" else 1) * kv_bytes(case), seconds)
 
     return setup
 
@@ -352,12 +387,14 @@ def available_implementations(device) -> dict[str, Callable]:
 
 def optional_implementations(device) -> dict[str, Callable]:
     """Implementations that run only when asked for by name: SDPA's own dispatch, eager FlexAttention,
-    attncc backends that would run in an interpreter (``INTERPRETED``), and for linear attention cases
+    attncc backends that would run in an interpreter (``INTERPRETED``), attncc decoding from a paged cache, and for linear attention cases
     the quadratic eager form (``naive-linear``) and softmax attention of the same shapes and mask
     (``attncc-pytorch-softmax``, ``sdpa-softmax``)."""
     device = torch.device(device)
     found = {f"attncc-{backend}": _setup_attncc(backend) for backend, kind in INTERPRETED if kind == device.type}
     found["sdpa"] = _setup_sdpa("sdpa")
+    found["attncc-pytorch-paged"] = _setup_attncc_paged("pytorch")
+    found["attncc-triton-paged"] = _setup_attncc_paged("triton")
     if _flex_importable():
         found["flex-eager"] = _setup_flex(compiled=False)
     found["naive-linear"] = _setup_naive_linear

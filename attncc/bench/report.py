@@ -36,6 +36,10 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def _versus(row: dict) -> str:
     return "(first)" if row.get("compared_to") is None else f"{row['max_abs_diff']:.1e}"
 
@@ -48,6 +52,8 @@ COLUMNS = [
     ("fwd+bwd", lambda row: format_seconds(row.get("fwd_bwd_median_s"))),
     ("fwd+bwd / first", lambda row: _ratio(row.get("versus_first_fwd_bwd"))),
     ("fwd+bwd FLOP/s", lambda row: format_quantity(row.get("fwd_bwd_flops_per_s"), "FLOP/s")),
+    ("K/V read", lambda row: format_quantity(row.get("kv_bytes_per_s"), "B/s")),
+    ("of bandwidth", lambda row: _percent(row.get("bandwidth_fraction"))),
     ("peak extra", lambda row: format_quantity(row.get("peak_bytes"), "B", True)),
     ("compile cold", lambda row: format_seconds(row.get("compile_s"))),
     ("compile warm", lambda row: format_seconds(row.get("compile_warm_s"))),
@@ -56,7 +62,8 @@ COLUMNS = [
     ("validation", lambda row: row.get("validation", "-")),
 ]
 OPTIONAL_COLUMNS = {"fwd+bwd": "fwd_bwd_median_s", "fwd+bwd / first": "fwd_bwd_median_s",
-                    "fwd+bwd FLOP/s": "fwd_bwd_median_s", "validation": "validation"}  # fmt: skip
+                    "fwd+bwd FLOP/s": "fwd_bwd_median_s", "validation": "validation",
+                    "K/V read": "kv_bytes_per_s", "of bandwidth": "kv_bytes_per_s"}  # fmt: skip
 
 
 def results_table(rows: list[dict]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from attncc.bench.cases import BenchCase, input_bytes, useful_flops
+from attncc.bench.cases import BenchCase, input_bytes, kv_bytes, useful_flops
 from attncc.bench.check import check_implementation
 from attncc.bench.peers import (
     SDPA_BACKENDS,
@@ -25,7 +25,7 @@ from attncc.bench.peers import (
     tile_variant,
 )
 from attncc.bench.suites import CaseSource
-from attncc.bench.timing import GIB, memory_limit_default, peak_extra_memory, time_calls
+from attncc.bench.timing import GIB, memory_bandwidth, memory_limit_default, peak_extra_memory, time_calls
 from attncc.errors import AttnccError
 
 RESULT_MARKER = "attncc-bench-result: "
@@ -165,6 +165,9 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
     also time forward + backward (``fwd_bwd_*`` fields, ``versus_first_fwd_bwd``).
     ``validate`` checks each implementation against float64 attention before timing it
     (``validation`` field). ``warm_compile=False`` skips the second, warm compile.
+    Cases with ``bandwidth`` get ``kv_bytes_per_s`` (K and V bytes over the median) and
+    ``bandwidth_fraction`` (the median over rounds of that rate over the machine's memory
+    bandwidth, measured before each round: ``memory_bandwidths``).
     """
     if rounds < 1:
         raise AttnccError(f"rounds={rounds} is invalid: at least 1 is allowed")
@@ -186,9 +189,11 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
         names = implementations or case.implementations or list(available_implementations(device))
         jobs.extend((index, case, name) for name in names)
     limit = memory_limit_default(device) if memory_limit is None else memory_limit
-    rows = []
+    rows, bandwidths = [], []
     with tempfile.TemporaryDirectory(prefix="attncc-bench-") as scratch:
         for position, (index, case, name) in enumerate(jobs * rounds):
+            if position % len(jobs) == 0 and any(case.bandwidth for case in cases):
+                bandwidths.append(memory_bandwidth(device))
             # outputs are compared once, in the first round
             output_path = str(Path(scratch) / f"output-{position}.pt") if position < len(jobs) else None
             if name not in runnable:
@@ -217,6 +222,14 @@ def run_benchmarks(source: CaseSource | list[BenchCase], device="cpu", implement
         both = row.get("fwd_bwd_median_s")
         # the backward does 2.5 times the forward's matmul work (five matmuls instead of two)
         row["fwd_bwd_flops_per_s"] = 3.5 * flops[row["case"]] / both if both and flops[row["case"]] else None
+    by_name = {case.name: case for case in cases}
+    for row in rows:
+        if by_name[row["case"]].bandwidth and row.get("median_s"):
+            moved = kv_bytes(by_name[row["case"]])
+            medians = row.get("round_medians_s") or [row["median_s"]]
+            row["kv_bytes_per_s"] = moved / row["median_s"]
+            row["memory_bandwidths"] = bandwidths
+            row["bandwidth_fraction"] = statistics.median(moved / t / bw for t, bw in zip(medians, bandwidths))
     return rows
 
 

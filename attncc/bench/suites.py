@@ -90,23 +90,28 @@ def gpu_suite(device) -> list[BenchCase]:
     return cases
 
 
-def linear_suite(device) -> list[BenchCase]:
-    """The [linear] issue's benchmark: causal elu+1 linear attention, B=1, H=8, D=64, fp32, N=M from 1K to 256K.
+DECODE_IMPLEMENTATIONS = {
+    "cpu": ("attncc-pytorch", "attncc-pytorch-paged", "sdpa", "naive", "flex-compiled"),
+    "cuda": ("attncc-triton", "attncc-triton-paged", "attncc-pytorch", "sdpa", "naive", "flex-compiled"),
+}
 
-    attncc's linear program at every length (32K and 256K: eight times the length, for the
-    growth of time); softmax attention of the same shapes (SDPA up to 8K, attncc's pytorch
-    backend up to 4K), for the crossover; the quadratic eager linear attention up to 4K.
-    """
-    spec = AttentionSpec(num_heads=8, head_dim=64, causal=True, kind="linear", feature_map="elu+1")
-    cases = []
-    for n in (1024, 4096, 8192, 32768, 262144):
-        names = ["attncc-pytorch"]
-        if n <= 8192:
-            names.append("sdpa-softmax")
-        if n <= 4096:
-            names += ["attncc-pytorch-softmax", "naive-linear"]
-        cases.append(BenchCase(f"linear N=M={n}", "causal elu+1", spec, 1, n, n, implementations=tuple(names)))
-    return cases
+
+def decode_suite(device) -> list[BenchCase]:
+    """The [decode] issue's benchmark: one decoding step (N=1) of a Llama-3-8B-shaped layer (H=32, Hkv=8,
+    D=128) against M in {1K, 16K, 128K} cached keys, B in {1, 8, 64}; fp32 on a CPU, bf16 on a GPU.
+    attncc's decoding path (pytorch on a CPU; Triton and pytorch on a GPU) on a contiguous and a paged cache
+    (pages of 16), SDPA, naive eager attention and compiled FlexAttention, with the K/V bytes read per second
+    against the machine's memory bandwidth (a GPU: a copy kernel's). Cases are labelled ``B=<batch>``
+    (``--case B=8``); ``--seq 1 --kv-seq 16384`` picks a length."""
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    implementations = DECODE_IMPLEMENTATIONS[kind]
+    spec = AttentionSpec(num_heads=32, num_kv_heads=8, head_dim=128)  # N=1 sees every key: causal or not
+    return [
+        BenchCase(f"decode B={batch} M={m}", f"B={batch}", spec, batch, 1, m, dtype, implementations, bandwidth=True)
+        for batch in (1, 8, 64)
+        for m in (1024, 16384, 131072)
+    ]
 
 
 # Named suites: name -> function(device) -> cases. A new suite is one line here; workers
@@ -117,7 +122,7 @@ SUITES: dict[str, Callable[[torch.device], list[BenchCase]]] = {
     "passes": passes_suite,
     "sparsity": sparsity_suite,
     "gpu": gpu_suite,
-    "linear": linear_suite,
+    "decode": decode_suite,
 }
 
 

@@ -1,10 +1,12 @@
-"""Measurement primitives: timed calls (CUDA synchronised), peak extra memory, the memory guard's limit."""
+"""Measurement primitives: timed calls (CUDA synchronised), peak extra memory, the memory guard's limit,
+the machine's memory bandwidth."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import gc
+import statistics
 import time
 from collections.abc import Callable
 
@@ -92,3 +94,20 @@ def memory_limit_default(device) -> int:
     except (OSError, StopIteration):
         return 8 * GIB
     return min(MAX_LIMIT_BYTES, available // 2)
+
+
+BANDWIDTH_BUFFER_BYTES = GIB  # far beyond any cache
+
+
+def memory_bandwidth(device, repeats: int = 5) -> float:
+    """Bytes per second the device's memory delivers: on a CPU, reading a 1 GiB buffer (``sum``); on a GPU,
+    a copy kernel (``copy_``) between two 1 GiB buffers, counting the bytes read and written."""
+    device = torch.device(device)
+    source = torch.ones(BANDWIDTH_BUFFER_BYTES // 4, device=device)
+    if device.type == "cuda":
+        target = torch.empty_like(source)
+        run, moved = (lambda: target.copy_(source)), 2 * BANDWIDTH_BUFFER_BYTES
+    else:
+        run, moved = source.sum, BANDWIDTH_BUFFER_BYTES
+    _, times = time_calls(run, 1, repeats, budget_s=60.0)
+    return moved / statistics.median(times)

@@ -25,7 +25,7 @@ from attncc.ir.expr import (
     score,
 )
 from attncc.ir.rope import RoPE
-from attncc.ir.schedule import TileSchedule
+from attncc.ir.schedule import DecodeSchedule, TileSchedule
 from attncc.ir.types import M, N, TensorType
 
 ALIGNMENTS = ("bottom_right", "top_left")
@@ -302,6 +302,8 @@ class FlashAttention(Op):
     visits and marks those that need no mask (see ``attncc.ir.schedule``).
     With ``rope``, q and k are rotated first (as ``rope`` ops would), the query row
     ``q_idx`` at ``q_position`` and the key ``kv_idx`` at ``kv_position``.
+    ``decode`` (from the split-kv pass) says when and how the region decodes:
+    query heads of a group packed into one tile, keys split across programs.
     """
 
     name: ClassVar[str] = "flash_attention"
@@ -319,6 +321,7 @@ class FlashAttention(Op):
     bwd_num_stages: int = 0
     fused_kernel: str = ""
     schedule: TileSchedule | None = None
+    decode: DecodeSchedule | None = None
     rope: RoPE | None = None
     q_position: sympy.Expr | None = None
     kv_position: sympy.Expr | None = None
@@ -358,6 +361,8 @@ class FlashAttention(Op):
         for size in (self.block_m, self.block_n, self.num_warps, self.num_stages):
             if size < 0:
                 raise IRError(f"flash_attention tile and launch sizes must be >= 0, got {size}")
+        if self.decode is not None and min(self.decode.max_rows, self.decode.min_keys, self.decode.waves) < 1:
+            raise IRError(f"flash_attention decode schedule needs positive sizes, got {self.decode}")
         return TensorType((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), "f32")
 
 

@@ -35,3 +35,28 @@ class TileSchedule:
 
     def expressions(self) -> tuple:
         return (self.kv_lo, self.kv_hi, self.full_lo, self.full_hi, self.residual)
+
+
+@dataclass(frozen=True)
+class DecodeSchedule:
+    """How a region decodes: few query rows against many keys (flash-decoding).
+
+    When the query rows of one KV head (``groups x N``, the query heads of a group
+    packed as rows of one tile) are at most ``max_rows``, one program handles one
+    KV head of one sequence and the keys it visits are split across ``splits``
+    programs, each at least ``min_keys`` keys long; the partial results merge
+    exactly by their (o, lse). The backends choose the number of splits at call
+    time from the number of keys, batch x KV heads and the device's parallel
+    workers: ``waves`` programs per worker, a power of two (so that splits of a
+    power-of-two cache are equal).
+    """
+
+    max_rows: int
+    min_keys: int
+    waves: int = 2  # programs per worker, so uneven splits still keep every worker busy
+
+    def __str__(self) -> str:
+        return f"{{rows <= {self.max_rows}, splits of >= {self.min_keys} keys, {self.waves} per worker}}"
+
+    def applies(self, rows: int) -> bool:
+        return rows <= self.max_rows

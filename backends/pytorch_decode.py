@@ -1,0 +1,215 @@
+"""The PyTorch backend's decoding path: source for a region's decode schedule (split-kv pass).
+
+The query heads of a KV group are the rows of one tile and the visited keys are split
+into parts that run as one batched matmul; the parts' (o, lse) merge exactly as
+``attncc.merge_attention_states`` merges them (``MERGE_PARTS``, printed into the module).
+Each sequence may have its own length (a KV cache):
+the region's expressions then read ``M`` as that length, so the batch means what each
+sequence alone would. Paged caches are read through their page table.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from attncc.ir.expr import b, kv_idx
+from attncc.ir.types import M
+
+# The split merge of the generated decoding classes: attncc.merge_attention_states's meaning, printed
+# into the generated module so that it runs without attncc.
+MERGE_PARTS = '''\
+    @staticmethod
+    def merge(o_parts, lse_parts):
+        """(o, lse) over the union of the parts' keys from each part's (o, lse) along dim 2: lse is the
+        logsumexp of the parts' lse, o the sum of exp(lse_i - lse) o_i; a part without a visible key
+        (lse = -inf) adds nothing, a row without one in any part gets o = 0, lse = -inf."""
+        shift = lse_parts.detach().amax(dim=2, keepdim=True)  # cancels out: only keeps exp() in range
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        weights = torch.exp(lse_parts - shift)
+        total = weights.sum(dim=2, keepdim=True)
+        seen = total > 0
+        safe_total = torch.where(seen, total, 1.0)
+        lse = torch.where(seen, shift + torch.log(safe_total), float("-inf")).squeeze(2)
+        weights = (weights / safe_total).unsqueeze(-1)
+        return (weights * torch.where(weights > 0, o_parts, 0.0)).sum(dim=2), lse'''
+
+DECODE_TEMPLATE = '''\
+class {cls}Decode:
+    """Decoding for {cls}: few query rows against many keys (its ``decode`` schedule).
+
+    The GROUPS query heads of a KV head are the rows of one tile (GROUPS x N <= MAX_ROWS);
+    the keys the rows may see are split into parts of at least MIN_KEYS keys, enough for
+    WAVES parts per worker, computed as one batched matmul and merged by their (o, lse) (``merge``).
+    ``kv_lengths [B]`` gives each sequence its own M (None: every sequence has M keys);
+    with ``page_table [B, pages]``, k and v are pages [num_pages, page_size, Hkv, *].
+    """
+
+    MAX_ROWS = {max_rows}
+    BLOCK_M = {block_m}  # packed query rows per tile when a call has more rows than a decode step
+    MIN_KEYS = {min_keys}
+    WAVES = {waves}
+    GROUPS = {groups}
+
+    @classmethod
+    def applies(cls, N):
+        return cls.GROUPS * N <= cls.MAX_ROWS
+
+    @staticmethod
+    def workers(device):
+        """Programs that run at once: streaming multiprocessors on a GPU, threads on a CPU."""
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return torch.get_num_threads()
+
+    @classmethod
+    def splits(cls, keys, batch_heads, workers):
+        """Parts of the keys: about WAVES per worker, none shorter than MIN_KEYS, a power of two."""
+        wanted = max(1, min(-(-cls.WAVES * workers // batch_heads), keys // cls.MIN_KEYS))
+        return 1 << (wanted.bit_length() - 1)
+
+    @staticmethod
+    def scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}, masked{captured_params}):
+        """Scores [B, Hkv, parts, keys, rows] in {units} units; unless no key can be hidden (``masked`` false),
+        -inf where the mask or the sequence's length hides a key. Keys by rows: k @ q^T streams K at a
+        higher rate than q @ k^T for a few rows on CPUs."""
+{score_lines}
+    @staticmethod
+    def bounds(q_first, q_last, b, h, N, {length}{captured_params}):
+        """Keys [lo, hi) may be visible to queries q_first..q_last of some sequence; [full_lo, full_hi) to all."""
+{bounds_lines}
+    @classmethod
+    def part(cls, q_rows, k_parts, v_parts, c0, b, h, q_idx, N, {length}, masked{captured_params}):
+        """(o, lse) [B, Hkv, parts, rows, *] of each part of keys c0 .. c0 + parts x keys."""
+        count, size = k_parts.shape[2], k_parts.shape[3]
+        kv_idx = (c0 + torch.arange(count * size, device=q_rows.device)).view(1, 1, count, size, 1)
+        s = cls.scores(q_rows, k_parts, b, h, q_idx, kv_idx, N, {length}, masked{captured_params})
+        # the shift cancels out of o and lse: no gradient flows through it, and s may be updated in place
+        row_max = s.detach().amax(dim=-2, keepdim=True)
+        safe_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+        p = s.sub_(safe_max).{exp}_()
+        total = p.sum(dim=-2)
+        o = torch.matmul(p.transpose(-1, -2), v_parts) / torch.where(total == 0, 1.0, total).unsqueeze(-1)
+        return o, (safe_max.squeeze(-2) + torch.{log}(total)){to_natural}
+
+    @classmethod
+    def apply(cls, q, k, v, kv_lengths, page_table{captured_params}):
+        B, H, N, D = q.shape
+        kv_heads, Dv = (k.shape[2] if page_table is not None else k.shape[1]), v.shape[-1]
+        M = page_table.shape[1] * k.shape[1] if page_table is not None else k.shape[2]
+{captured_to_float}        {length} = torch.full((B,), M, device=q.device) if kv_lengths is None else kv_lengths.long()
+        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
+        q_rows = q.reshape(B, kv_heads, 1, cls.GROUPS * N, D).float(){prescale}
+        o, lse = [], []
+        # query tiles of BLOCK_M packed rows bound the scores by BLOCK_M x M (long prompts into a cache)
+        for r0, r1, q_first, q_last in _row_tiles(N, cls.GROUPS, cls.BLOCK_M):
+            packed = torch.arange(r0, r1, device=q.device)
+            h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, 1, -1)
+            q_idx = (packed % N).view(1, 1, 1, 1, -1)
+            o_tile, lse_tile = cls.rows(q_rows[:, :, :, r0:r1], k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_args})
+            o.append(o_tile)
+            lse.append(lse_tile)
+        o, lse = (torch.cat(o, dim=2), torch.cat(lse, dim=2)) if len(o) > 1 else (o[0], lse[0])
+        return o.view(B, H, N, Dv).to(q.dtype), lse.view(B, H, N)
+
+    @classmethod
+    def rows(cls, q_rows, k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_params}):
+        """(o, lse) of one tile of packed rows: its visited keys split into parts, merged."""
+        B, kv_heads, rows, Dv = q_rows.shape[0], q_rows.shape[1], q_rows.shape[3], v.shape[-1]
+        lo, hi, full_lo, full_hi = cls.bounds(q_first, q_last, b, h, N, {length}{captured_args})
+        lo, hi = max(_lowest(lo), 0), min(_highest(hi), M)
+        if hi <= lo:
+            return (torch.zeros(B, kv_heads, rows, Dv, device=q_rows.device),
+                    torch.full((B, kv_heads, rows), float("-inf"), device=q_rows.device))
+        masked = not (_highest(full_lo) <= lo and hi <= _lowest(torch.minimum(torch.as_tensor(full_hi), {length}[b])))
+        offset = 0
+        if page_table is not None:  # the visited pages, in logical order: k [B, Hkv, keys, D] from page p0 on
+            page_size = k.shape[1]
+            p0 = lo // page_size
+            pages = page_table[:, p0 : -(-hi // page_size)].long()
+            k = k[pages].flatten(1, 2).transpose(1, 2)
+            v = v[pages].flatten(1, 2).transpose(1, 2)
+            lo, hi, offset = lo - p0 * page_size, hi - p0 * page_size, p0 * page_size
+        k_f, v_f = k.float(), v.float()
+        parts = cls.splits(hi - lo, B * kv_heads, cls.workers(q_rows.device))
+        size = -(-(hi - lo) // parts)
+        whole = (hi - lo) // size * size
+        results = []
+        for c0, c1 in ((lo, lo + whole), (lo + whole, hi)):
+            if c1 > c0:
+                chunk = size if c0 == lo else c1 - c0
+                k_parts = k_f[:, :, c0:c1].unflatten(2, (-1, chunk))
+                v_parts = v_f[:, :, c0:c1].unflatten(2, (-1, chunk))
+                results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}, masked{captured_args}))
+        o_parts = torch.cat([part[0] for part in results], dim=2)
+        lse_parts = torch.cat([part[1] for part in results], dim=2)
+        if o_parts.shape[2] == 1:  # one part: nothing to merge
+            return o_parts[:, :, 0], lse_parts[:, :, 0]
+        return cls.merge(o_parts, lse_parts)
+
+{merge}
+'''
+
+
+LENGTHS = "kv-len"  # the per-sequence lengths in expressions: no identifier, so no captured tensor's label
+
+
+def decode_source(node, cls: str, names, print_expr, split_linear, is_tensor) -> str:
+    """Source of the ``{cls}Decode`` class for a region with a decode schedule.
+
+    ``M`` in the region's expressions becomes the sequence's length ``kv_len[b]``, and
+    keys at or beyond it are masked.
+    """
+    op = node.op
+    length = "kv_len"
+    captured = [names[operand.op.label] for operand in node.inputs[3:]]
+    per_sequence = {M: sympy.IndexedBase(LENGTHS, integer=True)[b]}
+    printed = {**names.identifiers, LENGTHS: length}
+
+    def print_expr(expr, print_with=print_expr):
+        return print_with(expr, printed)
+
+    score = op.score.xreplace(per_sequence)
+    keep = sympy.And(kv_idx < per_sequence[M], op.mask.xreplace(per_sequence))
+    coefficient, rest = split_linear(score)
+    if coefficient is not None:
+        lines = ["s = torch.matmul(k_parts, q_rows.transpose(-1, -2))"]
+        if rest != 0:
+            lines.append(f"s = s + {print_expr(rest)}")
+    else:
+        lines = ["score = torch.matmul(k_parts, q_rows.transpose(-1, -2))"]
+        if is_tensor(score):
+            lines.append(f"s = torch.broadcast_to({print_expr(score)}, score.shape).float()")
+        else:
+            lines.append(f"s = torch.full_like(score, {print_expr(score)})")
+    lines.append("if masked:")
+    lines.append(f'    s = s.masked_fill(~{print_expr(keep)}, float("-inf"))')
+    lines.append("return s")
+    if op.schedule is None:
+        bounds = [f"return 0, {length}, 0, {length if op.mask is sympy.true else 0}"]
+    else:
+        expressions = op.schedule.expressions()[:4]
+        if op.schedule.residual is not sympy.true:  # the bounds do not say the whole mask: no range is full
+            expressions = (*expressions[:2], 0, 0)
+        bounds = ["return " + ", ".join(print_expr(sympy.sympify(e).xreplace(per_sequence)) for e in expressions)]
+    captured_params = "".join(f", {c}" for c in captured)
+    casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
+    return DECODE_TEMPLATE.format(
+        cls=cls,
+        max_rows=op.decode.max_rows,
+        min_keys=op.decode.min_keys,
+        waves=op.decode.waves,
+        groups=op.groups,
+        merge=MERGE_PARTS,
+        block_m=op.block_m or 1 << 30,
+        length=length,
+        captured_params=captured_params,
+        captured_args=captured_params,
+        captured_to_float=casts,
+        units="base-2" if op.exp2 else "natural",
+        score_lines="".join(f"        {line}\n" for line in lines),
+        bounds_lines="".join(f"        {line}\n" for line in bounds),
+        prescale=f" * {coefficient!r}" if coefficient is not None else "",
+        exp="exp2" if op.exp2 else "exp",
+        log="log2" if op.exp2 else "log",
+        to_natural=" * LN2" if op.exp2 else "",
+    )

@@ -1,0 +1,353 @@
+"""Decoding: the split-kv pass, the pytorch decode path, static and paged KV caches, against float64 attention."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import attncc
+from attncc.errors import AttnccError
+from attncc.interpreter import run_reference
+from tests.reference import assert_attention_matches, dense_attention
+from tests.test_triton import requires_triton
+
+# Splits of at least 8 keys, so the small tests below run several parts and merge them.
+PIPELINE = ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsity", "split-kv{min_keys=8}",
+            "tile{target=pytorch}"]  # fmt: skip
+HEADS = 8
+D = 16
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _spec(kv_heads, **fields):
+    return attncc.AttentionSpec(num_heads=HEADS, num_kv_heads=kv_heads, head_dim=D, **fields)
+
+
+def _cache_reference(q, k, v, lengths, **fields):
+    """Each sequence alone over its own keys (M = its length), as float64 attention; mods see its batch index."""
+    outputs, lses = [], []
+    score_mod, mask_mod = fields.pop("score_mod", None), fields.pop("mask_mod", None)
+    for b, length in enumerate(lengths):
+        if score_mod is not None:
+            fields["score_mod"] = lambda s, b_, h, i, j, b=b: score_mod(s, b_ + b, h, i, j)
+        if mask_mod is not None:
+            fields["mask_mod"] = lambda b_, h, i, j, b=b: mask_mod(b_ + b, h, i, j)
+        if length == 0:
+            outputs.append(torch.zeros(q.shape[1:], dtype=torch.float64))
+            lses.append(torch.full(q.shape[1:3], float("-inf"), dtype=torch.float64))
+            continue
+        o, lse = dense_attention(q[b : b + 1], k[b : b + 1, :, :length], v[b : b + 1, :, :length], **fields)
+        outputs.append(o[0])
+        lses.append(lse[0])
+    return torch.stack(outputs), torch.stack(lses)
+
+
+def test_split_kv_pass_puts_a_decode_schedule_on_the_region():
+    attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
+    assert "decode = {rows <= 16, splits of >= 8 keys, 2 per worker}" in str(attn.graph)
+    record = next(r for r in attn.pass_records if r.name == "split-kv")
+    assert record.stats == {"regions_split": 1}
+    assert "class FlashAttentionDecode" in attn.source and "def decode(q, k, v, kv_lengths, page_table)" in attn.source
+
+
+@pytest.mark.parametrize("option", ["max_rows=0", "min_keys=-3", "waves=x"])
+def test_split_kv_rejects_bad_options(option):
+    with pytest.raises(AttnccError, match=option.split("=")[0]):
+        attncc.passes.pipeline([f"split-kv{{{option}}}"])
+
+
+def test_decode_splits_from_keys_heads_and_workers():
+    decoding = attncc.compile(_spec(2), pipeline=[*PIPELINE[:5], "split-kv{min_keys=1024}", PIPELINE[-1]])
+    splits = decoding.module.FlashAttentionDecode.splits
+    assert splits(keys=131072, batch_heads=8, workers=132) == 32  # a GPU: about 2 waves of 132 SMs over 8 heads
+    assert splits(keys=131072, batch_heads=512, workers=132) == 1  # batch x heads fill the device
+    assert splits(keys=3000, batch_heads=1, workers=64) == 2  # no split shorter than min_keys
+    assert splits(keys=100, batch_heads=1, workers=64) == 1
+    assert splits(keys=16384, batch_heads=8, workers=2) == 1  # this CPU at a Llama-3-8B decode step
+
+
+def test_interpreter_validates_the_split_schedule_at_decode_shapes():
+    """The interpreter runs a decoding region as one split per KV tile, merged: the pass keeps the meaning."""
+    spec = _spec(2, causal=True, window=(9, 0), softcap=30.0)
+    attn = attncc.compile(spec, pipeline=[*PIPELINE[:-1], "tile{target=pytorch,block_m=16,block_n=8}"])
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, HEADS, 2, D), torch.randn(2, 2, 43, D), torch.randn(2, 2, 43, D)
+    before = run_reference(attn.unoptimized_graph, q, k, v)
+    after = run_reference(attn.graph, q, k, v)
+    torch.testing.assert_close(after["o"], before["o"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(after["lse"], before["lse"], atol=1e-12, rtol=0)
+
+
+CASES = {
+    "dense": {},
+    "causal": {"causal": True},
+    "window": {"causal": True, "window": (11, 0)},
+    "softcap_alibi": {"softcap": 20.0, "alibi": True, "causal": True},
+    "score_mod": {"score_mod": lambda score, b, h, q_idx, kv_idx: score + 0.1 * h - 0.01 * (kv_idx % 7)},
+    "mask_mod": {"mask_mod": lambda b, h, q_idx, kv_idx: (kv_idx % 5 != 2) & (kv_idx >= 20 * b)},
+}
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])  # GQA groups 1, 4, 8
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decode_shapes_match_float64_attention(case, kv_heads):
+    fields = CASES[case]
+    attn = attncc.compile(_spec(kv_heads, **fields), pipeline=PIPELINE)
+    torch.manual_seed(kv_heads)
+    n = 2 if kv_heads > 1 else 1  # groups x N rows fit one decode tile
+    q, k, v = torch.randn(3, HEADS, n, D), torch.randn(3, kv_heads, 77, D), torch.randn(3, kv_heads, 77, D)
+    o, lse = attn(q, k, v, return_lse=True)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, **fields), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_half_precision(dtype):
+    attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, h, n, D).to(dtype) for h, n in ((HEADS, 3), (2, 61), (2, 61)))
+    o, lse = attn(q, k, v, return_lse=True)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, causal=True), dtype)
+
+
+def test_decode_rows_fully_masked_and_parts_fully_masked():
+    """A window that hides every key from some queries, a mask that hides whole parts: o = 0, lse = -inf, no NaN."""
+    fields = {"mask_mod": lambda b, h, q_idx, kv_idx: (kv_idx < 8) & (q_idx == 0)}
+    attn = attncc.compile(_spec(2, **fields), pipeline=PIPELINE)
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, HEADS, 2, D), torch.randn(1, 2, 64, D), torch.randn(1, 2, 64, D)
+    o, lse = attn(q, k, v, return_lse=True)
+    assert torch.isneginf(lse[:, :, 1]).all() and (o[:, :, 1] == 0).all() and not o.isnan().any()
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, **fields), torch.float32)
+
+
+def _filled_static(lengths, kv_heads, max_len, generator, dtype=torch.float32):
+    cache = attncc.StaticKVCache(len(lengths), kv_heads, max_len, D, dtype=dtype)
+    for b, length in enumerate(lengths):
+        if length:
+            cache.append(torch.randn(1, kv_heads, length, D, generator=generator),
+                         torch.randn(1, kv_heads, length, D, generator=generator), sequences=b)  # fmt: skip
+    return cache
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "mask_mod"])
+def test_static_cache_sequences_of_different_lengths(case):
+    fields = CASES[case]
+    attn = attncc.compile(_spec(2, **fields), pipeline=PIPELINE)
+    generator = torch.Generator().manual_seed(3)
+    lengths = [37, 5, 0, 64]
+    cache = _filled_static(lengths, 2, 64, generator)
+    assert cache.lengths.tolist() == lengths and len(cache) == 64
+    q = torch.randn(4, HEADS, 2, D, generator=generator)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    assert_attention_matches(o, lse, *_cache_reference(q, cache.k, cache.v, lengths, **fields), torch.float32)
+
+
+def test_static_cache_appends_after_each_sequence():
+    cache = attncc.StaticKVCache(2, 1, 8, D)
+    first, second = torch.randn(2, 1, 3, D), torch.randn(1, 1, 2, D)
+    cache.append(first, first)
+    cache.append(second, second, sequences=[1])
+    assert cache.lengths.tolist() == [3, 5]
+    torch.testing.assert_close(cache.k[1, :, 3:5], second[0])
+    torch.testing.assert_close(cache.k[:, :, :3], first)
+    with pytest.raises(AttnccError, match="overflows max_len=8"):
+        cache.append(torch.randn(2, 1, 4, D), torch.randn(2, 1, 4, D))
+    cache.reset([1])
+    assert cache.lengths.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 64])  # smaller than a split, not dividing the lengths, larger
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_paged_cache_matches_float64_attention(page_size, kv_heads):
+    attn = attncc.compile(_spec(kv_heads, causal=True, window=(40, 0)), pipeline=PIPELINE)
+    generator = torch.Generator().manual_seed(page_size)
+    lengths = [53, 7, 90]
+    cache = attncc.PagedKVCache(64 if page_size > 1 else 200, page_size, 3, kv_heads, D)
+    for b in (2, 0, 1):  # interleaved appends scatter each sequence's pages
+        for chunk in (lengths[b] // 2, lengths[b] - lengths[b] // 2):
+            k, v = (torch.randn(1, kv_heads, chunk, D, generator=generator) for _ in range(2))
+            cache.append(k, v, sequences=b)
+    q = torch.randn(3, HEADS, 1, D, generator=generator)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    k, v = cache.gather()
+    reference = _cache_reference(q, k, v, lengths, causal=True, window=(40, 0))
+    assert_attention_matches(o, lse, *reference, torch.float32)
+
+
+def test_paged_cache_allocator_reserves_erases_and_reuses_pages():
+    cache = attncc.PagedKVCache(num_pages=4, page_size=4, batch_size=2, num_kv_heads=1, head_dim=D, max_pages=3)
+    cache.reserve(0, 9)
+    assert cache.free_pages == 1 and cache.page_table[0].tolist() == [0, 1, 2]
+    with pytest.raises(AttnccError, match="1 of 4 are free"):
+        cache.reserve(1, 5)
+    with pytest.raises(AttnccError, match="max_pages=3"):
+        cache.reserve(1, 13)
+    cache.erase(0)
+    assert cache.free_pages == 4 and cache.lengths.tolist() == [0, 0]
+    cache.append(torch.ones(1, 1, 6, D), torch.ones(1, 1, 6, D), sequences=1)
+    assert cache.lengths.tolist() == [0, 6] and cache.page_table[1, :2].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_gradients_match_float64_attention(paged):
+    attn = attncc.compile(_spec(2, causal=True, softcap=25.0), pipeline=PIPELINE)
+    generator = torch.Generator().manual_seed(5)
+    lengths = [29, 50]
+    if paged:
+        cache = attncc.PagedKVCache(40, 3, 2, 2, D)
+        for b, length in enumerate(lengths):
+            cache.append(*(torch.randn(1, 2, length, D, generator=generator) for _ in range(2)), sequences=b)
+        leaves = (cache.k_pages.requires_grad_(), cache.v_pages.requires_grad_())
+    else:
+        cache = _filled_static(lengths, 2, 50, generator)
+        leaves = (cache.k.requires_grad_(), cache.v.requires_grad_())
+    q = torch.randn(2, HEADS, 2, D, generator=generator, requires_grad=True)
+    weights = torch.randn(2, HEADS, 2, D, generator=generator)
+    o = attn.decode(q, cache)
+    grads = torch.autograd.grad((o * weights).sum(), (q, *leaves))
+
+    q64 = q.detach().double().requires_grad_()
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    if paged:
+        positions = torch.arange(50)
+        pages = cache.page_table[:, positions // 3].long()
+        k, v = (t[pages, positions % 3].permute(0, 2, 1, 3) for t in leaves64)
+    else:
+        k, v = leaves64
+    o_ref, _ = _cache_reference(q64, k, v, lengths, causal=True, softcap=25.0)
+    expected = torch.autograd.grad((o_ref * weights.double()).sum(), (q64, *leaves64))
+    for grad, reference in zip(grads, expected):
+        torch.testing.assert_close(grad.double(), reference, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_with_captured_tensors_and_logical_positions():
+    bias = torch.randn(128)
+    fields = {"score_mod": lambda score, b, h, q_idx, kv_idx: score + bias[kv_idx]}
+    attn = attncc.compile(_spec(2, **fields), pipeline=PIPELINE)
+    generator = torch.Generator().manual_seed(6)
+    lengths = [70, 33]
+    cache = attncc.PagedKVCache(50, 4, 2, 2, D)
+    for b, length in enumerate(lengths):
+        cache.append(*(torch.randn(1, 2, length, D, generator=generator) for _ in range(2)), sequences=b)
+    q = torch.randn(2, HEADS, 1, D, generator=generator)
+    fresh = torch.randn(128)
+    o, lse = attn.decode(q, cache, return_lse=True, bias=fresh)
+    k, v = cache.gather()
+    reference = _cache_reference(q, k, v, lengths, score_mod=lambda s, b, h, i, j: s + fresh.double()[j])
+    assert_attention_matches(o, lse, *reference, torch.float32)
+
+
+def test_decode_rejects_bad_input():
+    attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
+    cache = attncc.StaticKVCache(2, 2, 16, D)
+    with pytest.raises(attncc.InputError, match="StaticKVCache or attncc.PagedKVCache"):
+        attn.decode(torch.randn(2, HEADS, 1, D), (cache.k, cache.v))
+    with pytest.raises(attncc.InputError, match="batch size 3; the call reads 2 sequences"):
+        attn.decode(torch.randn(3, HEADS, 1, D), cache)
+    with pytest.raises(attncc.InputError, match="num_kv_heads is 2"):
+        attn.decode(torch.randn(2, HEADS, 1, D), attncc.StaticKVCache(2, 4, 16, D))
+    with pytest.raises(attncc.InputError, match="head_dim"):
+        attn.decode(torch.randn(2, HEADS, 1, 8), cache)
+    with pytest.raises(attncc.InputError, match=r"sequences=\[5\] is invalid"):
+        cache.append(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D), sequences=[5])
+    with pytest.raises(attncc.InputError, match="names a sequence twice"):
+        cache.append(torch.randn(2, 2, 1, D), torch.randn(2, 2, 1, D), sequences=[0, 0])
+    with pytest.raises(attncc.InputError, match=r"k has shape \(1, 3, 1, 16\)"):
+        cache.append(torch.randn(1, 3, 1, D), torch.randn(1, 3, 1, D), sequences=[0])
+    with pytest.raises(attncc.InputError, match="page_size=0 is invalid"):
+        attncc.PagedKVCache(4, 0, 1, 1, D)
+    with pytest.raises(attncc.InputError, match="dtype=torch.int32 is invalid"):
+        attncc.StaticKVCache(1, 1, 4, D, dtype=torch.int32)
+
+
+def test_decode_needs_a_backend_with_a_decoding_path():
+    attn = attncc.compile(_spec(2, causal=True), pipeline=[p for p in PIPELINE if not p.startswith("split-kv")])
+    with pytest.raises(attncc.BackendError, match="no decoding path"):
+        attn.decode(torch.randn(1, HEADS, 1, D), attncc.StaticKVCache(1, 2, 4, D))
+
+
+def test_cache_prompt_of_many_rows_runs_in_row_tiles():
+    """A prompt appended to a cache: groups x N rows beyond a decode step run in query tiles of BLOCK_M rows."""
+    pipeline = [*PIPELINE[:-1], "tile{target=pytorch,block_m=16}"]
+    attn = attncc.compile(_spec(2, causal=True, window=(6, 0)), pipeline=pipeline)
+    assert attn.module.FlashAttentionDecode.BLOCK_M == 16
+    generator = torch.Generator().manual_seed(7)
+    lengths = [23, 40]
+    cache = _filled_static(lengths, 2, 40, generator)
+    q = torch.randn(2, HEADS, 11, D, generator=generator)  # 44 packed rows: 3 tiles
+    o, lse = attn.decode(q, cache, return_lse=True)
+    reference = _cache_reference(q, cache.k, cache.v, lengths, causal=True, window=(6, 0))
+    assert_attention_matches(o, lse, *reference, torch.float32)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_nn_attention_decodes_ragged_batches_like_each_sequence_alone(paged):
+    """Prompts of different lengths prefilled one by one, then batched steps: each row's output equals
+    the layer run without a cache on that sequence's whole input (RoPE at each sequence's own positions)."""
+    torch.manual_seed(8)
+    layer = attncc.nn.Attention(32, 4, num_kv_heads=2, rope=True, window=(9, 0))
+    prompts = [torch.randn(1, length, 32) for length in (6, 13, 1)]
+    steps = [torch.randn(3, 1, 32) for _ in range(3)]
+    if paged:
+        cache = attncc.PagedKVCache(num_pages=30, page_size=4, batch_size=3, num_kv_heads=2, head_dim=8)
+    else:
+        cache = attncc.StaticKVCache(3, 2, 16, 8)
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            layer(prompt, cache, sequences=[b])
+        outputs = [layer(x, cache) for x in steps]
+        for b, prompt in enumerate(prompts):
+            whole = torch.cat([prompt, *(x[b : b + 1] for x in steps)], dim=1)
+            expected = layer(whole)[0, -len(steps) :]
+            torch.testing.assert_close(torch.cat([o[b] for o in outputs]), expected, atol=2e-6, rtol=2e-6)
+    assert cache.lengths.tolist() == [9, 16, 4]
+
+
+def test_serve_decode_example_gives_the_tokens_of_decoding_without_a_cache():
+    spec = importlib.util.spec_from_file_location("serve_decode", EXAMPLES / "serve_decode.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    model = example.TinyLlama(dim=32, heads=4, kv_heads=2, layers=1, hidden=64).eval()
+    prompts = [torch.randint(0, example.VOCAB, (length,)) for length in (5, 11, 2)]
+    with torch.no_grad():
+        generated, steps = example.serve(model, prompts, slots=2, new_tokens=4, page_size=3)
+        for request, prompt in enumerate(prompts):
+            tokens = torch.tensor([prompt.tolist() + generated[request][:-1]])
+            assert model(tokens)[0, len(prompt) - 1 :].argmax(-1).tolist() == generated[request]
+    assert steps == 6  # two requests for 3 steps, then the third for 3
+
+
+TRITON_PIPELINE = [*PIPELINE[:-1], "tile{target=triton,block_m=16,block_n=16}"]
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "paged, fields, dtype",
+    [
+        (False, {"causal": True, "window": (40, 0), "softcap": 30.0}, torch.float32),
+        (True, {"mask_mod": lambda b, h, q_idx, kv_idx: (kv_idx % 5 != 2) & (h != 3)}, torch.float32),
+        (True, {"causal": True}, torch.bfloat16),
+    ],
+)
+def test_triton_decode_kernel_matches_float64_attention(paged, fields, dtype):
+    """One (sequence, KV head) pair: the keys split across programs (min 8 keys a split), merged."""
+    attn = attncc.compile(_spec(1, **fields), backend="triton", pipeline=TRITON_PIPELINE)
+    assert "def _attn_decode(" in attn.source
+    generator = torch.Generator().manual_seed(9)
+    lengths = [45, 70]
+    if paged:
+        cache = attncc.PagedKVCache(40, 3, 2, 1, D, dtype=dtype)
+        for b, length in enumerate(lengths):
+            cache.append(*(torch.randn(1, 1, length, D, generator=generator) for _ in range(2)), sequences=b)
+        k, v = cache.gather()
+    else:
+        cache = _filled_static(lengths, 1, 70, generator, dtype)
+        k, v = cache.k, cache.v
+    assert attn.module.FlashAttentionDecode.splits(70, 2, 2) == 2
+    q = torch.randn(2, HEADS, 1, D, generator=generator).to(dtype)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, **fields), dtype)
+    with pytest.raises(attncc.BackendError, match="decoding kernel computes no gradients"):
+        attn.decode(q.requires_grad_(), cache)
