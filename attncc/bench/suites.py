@@ -90,6 +90,25 @@ def gpu_suite(device) -> list[BenchCase]:
     return cases
 
 
+def linear_suite(device) -> list[BenchCase]:
+    """The [linear] issue's benchmark: causal elu+1 linear attention, B=1, H=8, D=64, fp32, N=M from 1K to 256K.
+
+    attncc's linear program at every length (32K and 256K: eight times the length, for the
+    growth of time); softmax attention of the same shapes (SDPA up to 8K, attncc's pytorch
+    backend up to 4K), for the crossover; the quadratic eager linear attention up to 4K.
+    """
+    spec = AttentionSpec(num_heads=8, head_dim=64, causal=True, kind="linear", feature_map="elu+1")
+    cases = []
+    for n in (1024, 4096, 8192, 32768, 262144):
+        names = ["attncc-pytorch"]
+        if n <= 8192:
+            names.append("sdpa-softmax")
+        if n <= 4096:
+            names += ["attncc-pytorch-softmax", "naive-linear"]
+        cases.append(BenchCase(f"linear N=M={n}", "causal elu+1", spec, 1, n, n, implementations=tuple(names)))
+    return cases
+
+
 DECODE_IMPLEMENTATIONS = {
     "cpu": ("attncc-pytorch", "attncc-pytorch-paged", "sdpa", "naive", "flex-compiled"),
     "cuda": ("attncc-triton", "attncc-triton-paged", "attncc-pytorch", "sdpa", "naive", "flex-compiled"),
@@ -123,6 +142,7 @@ SUITES: dict[str, Callable[[torch.device], list[BenchCase]]] = {
     "sparsity": sparsity_suite,
     "gpu": gpu_suite,
     "decode": decode_suite,
+    "linear": linear_suite,
 }
 
 
