@@ -90,6 +90,19 @@ def gpu_suite(device) -> list[BenchCase]:
     return cases
 
 
+def short_suite(device) -> list[BenchCase]:
+    """Prefill at every length from 128 to 16384 (B=1, fp32), dense and causal, H=8 with D=64 and H=32 / Hkv=8
+    with D=128: attncc's pytorch backend against SDPA. Narrow it with ``--seq``, ``--case`` and ``--head-dim``."""
+    cases = []
+    for heads, kv_heads, head_dim in ((8, 8, 64), (32, 8, 128)):
+        for n in (128, 256, 512, 1024, 2048, 4096, 8192, 16384):
+            for mask, fields in (("dense", {}), ("causal", {"causal": True})):
+                spec = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, **fields)
+                cases.append(BenchCase(f"{mask} H={heads}/{kv_heads} D={head_dim} N=M={n}", mask, spec, 1, n, n,
+                                       implementations=("attncc-pytorch", "sdpa")))  # fmt: skip
+    return cases
+
+
 def linear_suite(device) -> list[BenchCase]:
     """The [linear] issue's benchmark: causal elu+1 linear attention, B=1, H=8, D=64, fp32, N=M from 1K to 256K.
 
@@ -143,6 +156,7 @@ SUITES: dict[str, Callable[[torch.device], list[BenchCase]]] = {
     "gpu": gpu_suite,
     "decode": decode_suite,
     "linear": linear_suite,
+    "short": short_suite,
 }
 
 
