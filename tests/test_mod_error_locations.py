@@ -39,7 +39,7 @@ def test_a_builtin_mod_names_the_call_not_attncc():
 @pytest.mark.parametrize("entry", ["flex_attention", "compile", "create_block_mask"])
 def test_every_entry_point_names_the_mods_line(entry):
     def mask_mod(b, h, q_idx, kv_idx):
-        return torch.sin(q_idx) > 0  # the unsupported op
+        return torch.lgamma(q_idx) > 0  # the unsupported op
 
     q, k, v = qkv()
     calls = {
@@ -60,7 +60,7 @@ class Biased(torch.nn.Module):
 
     def forward(self, score, b, h, q_idx, kv_idx):
         if self.unsupported:
-            return torch.erf(score)  # erf in a module
+            return torch.lgamma(score)  # lgamma in a module
         return 5 * self.cap(score / 5) + self.bias[kv_idx]
 
 
@@ -71,7 +71,7 @@ def test_a_module_mod_is_traced_through_and_its_errors_name_its_line():
     mod = Biased(unsupported=False)
     o = attncc.flex_attention(q, k, v, score_mod=mod)
     torch.testing.assert_close(o.double(), dense_attention(q, k, v, score_mod=mod)[0], atol=2e-6, rtol=2e-6)
-    with pytest.raises(attncc.ModError, match=f"torch.erf is not supported in a score_mod at {HERE}:"):
+    with pytest.raises(attncc.ModError, match=f"torch.lgamma is not supported in a score_mod at {HERE}:"):
         attncc.flex_attention(q, k, v, score_mod=Biased(unsupported=True))
-    with pytest.raises(attncc.ModError, match=f":{line_of('# erf in a module')}: "):
+    with pytest.raises(attncc.ModError, match=f":{line_of('# lgamma in a module')}: "):
         attncc.flex_attention(q, k, v, score_mod=Biased(unsupported=True))
