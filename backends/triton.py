@@ -6,10 +6,12 @@ generated module holds, in the style of Triton's fused-attention tutorial:
 - ``_scores``: the region's score expression and mask on one [BLOCK_M, BLOCK_N] tile,
   printed from sympy by ``TritonPrinter`` (loads of captured tensors masked to the
   sequence bounds), and ``_score_grad``, its derivative by ``sympy.diff`` when the
-  score is not linear in ``q . k``;
+  score is not linear in ``q . k``; ``_captured_grads``, the gradients of the captured float
+  tensors the score reads (each element's ``dS * d s / d element``, added with atomics);
 - ``_attn_fwd``: one query tile of one head, an online softmax over KV tiles in exp2;
 - ``_attn_bwd_preprocess``, ``_attn_bwd_dkdv``, ``_attn_bwd_dq``: FlashAttention-2's
-  backward (delta = rowsum(o * do), dK/dV per KV tile, dQ per query tile);
+  backward (delta = rowsum(o * do), dK/dV and the captured tensors' gradients per KV
+  tile, dQ per query tile);
 - ``FlashAttention``, a ``torch.autograd.Function`` that launches them, and
   ``attention(q, k, v, *captured) -> (o, lse)``.
 

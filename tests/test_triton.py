@@ -484,12 +484,20 @@ LEARNABLE_CASES = {
     "per_head": (_per_head_bias, {"bias": (4,)}, {"causal": True}, {"causal": True}, (2, 4, 2, 19, 23, 16)),
     "per_key": (_per_key_bias, {"bias": (34,)}, {"window": (5, 3)}, {"window": (5, 3)}, (1, 2, 2, 27, 34, 16)),
     "relative_position": (
-        _relative_position_table, {"table": (2, 9)}, {"causal": True}, {"causal": True}, (1, 2, 1, 21, 17, 16)
+        _relative_position_table,
+        {"table": (2, 9)},
+        {"causal": True},
+        {"causal": True},
+        (1, 2, 1, 21, 17, 16),
     ),
     "pair": (_pair_bias, {"pair": (20, 33)}, {"causal": True}, {"causal": True}, (1, 2, 2, 20, 33, 16)),
     "alibi_slopes": (_learnable_alibi, {"slopes": (4,)}, {"causal": True}, {"causal": True}, (1, 4, 2, 25, 18, 16)),
     "softcapped_bias": (
-        _softcapped_bias, {"bias": (2, 29)}, {"window": (4, 4)}, {"window": (4, 4)}, (1, 2, 2, 22, 29, 16)
+        _softcapped_bias,
+        {"bias": (2, 29)},
+        {"window": (4, 4)},
+        {"window": (4, 4)},
+        (1, 2, 2, 22, 29, 16),
     ),
 }
 
@@ -575,8 +583,9 @@ def test_gradient_reductions_follow_the_index():
         score_mod = factory(**learnable_tensors(tensor_shapes))
         spec = attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, score_mod=score_mod, **fields)
         sources[case] = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES).source
-    assert "tl.atomic_add(cap0_bias_grad_ptr + h * cap0_bias_grad_stride0, tl.sum(tl.sum(contribution, 1), 0))" in (
-        sources["per_head"]
+    assert (
+        "tl.atomic_add(cap0_bias_grad_ptr + h * cap0_bias_grad_stride0, tl.sum(tl.sum(contribution, 1), 0))"
+        in (sources["per_head"])
     )
     assert "tl.sum(contribution, 0)[None, :], mask=col_ok)" in sources["per_key"]
     assert "tl.atomic_add(cap0_pair_grad_ptr + q_idx * cap0_pair_grad_stride0 + kv_idx * cap0_pair_grad_stride1, " \
