@@ -600,7 +600,9 @@ class RegionWriter:
             f"                    {', '.join(self.tile_params())},",
             f"                    {', '.join(self.grad_params(annotated=True))}):",
             f'    """dL/d element += ds * d s / d element{units}, for each element of a captured tensor the score reads',
-            "    (sympy.diff of the score expression), into float32 gradients; hidden elements (ds = 0) add nothing.",
+            "    (sympy.diff of the score expression), into float32 gradients. Hidden elements (ds = 0) and the padding",
+            "    past N and M add nothing: full tiles evaluate no bounds, so the padded keys of the last KV tile have a",
+            "    score there (dK and dV never store them).",
             '    """',
             "    q_idx = offs_m[:, None]",
             "    kv_idx = offs_n[None, :]",
@@ -617,10 +619,10 @@ class RegionWriter:
                 derivative = derivative * to_natural
                 body = [f"# d s / d {sympy.sstr(element)}: {sympy.sstr(fold_numbers(derivative))}"]
                 if derivative == 1:
-                    body.append("contribution = ds")
+                    body.append("contribution = tl.where(row_ok & col_ok, ds, 0.0)")
                 else:
                     body += writer.lines(derivative, "grad")
-                    body.append("contribution = tl.where(ds == 0.0, 0.0, ds * grad)")
+                    body.append("contribution = tl.where(row_ok & col_ok & (ds != 0.0), ds * grad, 0.0)")
                 writer.accumulate(element, "contribution", body)
                 lines += ["        " + line for line in body]
         return lines

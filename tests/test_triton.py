@@ -472,6 +472,10 @@ def _pair_bias(pair):
     return lambda score, b, h, q_idx, kv_idx: score + pair[q_idx, kv_idx]
 
 
+def _row_and_column_biases(rows, columns):
+    return lambda score, b, h, q_idx, kv_idx: score + rows[q_idx] + columns[kv_idx]
+
+
 def _learnable_alibi(slopes):
     return lambda score, b, h, q_idx, kv_idx: score + slopes[h] * (kv_idx - q_idx)
 
@@ -491,6 +495,8 @@ LEARNABLE_CASES = {
         (1, 2, 1, 21, 17, 16),
     ),
     "pair": (_pair_bias, {"pair": (20, 33)}, {"causal": True}, {"causal": True}, (1, 2, 2, 20, 33, 16)),
+    # no mask: full tiles, whose last KV tile is cut by M (its padded keys must add nothing to the row sums)
+    "row_and_column": (_row_and_column_biases, {"rows": (24,), "columns": (40,)}, {}, {}, (1, 2, 2, 24, 40, 16)),
     "alibi_slopes": (_learnable_alibi, {"slopes": (4,)}, {"causal": True}, {"causal": True}, (1, 4, 2, 25, 18, 16)),
     "softcapped_bias": (
         _softcapped_bias,
