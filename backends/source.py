@@ -252,9 +252,7 @@ def score_derivative(expr, variable=score):
         sympy.Mod: lambda a, c: a - c * sympy.floor(a / c),
     }
     for function, rewrite in flooring.items():
-        expr = expr.replace(
-            lambda e, f=function: isinstance(e, f) and e.has(variable), lambda e, r=rewrite: r(*e.args)
-        )
+        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(variable), lambda e, r=rewrite: r(*e.args))
     held: dict[sympy.Dummy, sympy.Expr] = {}
 
     def hold(step):
