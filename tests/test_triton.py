@@ -627,7 +627,7 @@ def test_float_tensors_read_only_by_the_mask_get_zero_gradients():
     assert bias.grad[:, ~hidden].abs().min() > 0
     # the region's backward, called directly with a context (as attncc's custom op calls it), returns them too
     o, lse = attn(q, k, v, return_lse=True, gate=gate, bias=bias)
-    region = load_module(attn.path).FlashAttention
+    region = attn.module.FlashAttention
     captured = attn.captured_values({"gate": gate, "bias": bias}, q.device)  # in the program's order
     context = types.SimpleNamespace(saved_tensors=(q, k, v, o, lse, *captured), needs_input_grad=(True,) * 5)
     _, _, _, *grads = region.backward(context, torch.ones_like(o), torch.zeros_like(lse))
