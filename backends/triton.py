@@ -1560,7 +1560,8 @@ def generate(graph: Graph) -> GeneratedSource:
         w.line(row, ir=ir_line)
     w.line()
     w.line()
-    region_args = ", ".join(["q", "k", "v", *(captured_names[label] for label in writer.captured)])
+    region_captured = [captured_names[label] for label in writer.captured]
+    region_args = ", ".join(["q", "k", "v", *region_captured])
     if decoding is not None:
         for row in decoding[1].splitlines():
             w.line(row, ir=ir_line)
@@ -1569,12 +1570,11 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line(f"def attention({', '.join(['q', 'k', 'v', *captured])}):")
     w.line(f'    """o and lse of {ir_names[region]} = flash_attention(...) and {ir_names[lse]} = lse_of(...)."""')
     if decoding is not None:
-        decode_args = ", ".join(["q", "k", "v", "None", "None", *writer.captured])
+        decode_args = ", ".join(["q", "k", "v", "None", "None", *region_captured])
         w.line("    if FlashAttentionDecode.applies(q.shape[2]):", ir=ir_line)
         w.line(f"        return FlashAttentionDecode.apply({decode_args})", ir=ir_line)
     w.line(f"    return FlashAttention.apply({region_args})", ir=ir_line)
     if decoding is not None:
-        region_captured = [captured_names[label] for label in writer.captured]
         w.line()
         w.line()
         w.line(f"def decode({', '.join(['q', 'k', 'v', 'kv_lengths', 'page_table', *captured])}):")
