@@ -243,15 +243,16 @@ def split_linear(expr) -> tuple[float | None, sympy.Expr]:
     return None, expr
 
 
-def score_derivative(expr):
-    """d expr / d score. Integer-valued parts (//, %, floor, ceil) are piecewise constant: their derivative is 0,
-    so they are held as constants while sympy differentiates (and ``sign``'s DiracDelta is 0 but at 0)."""
+def score_derivative(expr, variable=score):
+    """d expr / d variable (score, or another symbol). Integer-valued parts (//, %, floor, ceil) are piecewise
+    constant: their derivative is 0, so they are held as constants while sympy differentiates (and ``sign``'s
+    DiracDelta is 0 but at 0)."""
     flooring = {
         FloorDiv: lambda a, c: sympy.floor(a / c),
         sympy.Mod: lambda a, c: a - c * sympy.floor(a / c),
     }
     for function, rewrite in flooring.items():
-        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(score), lambda e, r=rewrite: r(*e.args))
+        expr = expr.replace(lambda e, f=function: isinstance(e, f) and e.has(variable), lambda e, r=rewrite: r(*e.args))
     held: dict[sympy.Dummy, sympy.Expr] = {}
 
     def hold(step):
@@ -259,8 +260,8 @@ def score_derivative(expr):
         held[constant] = step
         return constant
 
-    steps = expr.replace(lambda e: isinstance(e, (sympy.floor, sympy.ceiling)) and e.has(score), hold)
-    derivative = sympy.diff(steps, score)
+    steps = expr.replace(lambda e: isinstance(e, (sympy.floor, sympy.ceiling)) and e.has(variable), hold)
+    derivative = sympy.diff(steps, variable)
     while derivative.has(*held):
         derivative = derivative.xreplace(held)
     return derivative.replace(sympy.DiracDelta, lambda *args: sympy.Integer(0))

@@ -6,10 +6,12 @@ generated module holds, in the style of Triton's fused-attention tutorial:
 - ``_scores``: the region's score expression and mask on one [BLOCK_M, BLOCK_N] tile,
   printed from sympy by ``TritonPrinter`` (loads of captured tensors masked to the
   sequence bounds), and ``_score_grad``, its derivative by ``sympy.diff`` when the
-  score is not linear in ``q . k``;
+  score is not linear in ``q . k``; ``_captured_grads``, the gradients of the captured float
+  tensors the score reads (each element's ``dS * d s / d element``, added with atomics);
 - ``_attn_fwd``: one query tile of one head, an online softmax over KV tiles in exp2;
 - ``_attn_bwd_preprocess``, ``_attn_bwd_dkdv``, ``_attn_bwd_dq``: FlashAttention-2's
-  backward (delta = rowsum(o * do), dK/dV per KV tile, dQ per query tile);
+  backward (delta = rowsum(o * do), dK/dV and the captured tensors' gradients per KV
+  tile, dQ per query tile);
 - ``FlashAttention``, a ``torch.autograd.Function`` that launches them, and
   ``attention(q, k, v, *captured) -> (o, lse)``.
 
@@ -29,6 +31,7 @@ import importlib
 import math
 import os
 import sys
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -124,6 +127,8 @@ TILE_SYMBOLS = (q_idx, kv_idx)
 TILE_PARAMS = ["score", "b", "h", "offs_m", "offs_n", "N", "M"]
 # The scalars a query tile's KV bounds may read (besides captured tensors indexed by them).
 BOUND_SYMBOLS = {q_first, q_last, N, M, b, h}
+# The dtypes of captured tensors loaded as float32 (and, read by the score, differentiated).
+FLOAT_TENSORS = ("f16", "bf16", "f32", "f64")
 # Indices the caller checks against the captured tensor's size before the call (CompiledAttention):
 # loads at them need no check in the kernel; every other index is wrapped and checked as torch does.
 HOST_CHECKED_INDICES = {b, h, q_idx, kv_idx, q_first, q_last}
@@ -285,6 +290,16 @@ def _like(symbol_name: str, expr) -> sympy.Symbol:
     return sympy.Symbol(symbol_name, **facts)
 
 
+class Address(NamedTuple):
+    """Where a captured-tensor element lies on a tile: its name (a prefix for its lines), each printed index,
+    the mask of its loads ("" for none) and the tile symbols its index reads (q_idx, kv_idx)."""
+
+    name: str
+    positions: list
+    mask: str
+    used: set
+
+
 class TileExpressions:
     """Writes IR expressions as lines of one @triton.jit tile function.
 
@@ -302,6 +317,7 @@ class TileExpressions:
         self.temporaries = sympy.numbered_symbols("tmp")
         self.loads: dict = {}  # (label, indices) -> symbol
         self.tile_uses: dict = {}  # load symbol -> the tile symbols (q_idx, kv_idx) its index reads
+        self.addresses: dict = {}  # (label, indices) -> Address
         self.checks_indices = False  # whether a load checks a computed index (and may flag index_error_ptr)
 
     def lines(self, expr, target: str) -> list[str]:
@@ -319,18 +335,24 @@ class TileExpressions:
 
     def _hoist_loads(self, expr, lines: list):
         if isinstance(expr, sympy.Indexed):
-            indices = tuple(self._hoist_loads(i, lines) for i in expr.indices)
-            label = str(expr.base.label)
-            key = (label, indices)
+            key = self._element_key(expr, lines)
             if key not in self.loads:
-                self.loads[key] = self._load(label, indices, expr, lines)
+                self.loads[key] = self._load(key, expr, lines)
             return self.loads[key]
         if not expr.args or isinstance(expr, sympy.Symbol):
             return expr
         return expr.func(*(self._hoist_loads(a, lines) for a in expr.args))
 
-    def _load(self, label: str, indices: tuple, element, lines: list) -> sympy.Symbol:
-        ndim, dtype = self.captured[label]
+    def _element_key(self, element, lines: list) -> tuple:
+        """(label, indices) of a captured-tensor element, with the loads its indices read hoisted."""
+        return str(element.base.label), tuple(self._hoist_loads(i, lines) for i in element.indices)
+
+    def _address(self, key: tuple, lines: list) -> Address:
+        """The element's position in its tensor: lines wrapping and checking each computed index (once per element)."""
+        if key in self.addresses:
+            return self.addresses[key]
+        label, indices = key
+        ndim = self.captured[label][0]
         if len(indices) != ndim:
             raise BackendError(f"captured tensor {label!r} has {ndim} dims but is indexed with {len(indices)}")
         used = set()
@@ -338,36 +360,67 @@ class TileExpressions:
             used |= {s for s in index.free_symbols if s in TILE_SYMBOLS}
             used |= set().union(*(self.tile_uses.get(s, set()) for s in index.free_symbols))
         masks = [mask for symbol, mask in ((q_idx, "row_ok"), (kv_idx, "col_ok")) if symbol in used]
-        load = self.names.derived(label, str(len(self.tile_uses)))
-        terms, in_range = [], []
+        name = self.names.derived(label, str(len(self.addresses)))
+        positions, in_range = [], []
         for dim, index in enumerate(indices):
             if index in HOST_CHECKED_INDICES:  # the caller checks the tensor's size against N, M, B, H
                 position = self.printer.parenthesize(index, 50)
             else:  # as torch indexes: a negative index counts once from the end; out of range is an error
-                position, size = f"{load}_index{dim}", self.names.derived(label, f"size{dim}")
+                position, size = f"{name}_index{dim}", self.names.derived(label, f"size{dim}")
                 # a tensor even where the index is a Python number (a constant, or sizes Triton specialised to 1)
                 lines.append(f"{position} = {self.printer.doprint(index)} + tl.zeros([], tl.int32)")
                 lines.append(f"{position} = tl.where({position} < 0, {position} + {size}, {position})")
                 in_range.append(f"({position} >= 0) & ({position} < {size})")
-            terms.append(f"{position} * {self.names.derived(label, f'stride{dim}')}")
+            positions.append(position)
         mask = " & ".join(masks)
         if in_range:
             # tl.where, not &, joins conditions of different shapes: the interpreter's & of a 0-d and a
             # block boolean is no boolean
             self.checks_indices = True
-            lines.append(f"{load}_in_range = {_all(in_range)}")
-            outside = f"tl.where({load}_in_range, False, {mask})" if masks else f"{load}_in_range == 0"
-            lines.append(f"{load}_out_of_range = {outside}")
+            lines.append(f"{name}_in_range = {_all(in_range)}")
+            outside = f"tl.where({name}_in_range, False, {mask})" if masks else f"{name}_in_range == 0"
+            lines.append(f"{name}_out_of_range = {outside}")
             lines.append(  # the pointer takes the mask's shape
-                f"tl.store(index_error_ptr + {load}_out_of_range.to(tl.int32) * 0, 1, mask={load}_out_of_range)"
+                f"tl.store(index_error_ptr + {name}_out_of_range.to(tl.int32) * 0, 1, mask={name}_out_of_range)"
             )
-            mask = _all([f"{load}_in_range", mask] if masks else [f"{load}_in_range"])
-        mask = f", mask={mask}, other=0" if mask else ""
-        cast = ".to(tl.float32)" if dtype in ("f16", "bf16", "f32", "f64") else ""
-        symbol = _like(load, element)
-        self.tile_uses[symbol] = used
-        lines.append(f"{symbol} = tl.load({self.names.derived(label, 'ptr')} + {' + '.join(terms)}{mask}){cast}")
+            mask = _all([f"{name}_in_range", mask] if masks else [f"{name}_in_range"])
+        self.addresses[key] = Address(name, positions, mask, used)
+        return self.addresses[key]
+
+    def _offset(self, label: str, address: Address, stride: str) -> str:
+        """``position0 * <tensor>_<stride>0 + ...``: the element's offset in a tensor of the given strides."""
+        terms = (f"{p} * {self.names.derived(label, f'{stride}{d}')}" for d, p in enumerate(address.positions))
+        return " + ".join(terms)
+
+    def _load(self, key: tuple, element, lines: list) -> sympy.Symbol:
+        label = key[0]
+        address = self._address(key, lines)
+        cast = ".to(tl.float32)" if self.captured[label][1] in FLOAT_TENSORS else ""
+        symbol = _like(address.name, element)
+        self.tile_uses[symbol] = address.used
+        mask = f", mask={address.mask}, other=0" if address.mask else ""
+        pointer = f"{self.names.derived(label, 'ptr')} + {self._offset(label, address, 'stride')}"
+        lines.append(f"{symbol} = tl.load({pointer}{mask}){cast}")
         return symbol
+
+    def accumulate(self, element, value: str, lines: list) -> None:
+        """Lines adding the tile ``value`` at each position into the float32 gradient of the captured ``element``.
+
+        The gradient is ``<tensor>_grad_ptr`` with strides ``<tensor>_grad_stride<d>``. An index that
+        reads neither q_idx nor kv_idx is one element for the whole tile: one atomic adds the tile's
+        sum; one that reads only kv_idx (q_idx) adds column (row) sums. Masked like the element's load.
+        """
+        key = self._element_key(element, lines)
+        label, address = key[0], self._address(key, lines)
+        if not address.used:
+            value = f"tl.sum(tl.sum({value}, 1), 0)"
+        elif address.used == {kv_idx}:
+            value = f"tl.sum({value}, 0)[None, :]"
+        elif address.used == {q_idx}:
+            value = f"tl.sum({value}, 1)[:, None]"
+        pointer = f"{self.names.derived(label, 'grad_ptr')} + {self._offset(label, address, 'grad_stride')}"
+        mask = f", mask={address.mask}" if address.mask else ""
+        lines.append(f"tl.atomic_add({pointer}, {value}{mask})")
 
 
 def _all(conditions: list[str]) -> str:
@@ -376,6 +429,26 @@ def _all(conditions: list[str]) -> str:
     for condition in reversed(conditions[:-1]):
         result = f"tl.where({condition}, {result}, False)"
     return result
+
+
+def element_derivatives(expr) -> dict:
+    """Each float captured-tensor element ``expr`` reads (``bias[h, kv_idx]``) -> d expr / d element.
+
+    Each element is differentiated as a symbol of its own, so two reads of one tensor at
+    different indices stay two terms (sympy would relate them by KroneckerDelta). An element
+    read only inside another's index has no derivative (an index is an integer).
+    """
+    elements = sorted(
+        (e for e in expr.atoms(sympy.Indexed) if e.base.label.is_real and not e.base.label.is_integer), key=str
+    )
+    stand_ins = {element: sympy.Dummy(f"element{i}", real=True) for i, element in enumerate(elements)}
+    restore = {symbol: element for element, symbol in stand_ins.items()}
+    value = expr.xreplace(stand_ins)
+    return {
+        element: score_derivative(value, symbol).xreplace(restore)
+        for element, symbol in stand_ins.items()
+        if symbol in value.free_symbols
+    }
 
 
 def _scalar_bound(expr) -> bool:
@@ -419,6 +492,9 @@ class RegionWriter:
         self.expression_writers: list[TileExpressions] = []
         self.exp, self.log = ("tl.exp2", "tl.log2") if op.exp2 else ("tl.exp", "tl.log")
         self.coefficient, self.rest = split_linear(op.score)
+        self.element_derivatives = element_derivatives(op.score)
+        read = {str(element.base.label) for element in self.element_derivatives}
+        self.trainable = [label for label in self.captured if label in read]  # their gradients are computed
 
     def tile_expressions(self) -> TileExpressions:
         writer = TileExpressions(self.printer, self.captured_types)
@@ -448,6 +524,15 @@ class RegionWriter:
     def kernel_strides(self) -> str:
         """The captured tensors' strides and sizes, after the kernel's own strides."""
         return "".join(f" {p}," for p in self.tile_params() if not p.endswith("_ptr"))
+
+    def grad_params(self, annotated: bool = False) -> list[str]:
+        """Per trainable captured tensor: its gradient's pointer and strides, and the constexpr saying whether it is wanted."""
+        params = []
+        for label in self.trainable:
+            params.append(self.names.derived(label, "grad_ptr"))
+            params += [self.names.derived(label, f"grad_stride{d}") for d in range(self.captured_types[label][0])]
+            params.append(self.names.derived(label, "needs_grad") + (": tl.constexpr" if annotated else ""))
+        return params
 
     # -- the tile functions
     def scores_function(self) -> list[str]:
@@ -505,6 +590,49 @@ class RegionWriter:
             lines.append("    grad = tl.zeros_like(score) + grad")
         lines.append("    return grad")
         return lines
+
+    def captured_grads_function(self) -> list[str]:
+        """Adds each trainable captured tensor's gradient on one tile: ds times d s / d element, per element read."""
+        units = " times ln(2) (s is in base-2 units)" if self.op.exp2 else ""
+        lines = [
+            "@triton.jit",
+            f"def _captured_grads(ds, {', '.join(TILE_PARAMS)},",
+            f"                    {', '.join(self.tile_params())},",
+            f"                    {', '.join(self.grad_params(annotated=True))}):",
+            f'    """dL/d element += ds * d s / d element{units}, for each element of a captured tensor the score reads',
+            "    (sympy.diff of the score expression), into float32 gradients. Hidden elements (ds = 0) and the padding",
+            "    past N and M add nothing: full tiles evaluate no bounds, so the padded keys of the last KV tile have a",
+            "    score there (dK and dV never store them).",
+            '    """',
+            "    q_idx = offs_m[:, None]",
+            "    kv_idx = offs_n[None, :]",
+            "    row_ok = q_idx < N",
+            "    col_ok = kv_idx < M",
+        ]
+        to_natural = sympy.log(2) if self.op.exp2 else 1
+        for label in self.trainable:
+            writer = self.tile_expressions()  # each tensor's block loads what it reads: the blocks are optional
+            lines.append(f"    if {self.names.derived(label, 'needs_grad')}:")
+            for element, derivative in self.element_derivatives.items():
+                if str(element.base.label) != label:
+                    continue
+                derivative = derivative * to_natural
+                body = [f"# d s / d {sympy.sstr(element)}: {sympy.sstr(fold_numbers(derivative))}"]
+                if derivative == 1:
+                    body.append("contribution = tl.where(row_ok & col_ok, ds, 0.0)")
+                else:
+                    body += writer.lines(derivative, "grad")
+                    body.append("contribution = tl.where(row_ok & col_ok & (ds != 0.0), ds * grad, 0.0)")
+                writer.accumulate(element, "contribution", body)
+                lines += ["        " + line for line in body]
+        return lines
+
+    def captured_grads_call(self) -> str:
+        """The dK/dV tile loop's line adding the captured tensors' gradients, after ds (none without trainable tensors)."""
+        if not self.trainable:
+            return ""
+        args = ", ".join(["ds", "qk", *TILE_PARAMS[1:], *self.tile_params(), *self.grad_params()])
+        return f"\n        _captured_grads({args})"
 
     @property
     def units(self) -> str:
@@ -702,8 +830,15 @@ class RegionWriter:
             functions.append(self.score_grad_function())
         if self.op.rope is not None:
             functions += [self.position_function("query"), self.position_function("key")]
+        if self.trainable:
+            functions.append(self.captured_grads_function())
         fields = dict(
             tile_args="".join(f"{p}, " for p in self.tile_params()),
+            grad_args="".join(f"{p}, " for p in self.grad_params()),
+            grad_params="".join(f"{p}, " for p in self.grad_params(annotated=True)),
+            grad_pointers="".join(f" {p}," for p in self.grad_params() if p.endswith("_ptr")),
+            grad_strides="".join(f" {p}," for p in self.grad_params(annotated=True) if not p.endswith("_ptr")),
+            captured_grads=self.captured_grads_call(),
             pointers=self.kernel_pointers(),
             strides=self.kernel_strides(),
             d_mask=d_mask,
@@ -719,7 +854,8 @@ class RegionWriter:
         )
         for name, call in LOOP_CALLS.items():
             fields[name] = "\n".join(
-                call.format(tiles=tiles, tile_args=fields["tile_args"], rope_args=fields["rope_args"]) for tiles in TILE_RANGES
+                call.format(tiles=tiles, **{arg: fields[arg] for arg in ("tile_args", "rope_args", "grad_args")})
+                for tiles in TILE_RANGES
             )
         parts = ["\n".join(f) for f in functions]
         parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
@@ -760,6 +896,7 @@ class RegionWriter:
             bwd_num_warps=op.bwd_num_warps or op.num_warps or 4,
             bwd_num_stages=op.bwd_num_stages or op.num_stages or 2,
             checks_indices=self.checks_indices,
+            trainable=tuple(self.captured.index(label) for label in self.trainable),
         )
 
     def autograd_function(self) -> str:
@@ -791,7 +928,8 @@ NUM_WARPS, NUM_STAGES = {num_warps}, {num_stages}
 BWD_BLOCK_M, BWD_BLOCK_N = {bwd_block_m}, {bwd_block_n}  # the backward kernels' tiles
 BWD_NUM_WARPS, BWD_NUM_STAGES = {bwd_num_warps}, {bwd_num_stages}
 SCAN_TILES = tl.constexpr(64)  # query tiles whose bounds the dK/dV kernel evaluates at once
-CHECKS_INDICES = {checks_indices}  # a computed index into a captured tensor is checked: the forward reads the flag"""
+CHECKS_INDICES = {checks_indices}  # a computed index into a captured tensor is checked: the forward reads the flag
+TRAINABLE = {trainable}  # the captured tensors (by position) the score reads as floats: dK/dV adds their gradients"""
 
 # ELEMENTWISE_FUNCTIONS without a core tl function (Triton's interpreter runs no libdevice), and what they call.
 TRITON_FUNCTION_HELPERS = {name: f"_{name}" for name in ("tan", "asin", "acos", "atan", "sinh", "cosh", "expm1",
@@ -957,7 +1095,7 @@ LOOP_CALLS = {
                                     {tiles}, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
     "dkdv_loops": '''\
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qk,
-                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}{rope_args}
+                                      stride_dom, stride_dok, b, h, offs_n, N, M, {tile_args}{rope_args}{grad_args}
                                       {tiles}, BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, DOT_PRECISION, INTERPRET_BF16)''',
     "dq_loops": '''\
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kk, stride_vn, stride_vk,
@@ -1060,7 +1198,7 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                          stride_qm, stride_qk, stride_dom, stride_dok,
-                         b, h, offs_n, N, M, {tile_args}{rope_args}
+                         b, h, offs_n, N, M, {tile_args}{rope_args}{grad_params}
                          lo, hi, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
@@ -1083,20 +1221,20 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         p = {exp}(s - lse[:, None])
         dv = _dot(tl.trans(_round(p, do.dtype, INTERPRET_BF16)), do, dv, DOT_PRECISION, INTERPRET_BF16)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION, INTERPRET_BF16)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None]){captured_grads}
         {dx_line}
         dk = _dot(tl.trans(_round(dx, q.dtype, INTERPRET_BF16)), q, dk, DOT_PRECISION, INTERPRET_BF16)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}{rope_pointers}
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,{pointers}{rope_pointers}{grad_pointers}
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
                    stride_vz, stride_vh, stride_vn, stride_vk,
                    stride_doz, stride_doh, stride_dom, stride_dok,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
-                   stride_dvz, stride_dvh, stride_dvn, stride_dvk,{strides}
+                   stride_dvz, stride_dvh, stride_dvn, stride_dvk,{strides}{grad_strides}
                    H, N, M,
                    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -1236,14 +1374,26 @@ def _check_device(device):
     raise BackendError(f"the triton backend runs on cuda and cpu tensors, not {device.type}")
 
 
-def _refuse_captured_gradients(needs_input_grad):
-    if any(needs_input_grad[3:]):
-        from attncc.errors import BackendError
+def _captured_grad_buffers(captured, needs_input_grad):
+    """A float32 zero gradient for each captured tensor that requires grad (the dK/dV kernel adds into those in
+    TRAINABLE; the others, read by no score, keep zero), None for the others."""
+    return [
+        torch.zeros(t.shape, dtype=torch.float32, device=t.device) if needs else None
+        for t, needs in zip(captured, needs_input_grad)
+    ]
 
-        raise BackendError(
-            "the triton backend computes no gradients for captured tensors, and one requires grad; "
-            "compile with backend='pytorch' to train it (or detach it)"
-        )
+
+def _grad_arguments(captured, grads):
+    """The dK/dV kernel's gradient arguments per tensor in TRAINABLE: (pointers, strides and whether it is wanted).
+
+    A tensor whose gradient nobody wants passes itself with its strides: the kernel never writes it.
+    """
+    pointers, strides = [], []
+    for i in TRAINABLE:
+        target = captured[i] if grads[i] is None else grads[i]
+        pointers.append(target)
+        strides += [*target.stride(), grads[i] is not None]
+    return pointers, strides
 
 
 def _index_error_flag(device, captured):
@@ -1275,7 +1425,6 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, *captured):
         _check_device(q.device)
-        _refuse_captured_gradients(ctx.needs_input_grad)
         B, H, N, _ = q.shape
         M = k.shape[2]
         o = torch.empty(B, H, N, HEAD_DIM_V, dtype=q.dtype, device=q.device)
@@ -1295,7 +1444,6 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dlse):
-        _refuse_captured_gradients(ctx.needs_input_grad)
         q, k, v, o, lse, *captured = ctx.saved_tensors
         B, H, N, _ = q.shape
         M = k.shape[2]
@@ -1312,17 +1460,19 @@ class FlashAttention(torch.autograd.Function):
         captured_strides = _strides_and_sizes(captured)
         index_error = _index_error_flag(q.device, captured)  # the forward checked these indices
         meta = _meta(q, BWD_BLOCK_M, BWD_BLOCK_N)
+        grads = _captured_grad_buffers(captured, ctx.needs_input_grad[3:])
+        grad_pointers, grad_strides = _grad_arguments(captured, grads)
         _attn_bwd_dkdv[(triton.cdiv(M, BWD_BLOCK_N), B * k.shape[1])](
-            q, k, v, do, lse, delta, dk, dv, *captured, *index_error,{rope_tables}
+            q, k, v, do, lse, delta, dk, dv, *captured, *index_error,{rope_tables} *grad_pointers,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *captured_strides,
-            H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
+            *grad_strides, H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )
         _attn_bwd_dq[rows](
             q, k, v, do, lse, delta, dq, *captured, *index_error,{rope_tables}
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *captured_strides,
             H, N, M, **meta, num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES,
         )
-        return (dq, dk, dv) + (None,) * len(captured)'''
+        return (dq, dk, dv) + tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, captured))'''
 
 
 def _check_graph(graph: Graph):

@@ -340,11 +340,6 @@ def _t5_bucket(score, b, h, q_idx, kv_idx):
 
 _learnable("t5_relative_buckets", _t5_bucket, T5_TABLE=T5_TABLE)
 
-TRITON_CAPTURED_GRADIENTS = (
-    "the triton backend computes no gradients for captured float tensors (learnable biases); "
-    "it raises BackendError until its backward accumulates them"
-)
-
 
 # --------------------------------------------------------------------------- running a case
 
@@ -393,13 +388,8 @@ def test_catalogue_pytorch(c):
     _check(c, "pytorch", BATCH, 37, 45)
 
 
-def _triton_param(c: Case):
-    marks = [pytest.mark.xfail(strict=True, raises=attncc.BackendError, reason=TRITON_CAPTURED_GRADIENTS)]
-    return pytest.param(c, id=c.name, marks=marks if c.learnable else [])
-
-
 @requires_triton
-@pytest.mark.parametrize("c", [_triton_param(c) for c in CASES])
+@pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
 def test_catalogue_triton(c):
     # Tiles of 16 x 16 over N=20, M=33: several tiles, partial ones at both ends.
     _check(c, "triton", 1, 20, 33, kernel_options={"BLOCK_M": 16, "BLOCK_N": 16})

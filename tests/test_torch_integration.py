@@ -130,7 +130,7 @@ def test_region_backward_and_recomputing_backward_agree():
 
 
 def test_a_region_backward_without_captured_gradients_is_an_error_not_a_crash():
-    """The triton backend's region returns no gradient for captured tensors; training one must say so."""
+    """A region whose backward returns no gradient for a captured tensor that requires grad must say so."""
 
     class NoCapturedGradients:
         @staticmethod

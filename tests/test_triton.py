@@ -453,24 +453,187 @@ def test_linear_score_folds_its_scale_into_one_multiply():
     assert f"dx = ds * {scale * math.log(2)!r}" in attn.source and "_score_grad" not in attn.source
 
 
-@requires_triton
-def test_trainable_captured_tensor_is_refused_with_advice():
-    table = torch.randn(2, 9, generator=torch.Generator().manual_seed(1))
+# Learnable biases (PyTorch's TestLearnableBiases): name -> (score_mod factory, captured shapes, spec fields,
+# reference options, (B, H, Hkv, N, M, D)). A factory builds the mod over its tensors, so the reference reads
+# float64 copies of the very tensors the kernels differentiate.
+def _per_head_bias(bias):
+    return lambda score, b, h, q_idx, kv_idx: score + bias[h]
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
 
-    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod)
+def _per_key_bias(bias):
+    return lambda score, b, h, q_idx, kv_idx: score + bias[kv_idx]
+
+
+def _relative_position_table(table):
+    return lambda score, b, h, q_idx, kv_idx: score + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+
+def _pair_bias(pair):
+    return lambda score, b, h, q_idx, kv_idx: score + pair[q_idx, kv_idx]
+
+
+def _row_and_column_biases(rows, columns):
+    return lambda score, b, h, q_idx, kv_idx: score + rows[q_idx] + columns[kv_idx]
+
+
+def _learnable_alibi(slopes):
+    return lambda score, b, h, q_idx, kv_idx: score + slopes[h] * (kv_idx - q_idx)
+
+
+def _softcapped_bias(bias):
+    return lambda score, b, h, q_idx, kv_idx: 4.0 * torch.tanh((score + bias[h, kv_idx]) / 4.0)
+
+
+LEARNABLE_CASES = {
+    "per_head": (_per_head_bias, {"bias": (4,)}, {"causal": True}, {"causal": True}, (2, 4, 2, 19, 23, 16)),
+    "per_key": (_per_key_bias, {"bias": (34,)}, {"window": (5, 3)}, {"window": (5, 3)}, (1, 2, 2, 27, 34, 16)),
+    "relative_position": (
+        _relative_position_table,
+        {"table": (2, 9)},
+        {"causal": True},
+        {"causal": True},
+        (1, 2, 1, 21, 17, 16),
+    ),
+    "pair": (_pair_bias, {"pair": (20, 33)}, {"causal": True}, {"causal": True}, (1, 2, 2, 20, 33, 16)),
+    # no mask: full tiles, whose last KV tile is cut by M (its padded keys must add nothing to the row sums)
+    "row_and_column": (_row_and_column_biases, {"rows": (24,), "columns": (40,)}, {}, {}, (1, 2, 2, 24, 40, 16)),
+    "alibi_slopes": (_learnable_alibi, {"slopes": (4,)}, {"causal": True}, {"causal": True}, (1, 4, 2, 25, 18, 16)),
+    "softcapped_bias": (
+        _softcapped_bias,
+        {"bias": (2, 29)},
+        {"window": (4, 4)},
+        {"window": (4, 4)},
+        (1, 2, 2, 22, 29, 16),
+    ),
+}
+
+
+def check_captured_gradients(factory, tensors, fields, options, shapes, dtype=torch.float32, trainable=None):
+    """dq, dk, dv and the gradients of the captured tensors in ``trainable`` (default: all) against float64 autograd.
+
+    Returns the captured tensors passed to the kernels, whose ``grad`` the caller may inspect further.
+    """
+    batch, heads, kv_heads, n, m, d = shapes
+    trainable = set(tensors) if trainable is None else trainable
+    spec = attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, score_mod=factory(**tensors),
+                                **fields)  # fmt: skip
     attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
-    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 9, 9, 16))
-    with pytest.raises(attncc.BackendError, match="backend='pytorch'"):
-        attn(q, k, v, table=table.clone().requires_grad_()).sum().backward()
-    # the backward refuses too, when called directly with a context (as attncc's custom op calls it)
-    o, lse = attn(q, k, v, return_lse=True)
+    captured = {name: t.detach().clone().requires_grad_(name in trainable) for name, t in tensors.items()}
+    reference_captured = {name: t.detach().double().requires_grad_(name in trainable) for name, t in tensors.items()}
+    q, k, v = random_qkv(batch, heads, kv_heads, n, m, d, dtype=dtype, seed=n)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    o, lse = attn(*leaves, return_lse=True, **captured)
+    reference_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_o, reference_lse = dense_attention(*reference_leaves, score_mod=factory(**reference_captured), **options)
+    assert_attention_matches(o, lse, reference_o.detach(), reference_lse.detach(), dtype)
+
+    generator = torch.Generator().manual_seed(n)
+    grad_o = torch.randn(o.shape, generator=generator).to(dtype)
+    grad_lse = torch.where(reference_lse.isinf(), 0.0, torch.randn(lse.shape, generator=generator, dtype=torch.float64))
+    names = sorted(trainable)
+    grads = torch.autograd.grad((o, lse), [*leaves, *(captured[name] for name in names)], (grad_o, grad_lse.float()))
+    reference_grads = torch.autograd.grad(
+        (reference_o, reference_lse), [*reference_leaves, *(reference_captured[name] for name in names)],
+        (grad_o.double(), grad_lse),
+    )  # fmt: skip
+    assert_gradients_match(grads[:3], reference_grads[:3], dtype)
+    tolerance = GRAD_TOLERANCE[dtype]
+    for name, grad, reference in zip(names, grads[3:], reference_grads[3:]):
+        assert grad.dtype == captured[name].dtype and grad.shape == captured[name].shape, name
+        assert reference.abs().max() > 0, name  # the case reaches the tensor
+        torch.testing.assert_close(grad.double(), reference, atol=tolerance["atol"] * float(reference.abs().max()),
+                                   rtol=tolerance["rtol"], msg=lambda text, name=name: f"d{name}: {text}")  # fmt: skip
+    return attn, captured
+
+
+def learnable_tensors(shapes: dict, seed=0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+@requires_triton
+@pytest.mark.parametrize("case", sorted(LEARNABLE_CASES))
+def test_gradients_of_learnable_biases(case):
+    factory, tensor_shapes, fields, options, shapes = LEARNABLE_CASES[case]
+    check_captured_gradients(factory, learnable_tensors(tensor_shapes), fields, options, shapes)
+
+
+@requires_triton
+@pytest.mark.parametrize("case, dtype", [("per_head", torch.float16), ("softcapped_bias", torch.bfloat16)], ids=str)
+def test_gradients_of_learnable_biases_in_half_precision(case, dtype):
+    factory, tensor_shapes, fields, options, shapes = LEARNABLE_CASES[case]
+    check_captured_gradients(factory, learnable_tensors(tensor_shapes), fields, options, shapes, dtype=dtype)
+
+
+def _two_biases(bias, table):
+    return lambda score, b, h, q_idx, kv_idx: score * bias[h] + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+
+
+@requires_triton
+def test_two_trainable_captured_tensors_and_one_left_frozen():
+    tensors = learnable_tensors({"bias": (2,), "table": (2, 9)}, seed=3)
+    options, shapes = {"window": (6, 6)}, (1, 2, 2, 18, 21, 16)
+    check_captured_gradients(_two_biases, tensors, options, options, shapes)
+    attn, captured = check_captured_gradients(_two_biases, tensors, options, options, shapes, trainable={"table"})
+    assert captured["bias"].grad is None
+    # the generated dK/dV kernel adds into both tensors' gradients, each only when it is wanted
+    assert attn.source.count("tl.atomic_add(") == 2 and "if cap0_bias_needs_grad:" in attn.source
+
+
+@requires_triton
+def test_gradient_reductions_follow_the_index():
+    """One atomic per tile for a per-head bias, column sums for a per-key bias, whole tiles for a pair bias."""
+    sources = {}
+    for case in ("per_head", "per_key", "pair"):
+        factory, tensor_shapes, fields, _, (_, heads, kv_heads, _, _, d) = LEARNABLE_CASES[case]
+        score_mod = factory(**learnable_tensors(tensor_shapes))
+        spec = attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=d, score_mod=score_mod, **fields)
+        sources[case] = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES).source
+    assert (
+        "tl.atomic_add(cap0_bias_grad_ptr + h * cap0_bias_grad_stride0, tl.sum(tl.sum(contribution, 1), 0))"
+        in (sources["per_head"])
+    )
+    assert "tl.sum(contribution, 0)[None, :], mask=col_ok)" in sources["per_key"]
+    assert "tl.atomic_add(cap0_pair_grad_ptr + q_idx * cap0_pair_grad_stride0 + kv_idx * cap0_pair_grad_stride1, " \
+           "contribution, mask=row_ok & col_ok)" in sources["pair"]  # fmt: skip
+    # without a trainable tensor the kernels are those of a plain score_mod
+    plain = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True), backend="triton")
+    assert "_captured_grads" not in plain.source and "TRAINABLE = ()" in plain.source
+
+
+def _masked_by_a_float(gate, bias):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[h, kv_idx]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return gate[kv_idx] > -1.0
+
+    return score_mod, mask_mod
+
+
+@requires_triton
+def test_float_tensors_read_only_by_the_mask_get_zero_gradients():
+    generator = torch.Generator().manual_seed(6)
+    gate, bias = torch.randn(21, generator=generator), torch.randn(2, 21, generator=generator)
+    score_mod, mask_mod = _masked_by_a_float(gate, bias)
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod, mask_mod=mask_mod)
+    attn = attncc.compile(spec, backend="triton", pipeline=SMALL_TILES)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 9, 21, 16, seed=6))
+    gate, bias = gate.requires_grad_(), bias.requires_grad_()
+    attn(q, k, v, gate=gate, bias=bias).sum().backward()
+    assert torch.equal(gate.grad, torch.zeros_like(gate))
+    hidden = gate.detach() <= -1.0
+    assert hidden.any() and torch.equal(bias.grad[:, hidden], torch.zeros_like(bias.grad[:, hidden]))
+    assert bias.grad[:, ~hidden].abs().min() > 0
+    # the region's backward, called directly with a context (as attncc's custom op calls it), returns them too
+    o, lse = attn(q, k, v, return_lse=True, gate=gate, bias=bias)
     region = attn.module.FlashAttention
-    context = types.SimpleNamespace(saved_tensors=(q, k, v, o, lse, table), needs_input_grad=(True,) * 4)
-    with pytest.raises(attncc.BackendError, match="no gradients for captured tensors"):
-        region.backward(context, torch.ones_like(o), torch.zeros_like(lse))
+    captured = attn.captured_values({"gate": gate, "bias": bias}, q.device)  # in the program's order
+    context = types.SimpleNamespace(saved_tensors=(q, k, v, o, lse, *captured), needs_input_grad=(True,) * 5)
+    _, _, _, *grads = region.backward(context, torch.ones_like(o), torch.zeros_like(lse))
+    by_name = {("gate" if t is gate else "bias"): grad for t, grad in zip(captured, grads)}
+    assert torch.equal(by_name["gate"], torch.zeros_like(gate))
+    torch.testing.assert_close(by_name["bias"], bias.grad, atol=1e-6, rtol=1e-6)
 
 
 @requires_triton
@@ -534,9 +697,11 @@ GPU_COMPILE = textwrap.dedent(
         kernel = getattr(module, name)
         signature, constants = {}, {}
         for param in kernel.params:
-            if param.is_constexpr:
+            if param.is_constexpr and param.name.endswith("_needs_grad"):  # a captured tensor's gradient
+                signature[param.name], constants[param.name] = "constexpr", True
+            elif param.is_constexpr:
                 signature[param.name], constants[param.name] = "constexpr", meta[param.name]
-            elif param.name in floats:
+            elif param.name in floats or param.name.endswith("_grad_ptr"):
                 signature[param.name] = "*fp32"
             elif param.name == "ROPE_PAIR":
                 signature[param.name] = "*i32"
@@ -561,8 +726,26 @@ GPU_COMPILE = textwrap.dedent(
 def test_kernels_compile_for_an_h100_without_one(case, dtype):
     """The interpreter accepts more than the compiler: build each kernel for sm_90 to PTX and cubin."""
     attn, _ = compiled_variant(case)
+    assert_kernels_compile_for_an_h100(attn.path, dtype)
+
+
+@requires_triton
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs triton's NVIDIA backend")
+def test_captured_gradient_kernels_compile_for_an_h100_without_one():
+    """The dK/dV kernel with gradient atomics of every reduction (per head, per key, whole tile), for sm_90."""
+    bias, table, keys = learnable_tensors({"bias": (2,), "table": (2, 9), "keys": (64,)}).values()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * bias[h] + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4] + keys[kv_idx]
+
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, score_mod=score_mod), backend="triton")
+    assert attn.source.count("tl.atomic_add(") == 3
+    assert_kernels_compile_for_an_h100(attn.path, "bf16")
+
+
+def assert_kernels_compile_for_an_h100(path, dtype: str):
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", GPU_COMPILE, str(attn.path), dtype], env=environment,
+    result = subprocess.run([sys.executable, "-c", GPU_COMPILE, str(path), dtype], env=environment,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == [
