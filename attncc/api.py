@@ -229,30 +229,12 @@ class CompiledAttention(torch.nn.Module):
 
         ``sizes`` fixes the symbols for the cost table (default B=1, N=M=4096).
         """
-        sizes = sizes or {"B": 1, "N": 4096, "M": 4096}
         captured_sizes = {
             f"{name}_d{dim}": size
             for name, info in self._captured_meta.items()
             for dim, size in enumerate(info.value.shape if info.value is not None else info.shape or ())
         }
-        rows = [
-            [r.description, ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items())) or "no change",
-             f"{1000 * r.seconds:.1f} ms"]
-            for r in self.pass_records
-        ]  # fmt: skip
-        stages = [("(unoptimized)", self.unoptimized_graph)] + [(r.name, r.graph) for r in self.pass_records]
-        size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
-        return "\n".join([
-            f"backend: {self.backend}    source: {self.path or '(compiled in memory, not cached)'}",
-            "passes:",
-            tabulate(rows, headers=["pass", "changes", "time"]),
-            "",
-            f"cost at {size_text} (T = 2 bytes):",
-            cost_table(stages, {**captured_sizes, **sizes}),
-            "",
-            "optimized IR:",
-            str(self.graph),
-        ])  # fmt: skip
+        return explain_program(self, sizes, captured_sizes)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -359,6 +341,30 @@ class CompiledAttention(torch.nn.Module):
         program_inputs = [by_name[node.op.label] for node in self.graph.captured]
         o, lse = function(q, k, v, lengths, table, *program_inputs)
         return (o, lse) if return_lse else o
+
+
+def explain_program(program, sizes: dict | None = None, bindings: dict | None = None) -> str:
+    """A compiled program's passes (what each changed, how long it took), its cost before and after
+    each pass at ``sizes`` (default B=1, N=M=4096; ``bindings`` fix further symbols), and its final IR."""
+    sizes = sizes or {"B": 1, "N": 4096, "M": 4096}
+    rows = [
+        [r.description, ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items())) or "no change",
+         f"{1000 * r.seconds:.1f} ms"]
+        for r in program.pass_records
+    ]  # fmt: skip
+    stages = [("(unoptimized)", program.unoptimized_graph)] + [(r.name, r.graph) for r in program.pass_records]
+    size_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    return "\n".join([
+        f"backend: {program.backend}    source: {program.path or '(compiled in memory, not cached)'}",
+        "passes:",
+        tabulate(rows, headers=["pass", "changes", "time"]),
+        "",
+        f"cost at {size_text} (T = 2 bytes):",
+        cost_table(stages, {**(bindings or {}), **sizes}),
+        "",
+        "optimized IR:",
+        str(program.graph),
+    ])  # fmt: skip
 
 
 def portable_spec(spec: AttentionSpec) -> AttentionSpec:

@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import sympy
 import torch
-from tabulate import tabulate
 
 from attncc.api import InputTypeError, check_inputs
 from attncc.cache import Generated, content_key, generator_fingerprint, load_generated
@@ -21,7 +20,6 @@ from attncc.errors import InputError, SpecError
 from attncc.frontend.feature_map import feature_map_expr
 from attncc.frontend.lower import lower_linear
 from attncc.interpreter import run_reference
-from attncc.ir.cost import cost_table
 from attncc.ir.graph import Graph
 from attncc.spec import LINEAR_EPS, AttentionSpec
 from attncc.validation import TOLERANCES, ValidationReport, random_qkv, within_tolerance
@@ -95,24 +93,9 @@ class CompiledLinearAttention(torch.nn.Module):
 
     def explain(self, sizes: dict | None = None) -> str:
         """The passes that ran, the cost before and after each (default B=1, N=M=4096), and the final IR."""
-        sizes = sizes or {"B": 1, "N": 4096, "M": 4096}
-        rows = [
-            [r.description, ", ".join(f"{k}={v}" for k, v in sorted(r.stats.items())) or "no change",
-             f"{1000 * r.seconds:.1f} ms"]
-            for r in self.pass_records
-        ]  # fmt: skip
-        stages = [("(unoptimized)", self.unoptimized_graph)] + [(r.name, r.graph) for r in self.pass_records]
-        return "\n".join([
-            f"backend: {self.backend}    source: {self.path}",
-            "passes:",
-            tabulate(rows, headers=["pass", "changes", "time"]),
-            "",
-            f"cost at {', '.join(f'{k}={v}' for k, v in sizes.items())} (T = 2 bytes):",
-            cost_table(stages, sizes),
-            "",
-            "optimized IR:",
-            str(self.graph),
-        ])  # fmt: skip
+        from attncc.api import explain_program
+
+        return explain_program(self, sizes)
 
     def extra_repr(self) -> str:
         s = self.spec

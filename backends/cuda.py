@@ -38,9 +38,9 @@ from attncc.backends.source import (
     SourceWriter,
     fold_numbers,
     score_derivative,
+    single_region,
 )
 from attncc.errors import BackendError
-from attncc.ir import ops
 from attncc.ir.expr import b, h, is_boolean
 from attncc.ir.graph import Graph
 from attncc.ir.printer import format_node, print_graph, value_names
@@ -1464,23 +1464,7 @@ def attention($params):
 
 def _check_graph(graph: Graph):
     """The region, its lse_of, and the output; BackendError for any other graph."""
-    regions = graph.nodes_of(ops.FlashAttention)
-    others = [
-        n.op.name for n in graph.nodes if not isinstance(n.op, (ops.Input, ops.FlashAttention, ops.LseOf, ops.Output))
-    ]
-    if len(regions) != 1 or others:
-        found = ", ".join(sorted(set(others))) or f"{len(regions)} flash_attention regions"
-        raise BackendError(
-            "the cuda backend compiles one fused flash_attention region, but the graph has "
-            f"{found}; compile with the cuda pipeline (its online-softmax pass fuses attention)"
-        )
-    (region,) = regions
-    output = graph.nodes[-1]
-    by_name = dict(zip(output.op.names, output.inputs))
-    lse = by_name.get("lse")
-    if set(by_name) != {"o", "lse"} or by_name["o"] is not region or not isinstance(lse.op, ops.LseOf):
-        raise BackendError(f"the cuda backend needs outputs (o, lse) of one region, got {output.op.names}")
-    return region, lse
+    return single_region(graph, "cuda")
 
 
 @dataclass(frozen=True)

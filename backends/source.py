@@ -265,3 +265,30 @@ def score_derivative(expr, variable=score):
     while derivative.has(*held):
         derivative = derivative.xreplace(held)
     return derivative.replace(sympy.DiracDelta, lambda *args: sympy.Integer(0))
+
+
+def single_region(graph, backend: str):
+    """The graph's one flash_attention region and its lse_of (the outputs o, lse); BackendError otherwise.
+
+    The kernel backends (triton, cuda) compile exactly this graph, which their pipelines' online-softmax
+    pass produces.
+    """
+    from attncc.ir import ops
+
+    regions = graph.nodes_of(ops.FlashAttention)
+    others = [
+        n.op.name for n in graph.nodes if not isinstance(n.op, (ops.Input, ops.FlashAttention, ops.LseOf, ops.Output))
+    ]
+    if len(regions) != 1 or others:
+        found = ", ".join(sorted(set(others))) or f"{len(regions)} flash_attention regions"
+        raise BackendError(
+            f"the {backend} backend compiles one fused flash_attention region, but the graph has "
+            f"{found}; compile with the {backend} pipeline (its online-softmax pass fuses attention)"
+        )
+    (region,) = regions
+    output = graph.nodes[-1]
+    by_name = dict(zip(output.op.names, output.inputs))
+    lse = by_name.get("lse")
+    if set(by_name) != {"o", "lse"} or by_name["o"] is not region or not isinstance(lse.op, ops.LseOf):
+        raise BackendError(f"the {backend} backend needs outputs (o, lse) of one region, got {output.op.names}")
+    return region, lse
