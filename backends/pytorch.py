@@ -14,6 +14,7 @@ from attncc.backends.source import (
     GeneratedSource,
     SourceWriter,
     python_names,
+    split_linear,
     unique_names,
 )
 from attncc.ir import ops
@@ -195,14 +196,6 @@ def _grid_lines(expr, w: SourceWriter, defined: set[str]) -> None:
         w.line(f"{symbol} = torch.arange({sizes[symbol]}, device=q.device).view({shapes[symbol]})")
         defined.add(symbol)
 
-
-def split_linear(expr) -> tuple[float | None, sympy.Expr]:
-    """(c, rest) when expr = c * score + rest with constant c and rest free of score, else (None, expr)."""
-    coefficient = sympy.expand(expr).coeff(score)
-    rest = sympy.expand(expr - coefficient * score)
-    if coefficient.is_number and coefficient != 0 and not rest.has(score):
-        return float(coefficient), rest
-    return None, expr
 
 
 REGION_TEMPLATE = '''\

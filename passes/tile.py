@@ -133,8 +133,9 @@ class Tile(Pass):
             if any((self.bwd_block_m, self.bwd_block_n, self.bwd_num_warps, self.bwd_num_stages)):
                 self.count("backward_tiles")
             explicit_tiles = self.block_m or self.block_n
-            if self.target == "pytorch" and self.fused_kernel and not explicit_tiles and fused_kernel(node):
-                op = replace(op, fused_kernel=fused_kernel(node))
+            kernel = fused_kernel(node) if self.target == "pytorch" and self.fused_kernel and not explicit_tiles else ""
+            if kernel:
+                op = replace(op, fused_kernel=kernel)
                 self.count("fused_kernel")
             return builder.add(op, *inputs)
 
