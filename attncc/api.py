@@ -165,7 +165,8 @@ class CompiledAttention(torch.nn.Module):
         self._function = generated.module.attention
         self._captured_meta = dict(captured)
         self.captured = CapturedTensors({name: info.value for name, info in captured.items() if info.value is not None})
-        self._index_uses = graph_index_uses(unoptimized_graph)
+        self._index_uses = tuple(sorted(graph_index_uses(unoptimized_graph)))
+        self._program_labels = tuple(node.op.label for node in graph.captured)  # what the program still reads
         self._ops = program_ops(generated.key, self._function, graph)
         self.positions: tuple[str, ...] = ()
         self._pipeline = None
@@ -269,7 +270,7 @@ class CompiledAttention(torch.nn.Module):
 
     def _check_index_ranges(self, by_name: dict, sizes: dict) -> None:
         """Raise InputError unless every captured tensor covers the indices it is read at."""
-        for name, dim, symbol in sorted(self._index_uses):
+        for name, dim, symbol in self._index_uses:
             if by_name[name].shape[dim] < sizes[symbol]:
                 raise InputError(
                     f"captured tensor {name!r} has {by_name[name].shape[dim]} entries along dim {dim}, but is indexed "
@@ -290,9 +291,9 @@ class CompiledAttention(torch.nn.Module):
         sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": k.shape[2]}
         self._check_index_ranges(by_name, sizes)
         # Passes may simplify a captured tensor away: the program takes those its graph still reads.
-        program_inputs = [by_name[node.op.label] for node in self.graph.captured]
+        program_inputs = [by_name[label] for label in self._program_labels]
         try:
-            o, lse = self._ops.forward(q, k, v, program_inputs)
+            o, lse = self._ops(q, k, v, program_inputs)
         except IndexError as error:
             names = ", ".join(node.op.label for node in self.graph.captured)
             raise InputError(

@@ -448,18 +448,20 @@ def _tuple(names: list[str]) -> str:
 
 
 # torch's fused CPU attention kernel (FlashAttention's algorithm, lse included): is_causal is top-left aligned.
-# It turns a query row holding NaN or inf into o = 0, lse = 0: such inputs take the streaming loop, which
-# propagates them as the reference does.
+# It turns a query row holding NaN or inf into o = 0, lse = 0: the forward then checks q (one float32 sum: a NaN
+# or inf term makes it non-finite; an overflow of finite terms only costs the loop) and such inputs take the
+# streaming loop, which propagates them as the reference does. The backward checks q before calling the kernel.
 PLATFORM_FORWARD = """\
-        if {condition} and bool(q.isfinite().all()):
+        if {condition}:
             # plain{causal_note} attention: torch's fused CPU kernel computes the region in float32, lse included
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q.float(), k.float(), v.float(), 0.0, {is_causal}, scale={scale!r})
-            ctx.save_for_backward(q, k, v, o, lse)
-            return o.to(q.dtype), lse
+            if not bool((lse == 0).any()) or math.isfinite(q.sum(dtype=torch.float32)):
+                ctx.save_for_backward(q, k, v, o, lse)
+                return o.to(q.dtype), lse
 """
 PLATFORM_BACKWARD = """\
-        if {condition} and bool(q.isfinite().all()) and (grad_lse is None or not grad_lse.any()):
+        if {condition} and math.isfinite(q.sum(dtype=torch.float32)) and (grad_lse is None or not grad_lse.any()):
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_o.float(), q.float(), k.float(), v.float(), o.float(), lse, 0.0, {is_causal}, scale={scale!r})
             return tuple(grad.to(q.dtype) for grad in grads)

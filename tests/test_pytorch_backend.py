@@ -208,6 +208,28 @@ def test_plain_attention_runs_on_the_fused_kernel(case, dtype):
             torch.testing.assert_close(grad.double(), expected, atol=tolerance * scale, rtol=tolerance)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_non_finite_query_row_on_the_fused_kernel_path(causal, value):
+    """The fused kernel gives a query row holding NaN or inf o = 0, lse = 0; attncc sees it and computes the row on
+    the streaming loop (docs/robustness.md: non-finite, NaN for a NaN), every other row exact, forward and backward."""
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=causal))
+    assert "_scaled_dot_product_flash_attention_for_cpu(" in attn.source
+    q, k, v = random_qkv(1, 4, 2, 23, 23, 16, seed=5)
+    q[0, 3, 7, 5] = value
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = attn(*leaves, return_lse=True)
+    reference_o, reference_lse = dense_attention(q.double(), k.double(), v.double(), causal=causal)
+    assert not torch.isfinite(o[0, 3, 7]).any() and not torch.isfinite(lse[0, 3, 7])
+    if value != value:
+        assert torch.isnan(o[0, 3, 7]).all() and torch.isnan(lse[0, 3, 7])
+    rows = torch.ones(4, 23, dtype=torch.bool)
+    rows[3, 7] = False
+    assert_attention_matches(o[0][rows], lse[0][rows], reference_o[0][rows], reference_lse[0][rows], torch.float32)
+    o.sum().backward()
+    assert not torch.isfinite(leaves[0].grad[0, 3, 7]).all() and torch.isfinite(leaves[0].grad[0][rows]).all()
+
+
 @pytest.mark.parametrize(
     "fields, pipeline",
     [
