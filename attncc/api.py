@@ -286,12 +286,16 @@ class CompiledAttention(torch.nn.Module):
             variant = self.with_positions(tuple(given))
             return variant(q, k, v, return_lse, q_positions, kv_positions, **{**buffers, **captured})
         captured.update({POSITION_TENSORS[role]: t.to(torch.int64) for role, t in given.items()})
+        if not (self._captured_meta or captured):
+            return self._run(q, k, v, [], return_lse)
         values = self.captured_values(captured, q.device)
         by_name = dict(zip(self._captured_meta, values))
         sizes = {"b": q.shape[0], "h": q.shape[1], "q_idx": q.shape[2], "kv_idx": k.shape[2]}
         self._check_index_ranges(by_name, sizes)
         # Passes may simplify a captured tensor away: the program takes those its graph still reads.
-        program_inputs = [by_name[label] for label in self._program_labels]
+        return self._run(q, k, v, [by_name[label] for label in self._program_labels], return_lse)
+
+    def _run(self, q, k, v, program_inputs: list, return_lse: bool):
         try:
             o, lse = self._ops(q, k, v, program_inputs)
         except IndexError as error:
@@ -378,6 +382,8 @@ def portable_spec(spec: AttentionSpec) -> AttentionSpec:
 
 def check_inputs(spec: AttentionSpec, q, k, v) -> None:
     """Raise InputError naming the argument unless q, k, v fit the spec."""
+    if _inputs_fit(spec, q, k, v):  # the common case in one expression; the checks below name what is wrong
+        return
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputTypeError(f"{label} is a {type(t).__name__}: a torch.Tensor is allowed")
@@ -406,6 +412,26 @@ def check_inputs(spec: AttentionSpec, q, k, v) -> None:
         raise InputError(f"k has {k.shape[2]} keys and v has {v.shape[2]} values: they must be equal")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise InputError(f"sequence lengths must be positive: q has {q.shape[2]}, k has {k.shape[2]}")
+
+
+def _inputs_fit(spec: AttentionSpec, q, k, v) -> bool:
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return (
+        len(qs) == len(ks) == len(vs) == 4
+        and q.dtype == k.dtype == v.dtype
+        and q.dtype in INPUT_DTYPES
+        and q.device == k.device == v.device
+        and qs[0] == ks[0] == vs[0]
+        and qs[1] == spec.num_heads
+        and ks[1] == vs[1] == spec.num_kv_heads
+        and qs[3] == ks[3] == spec.head_dim
+        and vs[3] == spec.v_head_dim
+        and ks[2] == vs[2]
+        and qs[2] > 0
+        and ks[2] > 0
+    )
 
 
 def check_positions(spec: AttentionSpec, q, k, given: dict) -> None:
