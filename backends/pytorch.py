@@ -197,7 +197,6 @@ def _grid_lines(expr, w: SourceWriter, defined: set[str]) -> None:
         defined.add(symbol)
 
 
-
 REGION_TEMPLATE = '''\
 class {cls}(torch.autograd.Function):
     """{doc}
@@ -357,6 +356,12 @@ def _compute_dtype(tensor):
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
+def _usual_lse(lse):
+    """Every lse finite and not 0 (one aminmax of |lse|: a NaN makes both extremes NaN)."""
+    low, high = torch.aminmax(lse.abs())
+    return 0.0 < float(low) and float(high) < math.inf
+
+
 def _lowest(value):
     return int(value.min()) if isinstance(value, torch.Tensor) else int(value)
 
@@ -467,17 +472,90 @@ PLATFORM_BACKWARD = """\
             return tuple(grad.to(q.dtype) for grad in grads)
 """
 
+# Short sequences of any other linear score: the same kernel with the mask and the additive terms as one float
+# attn_mask of the N x M scores (broadcast over batch and heads where the terms allow), up to this many scores
+# per (batch, head): past it the bias costs more than streaming the tiles, which skips the masked ones.
+FUSED_MASK_SCORES = 1 << 18
+MASKED_FORWARD = """\
+        if q.device.type == "cpu" and N * M <= {short}:
+            # a short sequence: torch's fused CPU kernel with the mask and the score's other terms as a float bias
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.float(), k.float(), v.float(), 0.0, False, attn_mask={cls}.bias(B, H, N, M, q.device{captured}),
+                scale={scale!r})
+            # the kernel gives a row that sees no key, or reads NaN or inf, lse = 0 or a non-finite lse: the loop
+            # computes such rows as the reference does
+            if _usual_lse(lse):
+                ctx.save_for_backward(q, k, v, o, lse{captured})
+                return o.to(q.dtype), lse
+"""
+MASKED_BACKWARD = """\
+        if (q.device.type == "cpu" and N * M <= {short} and not any(ctx.needs_input_grad[3:]) and _usual_lse(lse)
+                and math.isfinite(q.sum(dtype=torch.float32)) and (grad_lse is None or not grad_lse.any())):
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_o.float(), q.float(), k.float(), v.float(), o.float(), lse, 0.0, False,
+                attn_mask={cls}.bias(B, H, N, M, q.device, *captured), scale={scale!r})
+            return tuple(grad.to(q.dtype) for grad in grads){no_grads}
+"""
+BIAS_TEMPLATE = """
+    biases = {{}}
 
-def _platform_lines(op) -> tuple[str, str]:
+    @classmethod
+    def bias(cls, B, H, N, M, device{captured_params}):
+        \"\"\"The mask and the score's terms other than scale * q . k, in natural units, -inf where masked:
+        the fused kernel's attn_mask [B or 1, H or 1, N, M] for a short sequence. Kept (up to 4 MiB each) while
+        the captured tensors are unchanged, compared as ``tile_table`` compares them.\"\"\"
+        tensors = ({captured_tuple})
+        key = (B, H, N, M, str(device), {ids})
+        cached = cls.biases.get(key)
+        if cached is not None and all(
+            old is new and torch.equal(copy, new) for old, copy, new in zip(cached[0], cached[1], tensors)
+        ):
+            return cached[2]
+{casts}        b = torch.arange(B, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(H, device=device).view(1, -1, 1, 1)
+        q_idx = torch.arange(N, device=device).view(1, 1, -1, 1)
+        kv_idx = torch.arange(M, device=device).view(1, 1, 1, -1)
+        terms = torch.as_tensor({terms}, dtype=torch.float32, device=device){to_natural}
+        bias = torch.where(torch.as_tensor({keep}, device=device), terms, float("-inf"))
+        bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        if bias.numel() <= 1 << 20:
+            if len(cls.biases) >= 8:
+                cls.biases.clear()
+            cls.biases[key] = (tensors, tuple(t.clone() for t in tensors), bias)
+        return bias.expand(bias.shape[0], bias.shape[1], N, M)
+"""
+
+
+def _platform_lines(op, cls: str, captured: list[str]) -> tuple[str, str]:
     """The forward's and backward's call of the fused kernel the tile pass chose (``op.fused_kernel``), if any."""
     if not op.fused_kernel:
         return "", ""
     coefficient, _ = split_linear(op.score)
     scale = coefficient * (math.log(2) if op.exp2 else 1.0)
+    if op.fused_kernel == "masked":
+        fields = dict(cls=cls, scale=scale, short=FUSED_MASK_SCORES, captured="".join(f", {c}" for c in captured),
+                      no_grads=" + (None,) * len(captured)" if captured else "")  # fmt: skip
+        return MASKED_FORWARD.format(**fields), MASKED_BACKWARD.format(**fields)
     condition = 'q.device.type == "cpu"' + (" and N == M" if op.fused_kernel == "causal_bottom_right" else "")
     causal = op.fused_kernel != "dense"
     fields = dict(condition=condition, is_causal=causal, scale=scale, causal_note=" causal" if causal else "")
     return PLATFORM_FORWARD.format(**fields), PLATFORM_BACKWARD.format(**fields)
+
+
+def _bias_source(op, names: CapturedNames, captured: list[str]) -> str:
+    """The ``bias`` method of a region on the "masked" fused kernel: its mask and additive terms as attn_mask."""
+    if op.fused_kernel != "masked":
+        return ""
+    _, terms = split_linear(op.score)
+    return BIAS_TEMPLATE.format(
+        captured_params="".join(f", {c}" for c in captured),
+        captured_tuple=_tuple(captured),
+        ids="(" + "".join(f"id({c}), " for c in captured) + ")",
+        casts="".join(f"        {c} = _compute_dtype({c})\n" for c in captured),
+        terms=print_expr(terms, names),
+        keep=print_expr(op.mask, names),
+        to_natural=" * LN2" if op.exp2 else "",
+    )
 
 
 def _bounds_lines(op, captured: CapturedNames) -> list[str]:
@@ -551,7 +629,8 @@ def _region_source(node, cls: str, ir_line: str, names: CapturedNames) -> str:
         rotate_grads = (
             f"        grad_q, grad_k = {cls}.rotate(grad_q.reshape(q.shape), grad_k, N, M, *captured, sign=-1.0)\n"
         )
-    platform_forward, platform_backward = _platform_lines(op)
+    platform_forward, platform_backward = _platform_lines(op, cls, captured)
+    table_source += _bias_source(op, names, captured)
     return REGION_TEMPLATE.format(
         platform_forward=platform_forward,
         platform_backward=platform_backward,

@@ -47,19 +47,24 @@ def fused_kernel(node) -> str:
     torch's fused CPU kernel (FlashAttention's algorithm, lse included) computes a score
     of scale * q . k over one head dim, with no mask ("dense") or a causal one aligned
     top-left ("causal_top_left", any N and M) or bottom-right ("causal_bottom_right",
-    the same kernel when N == M). Captured tensors and RoPE (it takes q and k as they are) rule it out.
+    the same kernel when N == M); RoPE rules it out (it takes q and k as they are). Any
+    other score of the form scale * q . k + terms (ALiBi, a bias table, mods that read
+    only indices and captured tensors) under any mask is "masked": short sequences run
+    the kernel with the mask and terms as one float bias of N x M (docs/passes.md).
     """
     op = node.op
-    if op.rope is not None:
+    q, _, v = (operand.type for operand in node.inputs[:3])
+    if op.rope is not None or q.shape[3] != v.shape[3]:
         return ""
     coefficient = sympy.expand(op.score).coeff(score)
-    q, _, v = (operand.type for operand in node.inputs[:3])
-    linear = coefficient.is_number and coefficient != 0 and sympy.expand(op.score - coefficient * score) == 0
-    if not linear or len(node.inputs) > 3 or q.shape[3] != v.shape[3]:
+    terms = sympy.expand(op.score - coefficient * score)
+    if not (coefficient.is_number and coefficient != 0) or terms.has(score):
         return ""
     masks = {sympy.true: "dense", sympy.Le(kv_idx, q_idx): "causal_top_left",
              sympy.Le(kv_idx, M - N + q_idx): "causal_bottom_right"}  # fmt: skip
-    return masks.get(op.mask, "")
+    if terms == 0 and len(node.inputs) == 3 and op.mask in masks:
+        return masks[op.mask]
+    return "masked"
 
 
 def band_width(schedule, on_fallback: Callable[[str], None] = lambda why: None) -> int | None:

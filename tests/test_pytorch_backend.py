@@ -233,18 +233,77 @@ def test_non_finite_query_row_on_the_fused_kernel_path(causal, value):
 @pytest.mark.parametrize(
     "fields, pipeline",
     [
-        ({"causal": True, "window": (8, 0)}, None),
         ({"softcap": 20.0}, None),
-        ({"mask_mod": lambda b, h, q_idx, kv_idx: kv_idx != 3}, None),
         ({"v_head_dim": 8}, None),
         ({"causal": True}, SMALL_TILES),
         ({"causal": True}, [*SMALL_TILES[:-1], "tile{target=pytorch,fused_kernel=0}"]),
+        ({"causal": True, "window": (8, 0)}, [*SMALL_TILES[:-1], "tile{target=pytorch,fused_kernel=0}"]),
     ],
-    ids=["window", "softcap", "mask_mod", "v_head_dim", "explicit tiles", "fused_kernel=0"],
+    ids=["softcap", "v_head_dim", "explicit tiles", "fused_kernel=0", "window, fused_kernel=0"],
 )
 def test_other_regions_stream_their_tiles(fields, pipeline):
     attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, **fields), pipeline=pipeline)
     assert "fused_kernel" not in str(attn.graph) and "_scaled_dot_product_flash_attention" not in attn.source
+
+
+DOCUMENTS = torch.tensor([0] * 10 + [1] * 13 + [2] * 8)
+SLOPES = torch.rand(4, generator=torch.Generator().manual_seed(0))
+MASKED_CASES = {  # fields, key length
+    "window": ({"causal": True, "window": (5, 0)}, 31),
+    "documents": ({"mask_mod": lambda b, h, q_idx, kv_idx: DOCUMENTS[q_idx] == DOCUMENTS[kv_idx]}, 31),
+    "alibi, N != M": ({"score_mod": lambda score, b, h, q_idx, kv_idx: score + SLOPES[h] * (kv_idx - q_idx)}, 40),
+    "rows that see nothing": ({"mask_mod": lambda b, h, q_idx, kv_idx: (q_idx % 7 != 3) & (kv_idx < 25)}, 31),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(MASKED_CASES))
+def test_short_masked_regions_run_on_the_fused_kernel_with_a_bias(case, dtype):
+    """Any other linear score under any mask: a short sequence runs the fused kernel with the mask and the score's
+    other terms as a float attn_mask, forward and backward (rows that see no key take the loop); GQA 4/2."""
+    fields, m = MASKED_CASES[case]
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, **fields))
+    assert "fused_kernel = masked" in str(attn.graph) and "attn_mask=FlashAttention.bias(" in attn.source
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 4, 2, 31, m, 16, dtype=dtype, seed=m))
+    with torch.profiler.profile() as profile:
+        o, lse = attn(q, k, v, return_lse=True)
+        grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        grads = torch.autograd.grad(o, (q, k, v), grad_o)
+    ran = {event.key for event in profile.key_averages()}
+    fallback = case == "rows that see nothing"
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ran
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ran) is not fallback
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_o, reference_lse = dense_attention(*leaves, causal=fields.get("causal", False), window=fields.get("window"),
+                                                 mask_mod=fields.get("mask_mod"), score_mod=fields.get("score_mod"))  # fmt: skip
+    assert_attention_matches(o, lse, reference_o.detach(), reference_lse.detach(), dtype)
+    reference_grads = torch.autograd.grad(reference_o, leaves, grad_o.double())
+    for grad, expected in zip(grads, reference_grads):
+        tolerance = 2e-5 if dtype == torch.float32 else 8 * 2.0**-9
+        torch.testing.assert_close(grad.double(), expected, atol=tolerance * float(expected.abs().max()), rtol=tolerance)
+
+
+def test_short_masked_region_trains_its_bias_and_long_ones_stream():
+    """A learnable bias table gets its gradient from the streaming backward; past FUSED_MASK_SCORES scores per head
+    the forward streams the tiles too."""
+    from attncc.backends.pytorch import FUSED_MASK_SCORES
+
+    table = torch.randn(40, 40, dtype=torch.float64).float().requires_grad_()
+    attn = attncc.compile(attncc.AttentionSpec(
+        num_heads=2, head_dim=8, score_mod=lambda score, b, h, q_idx, kv_idx: score + table[q_idx, kv_idx]))  # fmt: skip
+    q, k, v = random_qkv(1, 2, 2, 23, 40, 8, seed=4)
+    attn(q, k, v).square().sum().backward()
+    expected_o, _ = dense_attention(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score + table.double()[q_idx, kv_idx])
+    (expected,) = torch.autograd.grad(expected_o.square().sum(), table)
+    torch.testing.assert_close(table.grad.double(), expected.double(), atol=2e-5 * float(expected.abs().max()), rtol=2e-5)
+
+    window = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, causal=True, window=(6, 0)))
+    n = int(FUSED_MASK_SCORES**0.5) + 1
+    q, k, v = random_qkv(1, 1, 1, n, n, 8, seed=5)
+    with torch.profiler.profile() as profile:
+        o, lse = window(q, k, v, return_lse=True)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in {event.key for event in profile.key_averages()}
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, causal=True, window=(6, 0)), torch.float32)
 
 
 @pytest.mark.parametrize("update", ["copy_", "data.copy_", "inference tensor"])

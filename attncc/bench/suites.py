@@ -92,14 +92,26 @@ def gpu_suite(device) -> list[BenchCase]:
 
 def short_suite(device) -> list[BenchCase]:
     """Prefill at every length from 128 to 16384 (B=1, fp32), dense and causal, H=8 with D=64 and H=32 / Hkv=8
-    with D=128: attncc's pytorch backend against SDPA. Narrow it with ``--seq``, ``--case`` and ``--head-dim``."""
+    with D=128: attncc's pytorch backend against SDPA; at H=8, D=64 also a causal sliding window of 256 and 8
+    packed documents against naive eager attention (up to N=8192: its N x M scores are 2 GiB there).
+    Narrow it with ``--seq``, ``--case`` and ``--head-dim``."""
     cases = []
+    lengths = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     for heads, kv_heads, head_dim in ((8, 8, 64), (32, 8, 128)):
-        for n in (128, 256, 512, 1024, 2048, 4096, 8192, 16384):
+        for n in lengths:
             for mask, fields in (("dense", {}), ("causal", {"causal": True})):
                 spec = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, **fields)
                 cases.append(BenchCase(f"{mask} H={heads}/{kv_heads} D={head_dim} N=M={n}", mask, spec, 1, n, n,
                                        implementations=("attncc-pytorch", "sdpa")))  # fmt: skip
+    for n in lengths[:-1]:
+        sparse = {
+            "sliding window 256": {"causal": True, "window": (256, 0)},
+            "document (8 docs)": {"mask_mod": document_causal_mask(document_ids(n, 8, seed=n, device=device))},
+        }
+        for mask, fields in sparse.items():
+            spec = AttentionSpec(num_heads=8, head_dim=64, **fields)
+            cases.append(BenchCase(f"{mask} H=8/8 D=64 N=M={n}", mask, spec, 1, n, n,
+                                   implementations=("attncc-pytorch", "naive")))  # fmt: skip
     return cases
 
 
