@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,7 +39,6 @@ except ImportError:  # pragma: no cover - older torch
 
 
 from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
-from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 from torch.nn.attention.flex_attention import noop_mask as torch_noop_mask
 
 _PROGRAMS: OrderedDict[tuple, CompiledAttention] = OrderedDict()
@@ -52,9 +52,10 @@ class BlockMask:
     ``kv_num_blocks[b, h, i]`` partial KV blocks (some elements visible) are listed
     first in ``kv_indices[b, h, i]``; ``full_kv_*`` lists the blocks whose every
     element is visible. ``b``/``h`` have size 1 when the mask does not depend on them (B or H None).
+    ``mask_mod`` is the traced mask, or the mask_mod itself in a BlockMask made in code torch.compile traces.
     """
 
-    mask_mod: TracedMod
+    mask_mod: TracedMod | Callable
     seq_lengths: tuple[int, int]
     BLOCK_SIZE: tuple[int, int]
     kv_num_blocks: torch.Tensor
@@ -78,7 +79,12 @@ class BlockMask:
 
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
-                f"mask_mod={self.mask_mod.source or self.mask_mod.expr})")  # fmt: skip
+                f"mask_mod={self._mask_text()})")  # fmt: skip
+
+    def _mask_text(self) -> str:
+        if isinstance(self.mask_mod, TracedMod):
+            return self.mask_mod.source or str(self.mask_mod.expr)
+        return getattr(self.mask_mod, "__name__", repr(self.mask_mod))
 
 
 def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOCK_SIZE=128, _compile=False,
@@ -92,9 +98,6 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOC
     from its traced expression (no compiler involved), and attncc's backward needs no
     dQ write order.
     """
-    if torch.compiler.is_compiling():
-        return _traced_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks)
-    traced = trace_mask_mod(mask_mod)
     for label, flag in (("_compile", _compile), ("separate_full_blocks", separate_full_blocks),
                         ("compute_dq_write_order", compute_dq_write_order), ("dq_kv_order", dq_kv_order)):  # fmt: skip
         if not isinstance(flag, bool):
@@ -102,8 +105,8 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOC
     if device is None:
         accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
         device = accelerator or "cpu"
-    for label, value in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    for label, value in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):  # symbolic under torch.compile's dynamic shapes
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value <= 0:
             raise InputError(f"{label}={value!r} is invalid: a positive integer is allowed")
     for label, value in (("B", B), ("H", H)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -116,6 +119,11 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOC
     ):
         raise InputError(f"BLOCK_SIZE={BLOCK_SIZE!r} is invalid: a positive integer or a pair of them is allowed")
     block_q, block_kv = sizes
+    if torch.compiler.is_compiling():
+        blocks = flex_compile.block_lists(mask_mod, B, H, Q_LEN, KV_LEN, torch.device(device), block_q, block_kv,
+                                          separate_full_blocks)  # fmt: skip
+        return BlockMask(mask_mod, (Q_LEN, KV_LEN), (block_q, block_kv), *blocks)
+    traced = trace_mask_mod(mask_mod)
     batch, heads = B or 1, H or 1
     missing = [c.name for c in traced.captured if c.value is None]
     if missing:
@@ -142,16 +150,6 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOC
         all_visible = torch.zeros_like(any_visible)
     partial = any_visible & ~all_visible
     return BlockMask(traced, (Q_LEN, KV_LEN), (block_q, block_kv), *_block_lists(partial), *_block_lists(all_visible))
-
-
-def _traced_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, separate_full_blocks: bool):
-    """create_block_mask in code torch.compile traces: torch's, which evaluates the mask_mod in the graph."""
-    if not separate_full_blocks:
-        raise InputError("separate_full_blocks=False is not supported under torch.compile")
-    if device is None:
-        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-        device = accelerator or "cpu"
-    return torch_create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE)
 
 
 def _blocks_of(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

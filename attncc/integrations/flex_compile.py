@@ -33,6 +33,10 @@ BACKWARD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor grad_o, Tensor grad_lse, Tensor[] captured, "
     "int[] trainable, str plan, float? scale) -> (Tensor, Tensor, Tensor, Tensor[])"
 )
+BLOCK_MASK_SCHEMA = (
+    "(Tensor[] captured, str plan, int? B, int? H, SymInt Q_LEN, SymInt KV_LEN, int block_q, int block_kv, "
+    "bool separate_full_blocks, Device device) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 # How far the plan looks for what a mod reads: as deep as the tracer names captured tensors.
 MAX_DEPTH = 4
@@ -74,15 +78,48 @@ _PLANNED: dict[str, PlannedMods] = {}
 
 def flex_attention(query, key, value, score_mod, mask_mod, scale, kernel_options, backend):
     """``(o, lse)`` of ``attncc.flex_attention`` in code that torch.compile traces (inputs already checked)."""
+    plan, captured = planned_inputs(score_mod, mask_mod, kernel_options, backend, query.device.type)
+    return FLEX_ATTENTION(query, key, value, captured, plan, scale)
+
+
+def block_lists(mask_mod, B, H, Q_LEN, KV_LEN, device: torch.device, block_q: int, block_kv: int,
+                separate_full_blocks: bool) -> tuple:  # fmt: skip
+    """``create_block_mask``'s four block tensors in code that torch.compile traces (arguments already checked).
+
+    A custom op evaluates the planned mask_mod with its captured tensors, so Dynamo never
+    runs the mask_mod itself, which would leave its closure unreadable for the plan.
+    """
+    plan, captured = planned_inputs(None, mask_mod, None, None, device.type)
+    return BLOCK_MASK(captured, plan, B, H, Q_LEN, KV_LEN, block_q, block_kv, separate_full_blocks, device)
+
+
+def planned_inputs(score_mod, mask_mod, kernel_options, backend, device_type: str) -> tuple[str, list]:
+    """The plan's key and the mods' captured tensors, with Dynamo guarding all the plan read (traced code)."""
+    for role, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        check_outside(role, mod)
     roots = (score_mod, mask_mod)
-    plan = plan_mods(*plannable(score_mod), *plannable(mask_mod), kernel_options, backend, query.device.type)
+    plan = plan_mods(*plannable(score_mod), *plannable(mask_mod), kernel_options, backend, device_type)
     for path in plan.functions:
         follow(roots, path).__code__  # noqa: B018 - reading it makes Dynamo guard the function's code
     for path, expected in plan.values:
         if follow(roots, path) != expected:  # never true while tracing; Dynamo keeps the comparison as a guard
             raise ModError(f"{describe(path)} changed while torch.compile traced the mods")
-    captured = [follow(roots, path) for path in plan.tensors]
-    return FLEX_ATTENTION(query, key, value, captured, plan.key, scale)
+    return plan.key, [follow(roots, path) for path in plan.tensors]
+
+
+def check_outside(role: str, mod) -> None:
+    """Refuse a mod that reads variables of a function torch.compile traces: Dynamo hides its closure."""
+    if not isinstance(mod, types.FunctionType) or not mod.__code__.co_freevars:
+        return
+    try:
+        mod.__closure__  # noqa: B018 - Dynamo has no closure to give for a function made while it traces
+    except AttributeError:
+        names = ", ".join(mod.__code__.co_freevars)
+        raise ModError(
+            f"{role} {mod.__name__!r} is defined inside the code torch.compile traces and reads its variables "
+            f"({names}); attncc cannot see them there: define the {role} outside the compiled function (at module "
+            "level, in __init__, or as a method of the module), where it may capture tensors and numbers"
+        ) from None
 
 
 def plannable(mod) -> tuple:
@@ -257,16 +294,21 @@ def _code_names(code: types.CodeType) -> set[str]:
 # --------------------------------------------------------------------------- the custom op (runs the program)
 
 
-def planned_program(plan: str, q, k, v, scale):
-    """The compiled program of a plan for these inputs (from the program cache), and its captured tensors' names."""
-    from attncc.flex import program_for
-
+def _planned(plan: str) -> PlannedMods:
     planned = _PLANNED.get(plan)
     if planned is None:
         raise InputError(
             f"no attncc plan {plan!r} in this process: a graph traced by torch.compile runs in the process that "
             "traced it (attncc plans its mods while Dynamo traces)"
         )
+    return planned
+
+
+def planned_program(plan: str, q, k, v, scale):
+    """The compiled program of a plan for these inputs (from the program cache), and its captured tensors' names."""
+    from attncc.flex import program_for
+
+    planned = _planned(plan)
     program = program_for(planned.score, planned.mask, q.shape[1], k.shape[1], q.shape[3], v.shape[3], scale,
                           planned.backend, planned.options)  # fmt: skip
     return program, planned.captured_names
@@ -326,6 +368,24 @@ def _autograd_backward(ctx, grad_o, grad_lse):
     return grad_q, grad_k, grad_v, grad_captured, None, None
 
 
+def _block_lists(captured, plan, B, H, Q_LEN, KV_LEN, block_q, block_kv, separate_full_blocks, device):
+    from attncc.flex import create_block_mask
+
+    planned = _planned(plan)
+    by_name = dict(zip(planned.captured_names, captured))
+    mask = replace(planned.mask, captured=tuple(replace(c, value=by_name[c.name]) for c in planned.mask.captured))
+    blocks = create_block_mask(mask, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=(block_q, block_kv),
+                               separate_full_blocks=separate_full_blocks)  # fmt: skip
+    return blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices
+
+
+def _block_lists_fake(captured, plan, B, H, Q_LEN, KV_LEN, block_q, block_kv, separate_full_blocks, device):
+    q_blocks, kv_blocks = (Q_LEN + block_q - 1) // block_q, (KV_LEN + block_kv - 1) // block_kv
+    counts = torch.empty(B or 1, H or 1, q_blocks, dtype=torch.int32, device=device)
+    indices = torch.empty(B or 1, H or 1, q_blocks, kv_blocks, dtype=torch.int32, device=device)
+    return counts, indices, torch.empty_like(counts), torch.empty_like(indices)
+
+
 FLEX_ATTENTION = torch.library.custom_op("attncc::flex_attention", _forward, mutates_args=(), schema=FORWARD_SCHEMA)
 FLEX_ATTENTION_BACKWARD = torch.library.custom_op(
     "attncc::flex_attention_backward", _backward, mutates_args=(), schema=BACKWARD_SCHEMA
@@ -333,3 +393,7 @@ FLEX_ATTENTION_BACKWARD = torch.library.custom_op(
 FLEX_ATTENTION.register_fake(_forward_fake)
 FLEX_ATTENTION_BACKWARD.register_fake(_backward_fake)
 FLEX_ATTENTION.register_autograd(_autograd_backward, setup_context=_setup_context)
+BLOCK_MASK = torch.library.custom_op(
+    "attncc::create_block_mask", _block_lists, mutates_args=(), schema=BLOCK_MASK_SCHEMA
+)
+BLOCK_MASK.register_fake(_block_lists_fake)
