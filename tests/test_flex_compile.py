@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn.attention import flex_attention as torch_flex
 
 import attncc
@@ -40,6 +39,8 @@ def inputs(heads=4, kv_heads=2, n=37, m=45, d=16, seed=0):
 
 
 def compiled(fn, backend="aot_eager"):
+    from torch._dynamo.testing import CompileCounterWithBackend  # Dynamo imports triton: not at collection
+
     counter = CompileCounterWithBackend(backend)
     return torch.compile(fn, backend=counter, fullgraph=True), counter
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 import types
 from dataclasses import replace
 from typing import NamedTuple
@@ -74,6 +75,7 @@ class PlannedMods(NamedTuple):
 
 
 _PLANNED: dict[str, PlannedMods] = {}
+_THIS_MODULE = sys.modules[__name__]
 
 
 def flex_attention(query, key, value, score_mod, mask_mod, scale, kernel_options, backend):
@@ -98,7 +100,7 @@ def planned_inputs(score_mod, mask_mod, kernel_options, backend, device_type: st
     for role, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         check_outside(role, mod)
     roots = (score_mod, mask_mod)
-    plan = plan_mods(*plannable(score_mod), *plannable(mask_mod), kernel_options, backend, device_type)
+    plan = _THIS_MODULE.plan_mods(*plannable(score_mod), *plannable(mask_mod), kernel_options, backend, device_type)
     for path in plan.functions:
         follow(roots, path).__code__  # noqa: B018 - reading it makes Dynamo guard the function's code
     for path, expected in plan.values:
@@ -151,8 +153,20 @@ def follow(roots: tuple, path: tuple):
 # --------------------------------------------------------------------------- the plan (runs eagerly)
 
 
-@torch.compiler.assume_constant_result
-def plan_mods(score_mod, score_self, mask_mod, mask_self, kernel_options, backend, device_type: str) -> Plan:
+def __getattr__(name: str):
+    """``plan_mods``, marked for Dynamo at its first use in traced code.
+
+    Marking it at import would import torch._dynamo, and with it triton, with attncc: too
+    early for the triton backend to choose Triton's interpreter for CPU tensors.
+    """
+    if name != "plan_mods":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    marked = torch.compiler.assume_constant_result(_plan_mods)
+    globals()["plan_mods"] = marked
+    return marked
+
+
+def _plan_mods(score_mod, score_self, mask_mod, mask_self, kernel_options, backend, device_type: str) -> Plan:
     """Trace the mods and find what they read; Dynamo calls this with the real objects while it traces.
 
     ``score_self`` / ``mask_self``: the object a mod is a method of, or None.
