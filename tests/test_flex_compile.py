@@ -226,6 +226,8 @@ def test_what_torch_compile_cannot_follow_is_refused_with_its_reason():
 
     with pytest.raises(Exception, match=r"mask_mod 'window' is defined inside the code torch.compile traces"):
         compiled(nested)[0](q, k, v, 4)
+    with pytest.raises(attncc.InputError, match="no attncc plan 'unknown' in this process"):
+        torch.ops.attncc.flex_attention(q, k, v, [], "unknown", None)
     flex, _ = compiled(
         lambda q, k, v: attncc.flex_attention(q, k, v, return_aux=torch_flex.AuxRequest(max_scores=True))
     )
