@@ -232,8 +232,9 @@ def reachable(roots: tuple) -> list[tuple[tuple, object]]:
     A function leads to its closure cells, defaults and the globals its code names
     (torch's own functions to their closure cells and defaults only); a bound method to
     its function and ``self``; a ``functools.partial`` to its function and arguments;
-    tuples, lists and dicts to their items; any other object to the attributes the
-    functions' code names. Python modules and classes are not entered.
+    tuples, lists and dicts to their items; any other object to its ``__call__`` and the
+    attributes the functions' code names (not torch's methods of a module: ``self.float``).
+    Python modules and classes are not entered.
     """
     names: set[str] = set()
     while True:  # again while the code of a function found later names attributes of objects seen earlier
@@ -272,12 +273,21 @@ def children(value, names: set[str]) -> list[tuple[tuple, object]]:
     if isinstance(value, dict):
         return [(("item", k), item) for k, item in value.items() if isinstance(k, (str, int))]
     attributes = []
+    call = vars(type(value)).get("__call__")  # a callable object as a mod: its class's own __call__
+    if isinstance(call, types.FunctionType) and not isinstance(value, torch.nn.Module):
+        attributes.append((("attr", "__call__"), value.__call__))
     for name in sorted(names):
         try:
-            attributes.append((("attr", name), getattr(value, name)))
+            attribute = getattr(value, name)
         except Exception:  # noqa: BLE001 - a missing or failing attribute is nothing the mod can read
             continue
+        if not _is_torch_method(attribute):  # self.float, self.to: torch's methods, not what a mod reads
+            attributes.append((("attr", name), attribute))
     return attributes
+
+
+def _is_torch_method(value) -> bool:
+    return isinstance(value, types.MethodType) and (value.__func__.__module__ or "").startswith("torch")
 
 
 def function_children(fn: types.FunctionType, names: set[str]) -> list[tuple[tuple, object]]:
