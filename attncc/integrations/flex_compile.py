@@ -273,7 +273,8 @@ def children(value, names: set[str]) -> list[tuple[tuple, object]]:
     if isinstance(value, dict):
         return [(("item", k), item) for k, item in value.items() if isinstance(k, (str, int))]
     attributes = []
-    call = vars(type(value)).get("__call__")  # a callable object as a mod: its class's own __call__
+    # a callable object as a mod: the __call__ its class defines or inherits
+    call = next((vars(cls)["__call__"] for cls in type(value).__mro__ if "__call__" in vars(cls)), None)
     if isinstance(call, types.FunctionType) and not isinstance(value, torch.nn.Module):
         attributes.append((("attr", "__call__"), value.__call__))
     for name in sorted(names):
