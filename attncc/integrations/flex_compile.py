@@ -100,6 +100,7 @@ def planned_inputs(score_mod, mask_mod, kernel_options, backend, device_type: st
     for role, mod in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         check_outside(role, mod)
     roots = (score_mod, mask_mod)
+    # An attribute of the module, not a global: marked for Dynamo at this first use (``__getattr__``).
     plan = _THIS_MODULE.plan_mods(*plannable(score_mod), *plannable(mask_mod), kernel_options, backend, device_type)
     for path in plan.functions:
         follow(roots, path).__code__  # noqa: B018 - reading it makes Dynamo guard the function's code
