@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ from attncc.api import CompiledAttention, InputTypeError, compile
 from attncc.errors import InputError, ModError
 from attncc.frontend.mod import TracedMod
 from attncc.frontend.trace import expression_key, trace_mask_mod, trace_score_mod
+from attncc.integrations import flex_compile
 from attncc.interpreter import evaluate, index_grids
 from attncc.kernel_options import KernelOptions, parse_kernel_options
 from attncc.spec import AttentionSpec
@@ -50,9 +52,10 @@ class BlockMask:
     ``kv_num_blocks[b, h, i]`` partial KV blocks (some elements visible) are listed
     first in ``kv_indices[b, h, i]``; ``full_kv_*`` lists the blocks whose every
     element is visible. ``b``/``h`` have size 1 when the mask does not depend on them (B or H None).
+    ``mask_mod`` is the traced mask, or the mask_mod itself in a BlockMask made in code torch.compile traces.
     """
 
-    mask_mod: TracedMod
+    mask_mod: TracedMod | Callable
     seq_lengths: tuple[int, int]
     BLOCK_SIZE: tuple[int, int]
     kv_num_blocks: torch.Tensor
@@ -76,7 +79,12 @@ class BlockMask:
 
     def __repr__(self) -> str:
         return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
-                f"mask_mod={self.mask_mod.source or self.mask_mod.expr})")  # fmt: skip
+                f"mask_mod={self._mask_text()})")  # fmt: skip
+
+    def _mask_text(self) -> str:
+        if isinstance(self.mask_mod, TracedMod):
+            return self.mask_mod.source or str(self.mask_mod.expr)
+        return getattr(self.mask_mod, "__name__", repr(self.mask_mod))
 
 
 def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOCK_SIZE=128, _compile=False,
@@ -90,7 +98,6 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOC
     from its traced expression (no compiler involved), and attncc's backward needs no
     dQ write order.
     """
-    traced = trace_mask_mod(mask_mod)
     for label, flag in (("_compile", _compile), ("separate_full_blocks", separate_full_blocks),
                         ("compute_dq_write_order", compute_dq_write_order), ("dq_kv_order", dq_kv_order)):  # fmt: skip
         if not isinstance(flag, bool):
@@ -98,8 +105,8 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOC
     if device is None:
         accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
         device = accelerator or "cpu"
-    for label, value in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    for label, value in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):  # symbolic under torch.compile's dynamic shapes
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value <= 0:
             raise InputError(f"{label}={value!r} is invalid: a positive integer is allowed")
     for label, value in (("B", B), ("H", H)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -112,6 +119,11 @@ def create_block_mask(mask_mod, B, H, Q_LEN: int, KV_LEN: int, device=None, BLOC
     ):
         raise InputError(f"BLOCK_SIZE={BLOCK_SIZE!r} is invalid: a positive integer or a pair of them is allowed")
     block_q, block_kv = sizes
+    if torch.compiler.is_compiling():
+        blocks = flex_compile.block_lists(mask_mod, B, H, Q_LEN, KV_LEN, torch.device(device), block_q, block_kv,
+                                          separate_full_blocks)  # fmt: skip
+        return BlockMask(mask_mod, (Q_LEN, KV_LEN), (block_q, block_kv), *blocks)
+    traced = trace_mask_mod(mask_mod)
     batch, heads = B or 1, H or 1
     missing = [c.name for c in traced.captured if c.value is None]
     if missing:
@@ -161,8 +173,6 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     ``(o, lse)`` with ``return_lse``, or ``(o, AuxOutput(lse, max_scores))`` with
     ``return_aux=AuxRequest(...)``. K/V with batch 1 serve every query batch.
     """
-    from attncc.backends import backend_for_device
-
     for label, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -176,20 +186,49 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         raise InputTypeError(
             f"return_aux is a {type(return_aux).__name__}: an AuxRequest(lse=..., max_scores=...) is allowed"
         )
-    options = parse_kernel_options(kernel_options)
+    wants_lse = return_lse or (return_aux is not None and return_aux.lse)
     if block_mask is not None:
         if mask_mod is not None:
             raise ModError("pass mask_mod or block_mask, not both (a BlockMask carries its mask_mod)")
         mask_mod = _block_mask_mod(block_mask, query.shape[2], key.shape[2])
-    heads, kv_heads = query.shape[1], key.shape[1]
+    if torch.compiler.is_compiling():
+        if return_aux is not None and return_aux.max_scores:
+            raise InputError("return_aux=AuxRequest(max_scores=True) is not supported under torch.compile")
+        out, lse = flex_compile.flex_attention(query, key, value, score_mod, mask_mod, scale, kernel_options, backend)
+        return _returned(out, lse if wants_lse else None, None, return_lse, return_aux)
+    from attncc.backends import backend_for_device
+
+    options = parse_kernel_options(kernel_options)
     score = None if score_mod is None else trace_score_mod(score_mod)
     mask = None if mask_mod is None else trace_mask_mod(mask_mod)
     if options.backend is not None and backend not in (None, options.backend):
         raise InputError(f"backend={backend!r} and kernel_options BACKEND (attncc's {options.backend!r}) disagree")
     backend = backend or options.backend or backend_for_device(query.device.type)
-    spec = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=query.shape[3], v_head_dim=value.shape[3],
+    program = program_for(score, mask, query.shape[1], key.shape[1], query.shape[3], value.shape[3], scale, backend,
+                          options)  # fmt: skip
+    captured = {c.name: c.value for mod in (score, mask) if mod for c in mod.captured if c.value is not None}
+    result = program(query, key, value, return_lse=wants_lse, **captured)
+    out, lse = result if wants_lse else (result, None)
+    max_scores = None
+    if return_aux is not None and return_aux.max_scores:
+        scale = program.spec.scale if program.spec.scale is not None else 1 / math.sqrt(query.shape[3])
+        max_scores = row_max_scores(query, key, scale, score, mask, captured)
+    return _returned(out, lse, max_scores, return_lse, return_aux)
+
+
+def _returned(out, lse, max_scores, return_lse: bool, return_aux):
+    """torch's return value: ``o``, ``(o, lse)``, or ``(o, AuxOutput(lse, max_scores))``."""
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse, max_scores=max_scores)
+    return (out, lse) if return_lse else out
+
+
+def program_for(score: TracedMod | None, mask: TracedMod | None, heads: int, kv_heads: int, head_dim: int,
+                v_head_dim: int, scale, backend: str, options: KernelOptions) -> CompiledAttention:  # fmt: skip
+    """The compiled program of these traced mods and sizes, from the program cache (compiled on a miss)."""
+    spec = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim,
                          scale=scale, score_mod=score, mask_mod=mask)  # fmt: skip
-    program_key = (heads, kv_heads, query.shape[3], value.shape[3], spec.scale, backend, options.tile,
+    program_key = (heads, kv_heads, head_dim, v_head_dim, spec.scale, backend, options.tile,
                    score and expression_key(score), mask and expression_key(mask))  # fmt: skip
     program = _PROGRAMS.get(program_key)
     if program is None:
@@ -198,17 +237,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         if len(_PROGRAMS) > _MAX_PROGRAMS:
             _PROGRAMS.popitem(last=False)
     _PROGRAMS.move_to_end(program_key)
-    captured = {c.name: c.value for mod in (score, mask) if mod for c in mod.captured if c.value is not None}
-    wants_lse = return_lse or (return_aux is not None and return_aux.lse)
-    result = program(query, key, value, return_lse=wants_lse, **captured)
-    out, lse = result if wants_lse else (result, None)
-    if return_aux is not None:
-        max_scores = None
-        if return_aux.max_scores:
-            scale = spec.scale if spec.scale is not None else 1 / math.sqrt(query.shape[3])
-            max_scores = row_max_scores(query, key, scale, score, mask, captured)
-        return out, AuxOutput(lse=lse if wants_lse else None, max_scores=max_scores)
-    return (out, lse) if return_lse else out
+    return program
 
 
 def _check_shapes(query, key, value, enable_gqa: bool) -> None:
@@ -246,6 +275,11 @@ def _block_mask_mod(block_mask, q_len: int, kv_len: int):
         if getattr(mask_mod, "__name__", "") == "_sliced_mask_mod_error":
             raise InputError("block_mask is a sliced torch BlockMask, which has no mask_mod; pass the whole BlockMask")
         if mask_mod is torch_noop_mask:
+            if torch.compiler.is_compiling():
+                raise ModError(
+                    "block_mask is a torch BlockMask without a mask_mod (BlockMask.from_kv_blocks), which attncc "
+                    "reads from its blocks outside torch.compile only: make it with create_block_mask"
+                )
             mask_mod = _blocks_mask_mod(block_mask)
     else:
         raise InputTypeError(
