@@ -46,20 +46,18 @@ class ProgramOps:
     forward_impl: Callable
     backward_impl: Callable
     function: Callable  # the generated ``attention(q, k, v, *captured)``
-    direct: bool  # the program is one region, whose autograd.Function is the op's formula (``direct_region``)
 
     def __call__(self, q, k, v, captured: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward(q, k, v, captured)``, directly when nothing traces or intercepts the call.
+        """``forward(q, k, v, captured)``, without the dispatcher when nothing traces or intercepts the call.
 
-        Outputs of the direct calls may be strided views (as SDPA's are); the op's are contiguous.
+        Without gradients the generated function runs directly (its outputs may be strided
+        views, as SDPA's are); with them, ``EagerProgram`` applies the op's own formula.
         """
         if not _plain_eager(q, k, v, captured):
             return self.forward(q, k, v, captured)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *captured))):
-            return self.function(q, k, v, *captured)
-        if self.direct and not any(t.requires_grad for t in captured):
-            return self.function(q, k, v, *captured)
-        return EagerProgram.apply(self, q, k, v, *captured)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *captured)):
+            return EagerProgram.apply(self, q, k, v, *captured)
+        return self.function(q, k, v, *captured)
 
 
 def _plain_eager(*tensors) -> bool:
@@ -118,7 +116,7 @@ def program_ops(key: str, function: Callable, graph: Graph) -> ProgramOps:
     forward.register_fake(_forward_fake)
     backward.register_fake(_backward_fake)
     forward.register_autograd(_autograd_backward(backward), setup_context=_setup_context)
-    registered = ProgramOps(name, forward, backward, run_forward, run_backward, function, region is not None)
+    registered = ProgramOps(name, forward, backward, run_forward, run_backward, function)
     _REGISTERED[key] = registered
     return registered
 
