@@ -208,3 +208,23 @@ def test_shapes_torch_refuses_are_refused(shapes, gqa, message):
     q, k, v = inputs(**shapes)
     with pytest.raises(attncc.InputError, match=message):
         attncc.flex_attention(q, k, v, enable_gqa=gqa)
+
+
+# --------------------------------------------------------------------------- found by tests/test_fuzz.py
+
+
+@pytest.mark.parametrize("name", ["self", "return_lse", "q_positions", "kv_positions"])
+def test_captured_tensor_named_like_a_parameter_of_the_call(name):
+    """flex_attention passes captured tensors to the compiled program by keyword, beside ``self`` and the
+    call's options: a tensor captured under one of their names raised ``got multiple values for argument``."""
+    q, k, v = inputs()
+    tables = {name: torch.randn(k.shape[2], generator=torch.Generator().manual_seed(3))}
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + tables[name][kv_idx]
+
+    o, lse = attncc.flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True, return_lse=True)
+    reference_o, reference_lse = dense_attention(
+        q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score + tables[name].double()[kv_idx]
+    )
+    assert_attention_matches(o, lse, reference_o, reference_lse, torch.float32)

@@ -71,10 +71,12 @@ MASK_MOD_PARAMS = ("b", "h", "q_idx", "kv_idx")
 FEATURE_MAP_PARAMS = ("x",)
 SYMBOLS = {"score": score, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, "x": feature}
 
-# Names a captured tensor may not take: the program's inputs/outputs, the index symbols and the dimensions.
+# Names a captured tensor may not take: the program's inputs/outputs, the index symbols, the dimensions,
+# and the other parameters of a compiled program's call, which passes captured tensors by keyword.
 RESERVED_NAMES = frozenset(
-    {"q", "k", "v", "o", "lse", "score", "b", "h", "q_idx", "kv_idx", "N", "M", "B", "H", "Hkv", "D", "Dv"}
-)
+    {"q", "k", "v", "o", "lse", "score", "b", "h", "q_idx", "kv_idx", "N", "M", "B", "H", "Hkv", "D", "Dv",
+     "self", "return_lse", "q_positions", "kv_positions"}
+)  # fmt: skip
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # attncc's own files (flex.py, api.py, ...) are never the user's: a mod that is no Python
