@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, reject, settings
+from hypothesis import HealthCheck, given, note, reject, seed, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
+from torch.nn.attention.flex_attention import and_masks, noop_mask, or_masks
 
 import attncc
 from attncc.backends import BACKENDS, get_backend
@@ -41,6 +42,37 @@ SECONDS = {"ci": {"default": math.inf}, "long": {"default": 9 * 60, "triton": 3 
 if PROFILE not in EXAMPLES:
     raise ValueError(f"ATTNCC_FUZZ_PROFILE={PROFILE!r} is invalid: ci or long")
 
+
+def requested_counts(text: str | None) -> dict[str, int] | None:
+    """``ATTNCC_FUZZ_EXAMPLES``: ``1000`` (every backend) or ``pytorch=1000,triton=100`` (only those)."""
+    if not text:
+        return None
+    counts = {}
+    for item in text.split(","):
+        backend, _, count = item.rpartition("=")
+        if not count.strip().isdigit() or (backend and backend.strip() not in BACKENDS):
+            raise ValueError(
+                f"ATTNCC_FUZZ_EXAMPLES={text!r} is invalid: a count (1000) or backend=count pairs separated by "
+                f"commas (pytorch=1000,triton=100), backends among {', '.join(BACKENDS)}"
+            )
+        counts[backend.strip() or "*"] = int(count)
+    return counts
+
+
+def requested_seed(text: str | None) -> int | None:
+    """``ATTNCC_FUZZ_SEED``: Hypothesis's seed for the random examples of one run (one worker)."""
+    if not text:
+        return None
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"ATTNCC_FUZZ_SEED={text!r} is invalid: an integer is allowed")
+    return int(text)
+
+
+# A requested count runs that many examples with no time budget, and records failures instead of
+# stopping at the first to shrink it, so the count is reached (tests/fuzz_workers.py runs workers).
+COUNTS = requested_counts(os.environ.get("ATTNCC_FUZZ_EXAMPLES"))
+SEED = requested_seed(os.environ.get("ATTNCC_FUZZ_SEED"))
+
 if not torch.cuda.is_available():
     # Without a GPU the triton backend runs in Triton's interpreter, which must be chosen before
     # anything imports triton (calling a compiled program may, through torch.compile's machinery).
@@ -52,10 +84,18 @@ MAX_HEADS = 8
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def requested_examples(backend: str) -> int | None:
+    """The count ATTNCC_FUZZ_EXAMPLES asks of this backend: None when it asks none (the profile decides)."""
+    if COUNTS is None:
+        return None
+    return COUNTS.get(backend, COUNTS.get("*"))
+
+
 def fuzz_settings(backend: str):
+    count = requested_examples(backend)
     return settings(
-        max_examples=EXAMPLES[PROFILE].get(backend, EXAMPLES[PROFILE]["default"]),
-        derandomize=PROFILE == "ci",
+        max_examples=count if count is not None else EXAMPLES[PROFILE].get(backend, EXAMPLES[PROFILE]["default"]),
+        derandomize=PROFILE == "ci" and SEED is None,
         database=None,
         deadline=None,
         print_blob=True,
@@ -124,7 +164,8 @@ class IntOp(Node):
                 return torch.clamp(a, max=c) if self.op == "min" else torch.clamp(a, min=c)
             return torch.minimum(a, c) if self.op == "min" else torch.maximum(a, c)
         return {"+": lambda: a + c, "-": lambda: a - c, "*": lambda: a * c, "//": lambda: a // c,
-                "%": lambda: a % c}[self.op]()  # fmt: skip
+                "%": lambda: a % c, "&": lambda: a & c, "|": lambda: a | c, "^": lambda: a ^ c,
+                "<<": lambda: a << c, ">>": lambda: a >> c}[self.op]()  # fmt: skip
 
     def ref(self, env):
         a, c = torch.as_tensor(self.a.ref(env)), torch.as_tensor(self.c.ref(env))
@@ -136,6 +177,11 @@ class IntOp(Node):
             "%": torch.remainder,
             "min": torch.minimum,
             "max": torch.maximum,
+            "&": torch.bitwise_and,
+            "|": torch.bitwise_or,
+            "^": torch.bitwise_xor,
+            "<<": torch.bitwise_left_shift,
+            ">>": torch.bitwise_right_shift,
         }[self.op](a, c)
 
     def __repr__(self):
@@ -144,7 +190,7 @@ class IntOp(Node):
 
 @dataclass(frozen=True)
 class IntUnary(Node):
-    """abs, neg, clamp(a, low, high), or floor_div_float: ``torch.floor(a / high).long()``."""
+    """abs, neg, bitnot (``~a``), clamp(a, low, high), or floor_div_float: ``torch.floor(a / high).long()``."""
 
     op: str
     a: Node
@@ -158,6 +204,8 @@ class IntUnary(Node):
             return abs(a)
         if self.op == "neg":
             return -a
+        if self.op == "bitnot":
+            return ~a
         if self.op == "clamp":
             return torch.clamp(a, self.low, self.high)
         # a float quotient of small integers is exact enough that its floor equals a // high
@@ -169,6 +217,8 @@ class IntUnary(Node):
             return a.abs()
         if self.op == "neg":
             return -a
+        if self.op == "bitnot":
+            return torch.bitwise_not(a)
         if self.op == "clamp":
             return a.clamp(self.low, self.high)
         return torch.floor(a.double() / self.high).long()
@@ -378,23 +428,188 @@ class Scaled(Node):
 
 @dataclass(frozen=True)
 class HideWhere(Node):
-    """``torch.where(cond, score_expr, -inf)``: a score_mod that hides elements, possibly whole rows."""
+    """``torch.where(cond, score_expr, fill)``: a score_mod that hides elements, possibly whole rows.
+
+    ``fill`` is -inf, or a large finite negative number (-1e30, float32's ``finfo.min``) as users write
+    instead: a row of only such scores is then uniform, with lse = fill + log(visible keys)."""
 
     cond: Node
     a: Node
+    fill: float = -math.inf
     kind = "float"
 
     def user(self, env):
-        return torch.where(self.cond.user(env), self.a.user(env), -float("inf"))
+        return torch.where(self.cond.user(env), self.a.user(env), self.fill)
 
     def ref(self, env):
-        return torch.where(self.cond.ref(env), torch.as_tensor(self.a.ref(env)).double(), -math.inf)
+        return torch.where(self.cond.ref(env), torch.as_tensor(self.a.ref(env)).double(), self.fill)
 
     def __repr__(self):
-        return f"where({self.cond!r}, {self.a!r}, -inf)"
+        return f"where({self.cond!r}, {self.a!r}, {self.fill!r})"
+
+
+def _gelu_tanh(x):
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+# Element-wise functions of a float x = clamp(a * c, low, high): (the function, the domain [low, high]).
+# Domains keep every draw defined and well conditioned (no NaN from asin(2), no tan near its pole, no
+# overflow of sinh), so the fuzzer filters by construction and the outputs must be NaN-free.
+FUNCTIONS = {
+    "relu": (torch.relu, (-4, 4)),
+    "gelu": (torch.nn.functional.gelu, (-4, 4)),
+    "gelu_tanh": (_gelu_tanh, (-4, 4)),
+    "silu": (torch.nn.functional.silu, (-4, 4)),
+    "softplus": (torch.nn.functional.softplus, (-4, 4)),
+    "sigmoid": (torch.sigmoid, (-4, 4)),
+    "sin": (torch.sin, (-8, 8)),
+    "cos": (torch.cos, (-8, 8)),
+    "tan": (torch.tan, (-1.25, 1.25)),
+    "asin": (torch.asin, (-1, 1)),
+    "acos": (torch.acos, (-1, 1)),
+    "atan": (torch.atan, (-8, 8)),
+    "sinh": (torch.sinh, (-3, 3)),
+    "cosh": (torch.cosh, (-3, 3)),
+    "abs": (torch.abs, (-4, 4)),
+    "sign": (torch.sign, (-4, 4)),
+    "erf": (torch.erf, (-3, 3)),
+    "expm1": (torch.expm1, (-3, 2)),
+    "log1p": (torch.log1p, (-0.75, 8)),
+    "rsqrt": (torch.rsqrt, (0.25, 8)),
+    "round": (torch.round, (-4, 4)),
+    "trunc": (torch.trunc, (-4, 4)),
+}
+
+
+@dataclass(frozen=True)
+class Function(Node):
+    """``fn(torch.clamp(a * c, low, high))`` with a binary fraction ``c``, so ``a * c`` is exact in float32
+    and float64 alike and round, trunc and sign see the same argument in both."""
+
+    fn: str
+    a: Node
+    c: float
+    kind = "float"
+
+    def argument(self, a):
+        low, high = FUNCTIONS[self.fn][1]
+        return torch.clamp(a * self.c, low, high)
+
+    def user(self, env):
+        return FUNCTIONS[self.fn][0](self.argument(self.a.user(env)))
+
+    def ref(self, env):
+        return FUNCTIONS[self.fn][0](self.argument(torch.as_tensor(self.a.ref(env)).double()))
+
+    def __repr__(self):
+        low, high = FUNCTIONS[self.fn][1]
+        return f"{self.fn}(clamp({self.a!r} * {self.c}, {low}, {high}))"
+
+
+@dataclass(frozen=True)
+class FloatBinary(Node):
+    """``torch.pow(base, exponent)``, ``torch.fmod(x, y)`` or ``x % y`` (remainder) on floats of indices.
+
+    pow: base clamp(a * c, 0.5, 4) (or the constant 1.5), exponent clamp(e * c, -2, 2); fmod and
+    remainder: x = clamp(a * c, -8, 8) by a constant or by clamp(e * c, 0.5, 3). Operands are multiples
+    of 1/4, so a quotient is either an exact integer or at least 1/12 from one: float32 and float64
+    floor it alike."""
+
+    op: str  # pow, pow_constant_base, fmod, remainder
+    a: Node
+    e: Node
+    c: float
+    divisor: float | None = None  # fmod / remainder by a constant instead of by e
+    kind = "float"
+
+    def operands(self, a, e):
+        if self.op.startswith("pow"):
+            base = 1.5 if self.op == "pow_constant_base" else torch.clamp(a * self.c, 0.5, 4)
+            return base, torch.clamp(e * self.c, -2, 2)
+        divisor = self.divisor if self.divisor is not None else torch.clamp(e * self.c, 0.5, 3)
+        return torch.clamp(a * self.c, -8, 8), divisor
+
+    def user(self, env):
+        x, y = self.operands(self.a.user(env), self.e.user(env))
+        if self.op.startswith("pow"):
+            return torch.pow(x, y)
+        return torch.fmod(x, y) if self.op == "fmod" else x % y
+
+    def ref(self, env):
+        x, y = self.operands(torch.as_tensor(self.a.ref(env)).double(), torch.as_tensor(self.e.ref(env)).double())
+        if self.op.startswith("pow"):
+            return torch.pow(torch.as_tensor(x, dtype=torch.float64), y)
+        return torch.fmod(x, y) if self.op == "fmod" else torch.remainder(x, y)
+
+    def __repr__(self):
+        divisor = self.divisor if self.divisor is not None else f"clamp({self.e!r} * {self.c}, 0.5, 3)"
+        return {
+            "pow": f"pow(clamp({self.a!r} * {self.c}, 0.5, 4), clamp({self.e!r} * {self.c}, -2, 2))",
+            "pow_constant_base": f"pow(1.5, clamp({self.e!r} * {self.c}, -2, 2))",
+            "fmod": f"fmod(clamp({self.a!r} * {self.c}, -8, 8), {divisor})",
+            "remainder": f"(clamp({self.a!r} * {self.c}, -8, 8) % {divisor})",
+        }[self.op]
+
+
+@dataclass(frozen=True)
+class Reduction(Node):
+    """A reduction over a captured tensor's fixed last dimension (``ROW``):
+    ``(w[h] * feats[a % L]).sum()`` (or ``.mean()``, ``.amax()``) and ``torch.dot(feats[a % L], feats2[e % L])``."""
+
+    op: str  # sum, mean, amax, dot
+    a: Node
+    e: Node
+    kind = "float"
+
+    def user(self, env):
+        row = env["feats"][self.a.user(env) % TABLE_LENGTH]
+        if self.op == "dot":
+            return torch.dot(row, env["feats2"][self.e.user(env) % TABLE_LENGTH])
+        return getattr(env["w"][env["h"]] * row, self.op)()
+
+    def ref(self, env):
+        row = env["feats"][torch.remainder(torch.as_tensor(self.a.ref(env)), TABLE_LENGTH)].double()
+        if self.op == "dot":
+            other = env["feats2"][torch.remainder(torch.as_tensor(self.e.ref(env)), TABLE_LENGTH)].double()
+            return (row * other).sum(-1)
+        return getattr(env["w"][env["h"]].double() * row, self.op)(-1)
+
+    def __repr__(self):
+        row = f"feats[({self.a!r}) % {TABLE_LENGTH}]"
+        if self.op == "dot":
+            return f"dot({row}, feats2[({self.e!r}) % {TABLE_LENGTH}])"
+        return f"(w[h] * {row}).{self.op}()"
+
+
+@dataclass(frozen=True)
+class MaskCombination(Node):
+    """torch's mask combinators at the top of a mask_mod: ``and_masks(*parts)``, ``or_masks(*parts)``
+    or ``noop_mask`` (no parts), each part a mask_mod of its own."""
+
+    op: str  # and, or, noop
+    parts: tuple = ()
+    kind = "bool"
+
+    def user_mask(self, part_mask):
+        """The mask_mod a user passes: the combinator applied to ``part_mask(part)`` for each part."""
+        if self.op == "noop":
+            return noop_mask
+        return {"and": and_masks, "or": or_masks}[self.op](*(part_mask(part) for part in self.parts))
+
+    def ref(self, env):
+        if self.op == "noop":
+            return torch.ones((), dtype=torch.bool)
+        combine = torch.logical_and if self.op == "and" else torch.logical_or
+        return functools.reduce(combine, (part.ref(env) for part in self.parts))
+
+    def __repr__(self):
+        return "noop_mask" if self.op == "noop" else f"{self.op}_masks({', '.join(map(repr, self.parts))})"
 
 
 INDEX_NAMES = ("q_idx", "kv_idx", "h", "b")
+# Integers beyond float64's 2^53 and near int64's limits: compared with, or added before a % or // that
+# brings the sum back (index expressions stay below 2^12, so nothing overflows int64).
+LARGE_INTEGERS = (2**53 + 1, 2**62, -(2**62), 10**18)
 
 
 @functools.cache
@@ -410,7 +625,16 @@ def int_exprs(depth: int = 2):
         st.builds(IntOp, st.sampled_from(("+", "-", "min", "max")), inner, operand),
         st.builds(IntOp, st.just("*"), inner, st.integers(-3, 3).map(Const)),
         st.builds(IntOp, st.sampled_from(("//", "%")), inner, st.sampled_from((2, 3, 5, 7, -3)).map(Const)),
-        st.builds(IntUnary, st.sampled_from(("abs", "neg")), inner),
+        st.builds(IntUnary, st.sampled_from(("abs", "neg", "bitnot")), inner),
+        st.builds(IntOp, st.sampled_from(("&", "|", "^")), inner, operand),
+        st.builds(IntOp, st.sampled_from(("<<", ">>")), inner, st.integers(0, 3).map(Const)),
+        st.builds(
+            lambda a, large, op, c: IntOp(op, IntOp("+", a, Const(large)), Const(c)),
+            inner,
+            st.sampled_from(LARGE_INTEGERS),
+            st.sampled_from(("%", "//")),
+            st.sampled_from((3, 7, 2**60)),
+        ),  # fmt: skip
         st.builds(
             lambda a, low, width: IntUnary("clamp", a, low, low + width), inner, st.integers(-8, 8), st.integers(0, 12)
         ),  # fmt: skip
@@ -422,7 +646,7 @@ def int_exprs(depth: int = 2):
 
 @functools.cache
 def bool_exprs(depth: int = 2):
-    operand = st.one_of(int_exprs(0), st.integers(-6, 40).map(Const))
+    operand = st.one_of(int_exprs(0), st.integers(-6, 40).map(Const), st.sampled_from(LARGE_INTEGERS).map(Const))
     compare = st.builds(
         Compare, st.sampled_from(("<", "<=", ">", ">=", "==", "!=")), int_exprs(max(0, depth - 1)), operand
     )
@@ -455,6 +679,23 @@ def float_terms():
         ),  # fmt: skip
         st.builds(Lookup, st.just("bias"), int_exprs(1)),
         st.builds(Lookup, st.just("bias2"), int_exprs(1), st.just(True)),
+        st.builds(Function, st.sampled_from(sorted(FUNCTIONS)), int_exprs(1), st.sampled_from((0.25, 0.5))),
+        st.builds(
+            FloatBinary,
+            st.sampled_from(("pow", "pow_constant_base")),
+            int_exprs(1),
+            int_exprs(1),
+            st.sampled_from((0.25, 0.5)),
+        ),  # fmt: skip
+        st.builds(
+            FloatBinary,
+            st.sampled_from(("fmod", "remainder")),
+            int_exprs(1),
+            int_exprs(1),
+            st.sampled_from((0.25, 0.5)),
+            st.sampled_from((None, 0.75, 1.5, -2.5)),
+        ),  # fmt: skip
+        st.builds(Reduction, st.sampled_from(("sum", "mean", "amax", "dot")), int_exprs(1), int_exprs(1)),
     )
 
 
@@ -478,10 +719,33 @@ def score_exprs(depth: int = 2):
 @functools.cache
 def score_mods():
     """A finite score expression, or one that hides some elements (maybe whole rows) with -inf at the top."""
-    return st.one_of(score_exprs(), st.builds(HideWhere, bool_exprs(1), score_exprs(1)))
+    fills = st.sampled_from((-math.inf, -math.inf, -1e30, torch.finfo(torch.float32).min))
+    return st.one_of(score_exprs(), st.builds(HideWhere, bool_exprs(1), score_exprs(1), fills))
+
+
+@functools.cache
+def mask_mods():
+    """A mask expression, or torch's combinators (and_masks, or_masks of two or three, noop_mask) at the top."""
+    parts = st.lists(bool_exprs(1), min_size=2, max_size=3).map(tuple)
+    return st.one_of(
+        bool_exprs(),
+        st.builds(MaskCombination, st.sampled_from(("and", "or")), parts),
+        st.just(MaskCombination("noop")),
+    )
 
 
 # --------------------------------------------------------------------------- mods and cases
+
+
+ROW = 4  # the fixed last dimension of the tables that reductions fold
+# Names the captured tables may be reached by (keys of the dict a mod closes over, which name them):
+# keywords, builtins, identifiers of the generated sources, non-ASCII and non-identifier spellings.
+CAPTURED_NAMES = (
+    "class", "lambda", "None", "float", "len", "max", "print", "self", "torch", "math", "tl", "s", "out",
+    "masked", "keep", "rows", "ctx", "cls", "k_f", "acc", "m_i", "l_i", "q", "k", "v", "o", "lse", "score",
+    "q_idx", "kv_idx", "b", "h", "N", "BLOCK_M", "offs_n", "cap0_", "cap1_bias", "δ", "表", "ｋ_f", "ｃｌａｓｓ",
+    "naïve", "my bias", "0", "", "a-b", "__init__",
+)  # fmt: skip
 
 
 def make_tables(seed: int) -> dict[str, torch.Tensor]:
@@ -491,24 +755,36 @@ def make_tables(seed: int) -> dict[str, torch.Tensor]:
         "flags": torch.rand(TABLE_LENGTH, generator=generator) < 0.7,
         "bias": torch.randn(TABLE_LENGTH, generator=generator),
         "bias2": 0.5 * torch.randn(MAX_HEADS, TABLE_LENGTH, generator=generator),
+        "feats": torch.randn(TABLE_LENGTH, ROW, generator=generator),
+        "feats2": 0.5 * torch.randn(TABLE_LENGTH, ROW, generator=generator),
+        "w": 0.5 * torch.randn(MAX_HEADS, ROW, generator=generator),
     }
 
 
-def user_mods(score_tree: Node | None, mask_tree: Node | None, tables: dict):
-    """(score_mod, mask_mod) written like a user's: closures over the captured tables."""
-    tab, flags, bias, bias2 = tables["tab"], tables["flags"], tables["bias"], tables["bias2"]
+def user_mods(score_tree: Node | None, mask_tree: Node | None, tables: dict, names: tuple | None = None):
+    """(score_mod, mask_mod) written like a user's: closures over a dict of the captured tables, whose
+    keys (``names``, in the order of ``tables``; by default their roles) name the captured tensors."""
+    roles = dict(zip(tables, names or tables))
+    captured = {roles[role]: table for role, table in tables.items()}
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        env = {"score": score, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx,
-               "tab": tab, "flags": flags, "bias": bias, "bias2": bias2}  # fmt: skip
-        return score_tree.user(env)
+        env = {role: captured[name] for role, name in roles.items()}
+        return score_tree.user({**env, "score": score, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx})
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        env = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx, "tab": tab, "flags": flags, "bias": bias,
-               "bias2": bias2}  # fmt: skip
-        return mask_tree.user(env)
+    def part_mask(tree: Node):
+        def mask_mod(b, h, q_idx, kv_idx):
+            env = {role: captured[name] for role, name in roles.items()}
+            return tree.user({**env, "b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx})
 
-    return (score_mod if score_tree is not None else None), (mask_mod if mask_tree is not None else None)
+        return mask_mod
+
+    if mask_tree is None:
+        mask_mod = None
+    elif isinstance(mask_tree, MaskCombination):
+        mask_mod = mask_tree.user_mask(part_mask)
+    else:
+        mask_mod = part_mask(mask_tree)
+    return (score_mod if score_tree is not None else None), mask_mod
 
 
 def reference_mods(score_tree: Node | None, mask_tree: Node | None, tables: dict):
@@ -539,6 +815,15 @@ class FuzzCase:
     table_seed: int
     input_seed: int
     block_mask: bool = False
+    names: tuple | None = None  # the captured tables' names, in the order of make_tables
+    kv_batch_one: bool = False  # flex_attention with K/V of batch 1 for every query batch
+    cache: str | None = None  # compile, then decode against a "static" or "paged" KV cache
+    lengths: tuple = ()  # the cache's sequence lengths, as fractions of M (a row may be empty)
+    page_size: int = 4
+
+    def __str__(self):
+        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if "tree" not in key)
+        return f"score_mod: {self.score_tree!r}\nmask_mod: {self.mask_tree!r}\n{fields}"
 
     @property
     def heads(self) -> int:
@@ -567,13 +852,24 @@ def fuzz_cases(draw, apis=("compile", "flex")):
             fields["softcap"] = draw(st.sampled_from((2.0, 5.0, 30.0)))
         if draw(st.integers(0, 3)) == 0:
             fields["alibi"] = True
+        if draw(st.integers(0, 3)) == 0:
+            fields["rope"] = attncc.RoPE(
+                theta=draw(st.sampled_from((10000.0, 500000.0))),
+                rotary_dim=draw(st.sampled_from((None, 4))),
+                interleaved=draw(st.booleans()),
+                scaling=draw(st.sampled_from((None, {"rope_type": "linear", "factor": 4.0}))),
+            )
     if draw(st.integers(0, 2)) == 0:
         fields["scale"] = draw(st.sampled_from((0.1, 0.5, 1.0)))
     score_tree = draw(st.one_of(st.none(), score_mods()))
-    mask_tree = draw(st.one_of(st.none(), bool_exprs()))
+    mask_tree = draw(st.one_of(st.none(), mask_mods()))
+    batch = draw(st.integers(1, 2))
+    cache = draw(st.sampled_from((None, None, None, "static", "paged"))) if api == "compile" else None
+    lengths = draw(st.lists(st.sampled_from((0.0, 0.5, 1.0)), min_size=batch, max_size=batch)) if cache else []
+    names = draw(st.one_of(st.none(), st.lists(st.sampled_from(CAPTURED_NAMES), min_size=7, max_size=7, unique=True)))
     return FuzzCase(
         api=api,
-        batch=draw(st.integers(1, 2)),
+        batch=batch,
         kv_heads=kv_heads,
         groups=groups,
         head_dim=head_dim,
@@ -586,6 +882,11 @@ def fuzz_cases(draw, apis=("compile", "flex")):
         table_seed=draw(st.integers(0, 2**16)),
         input_seed=draw(st.integers(0, 2**16)),
         block_mask=api == "flex" and mask_tree is not None and draw(st.booleans()),
+        names=tuple(names) if names is not None else None,
+        kv_batch_one=api == "flex" and batch > 1 and draw(st.booleans()),
+        cache=cache,
+        lengths=tuple(lengths),
+        page_size=draw(st.sampled_from((1, 4, 16))) if cache == "paged" else 4,
     )
 
 
@@ -629,11 +930,65 @@ def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> 
     torch.testing.assert_close(lse.double(), reference_lse, **{key: v * magnitude for key, v in LSE_TOLERANCE.items()})
 
 
+def rotate(x: torch.Tensor, positions: torch.Tensor, rope: attncc.RoPE) -> torch.Tensor:
+    """x [..., L, D] in float64 rotated by RoPE at ``positions`` [L], as docs/rope.md defines it (no scaling
+    beyond "linear")."""
+    x = x.double()
+    dim = rope.rotary_dim or x.shape[-1]
+    inv_freq = rope.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if rope.scaling is not None:
+        inv_freq = inv_freq / rope.scaling["factor"]
+    angle = positions.double().view(-1, 1) * inv_freq
+    pairs = (slice(0, dim, 2), slice(1, dim, 2)) if rope.interleaved else (slice(0, dim // 2), slice(dim // 2, dim))
+    a, c = x[..., pairs[0]], x[..., pairs[1]]
+    rotated = x.clone()
+    rotated[..., pairs[0]] = a * angle.cos() - c * angle.sin()
+    rotated[..., pairs[1]] = c * angle.cos() + a * angle.sin()
+    return rotated
+
+
+def reference_attention(case: FuzzCase, q, k, v, ref_score, ref_mask, row: int = 0):
+    """The dense reference of one call: K/V broadcast to the query batch, RoPE applied to q and k at their
+    default positions, and the mods seeing batch indices from ``row`` (a decoded sequence's)."""
+    n, m = q.shape[2], k.shape[2]
+    k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+    rope = case.fields.get("rope")
+    if rope is not None:
+        q, k = rotate(q, torch.arange(n) + m - n, rope), rotate(k, torch.arange(m), rope)
+    score_mod = ref_score and (lambda score, b, h, i, j: ref_score(score, b + row, h, i, j))
+    mask_mod = ref_mask and (lambda b, h, i, j: ref_mask(b + row, h, i, j))
+    return dense_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, **reference_options(case.fields))
+
+
+def decode_from_cache(program, case: FuzzCase, q, k, v, ref_score, ref_mask):
+    """``program.decode`` against a cache holding each sequence's first ``lengths`` keys, and the reference
+    row by row (each with its own M)."""
+    batch, kv_heads, m, _ = k.shape
+    lengths = [int(fraction * m) for fraction in case.lengths]
+    if case.cache == "static":
+        cache = attncc.StaticKVCache(batch, kv_heads, m, case.head_dim, case.v_head_dim, dtype=k.dtype)
+    else:
+        pages = batch * -(-m // case.page_size)
+        cache = attncc.PagedKVCache(pages, case.page_size, batch, kv_heads, case.head_dim, case.v_head_dim,
+                                    dtype=k.dtype)  # fmt: skip
+    for row, length in enumerate(lengths):
+        if length:
+            cache.append(k[row : row + 1, :, :length], v[row : row + 1, :, :length], sequences=row)
+    o, lse = program.decode(q, cache, return_lse=True)
+    rows = [
+        reference_attention(
+            case, q[row : row + 1], k[row : row + 1, :, :length], v[row : row + 1, :, :length], ref_score, ref_mask, row
+        )  # fmt: skip
+        for row, length in enumerate(lengths)
+    ]
+    return (o, lse), (torch.cat([o for o, _ in rows]), torch.cat([lse for _, lse in rows]))
+
+
 def check_case(case: FuzzCase, backend: str) -> None:
     """Compile (or flex_attention) the case and compare every shape and dtype with the dense reference."""
-    report(f"score_mod: {case.score_tree!r}\nmask_mod: {case.mask_tree!r}\nfields: {case.fields}")
+    report(str(case))
     tables = make_tables(case.table_seed)
-    score_mod, mask_mod = user_mods(case.score_tree, case.mask_tree, tables)
+    score_mod, mask_mod = user_mods(case.score_tree, case.mask_tree, tables, case.names)
     ref_score, ref_mask = reference_mods(case.score_tree, case.mask_tree, tables)
     generator = torch.Generator().manual_seed(case.input_seed)
     program = None
@@ -642,26 +997,30 @@ def check_case(case: FuzzCase, backend: str) -> None:
                                     v_head_dim=case.v_head_dim, score_mod=score_mod, mask_mod=mask_mod,
                                     **case.fields)  # fmt: skip
         program = attncc.compile(spec, backend=backend)
+    # backends without a decoding path (cuda) run a cache's case as a plain call
+    decodes = case.cache is not None and getattr(program.module, "decode", None) is not None
     for index, (n, m) in enumerate(case.shapes):
         # the first shape in every dtype, the others in the drawn one
         for dtype in DTYPES if index == 0 else (case.dtype,):
             q = torch.randn(case.batch, case.heads, n, case.head_dim, generator=generator).to(dtype)
-            k = torch.randn(case.batch, case.kv_heads, m, case.head_dim, generator=generator).to(dtype)
-            v = torch.randn(case.batch, case.kv_heads, m, case.v_head_dim, generator=generator).to(dtype)
-            if program is not None:
-                o, lse = program(q, k, v, return_lse=True)
-            else:
-                arguments = {"score_mod": score_mod, "scale": case.fields.get("scale"), "return_lse": True,
-                             "enable_gqa": case.groups > 1, "backend": backend}  # fmt: skip
-                if case.block_mask:
-                    arguments["block_mask"] = attncc.create_block_mask(mask_mod, case.batch, case.heads, n, m)
-                else:
-                    arguments["mask_mod"] = mask_mod
-                o, lse = attncc.flex_attention(q, k, v, **arguments)
-            reference_o, reference_lse = dense_attention(
-                q, k, v, score_mod=ref_score, mask_mod=ref_mask, **reference_options(case.fields)
-            )
+            kv_batch = 1 if case.kv_batch_one else case.batch
+            k = torch.randn(kv_batch, case.kv_heads, m, case.head_dim, generator=generator).to(dtype)
+            v = torch.randn(kv_batch, case.kv_heads, m, case.v_head_dim, generator=generator).to(dtype)
             report(f"N={n} M={m} dtype={dtype}")
+            if decodes:
+                (o, lse), (reference_o, reference_lse) = decode_from_cache(program, case, q, k, v, ref_score, ref_mask)
+            else:
+                if program is not None:
+                    o, lse = program(q, k, v, return_lse=True)
+                else:
+                    arguments = {"score_mod": score_mod, "scale": case.fields.get("scale"), "return_lse": True,
+                                 "enable_gqa": case.groups > 1, "backend": backend}  # fmt: skip
+                    if case.block_mask:
+                        arguments["block_mask"] = attncc.create_block_mask(mask_mod, case.batch, case.heads, n, m)
+                    else:
+                        arguments["mask_mod"] = mask_mod
+                    o, lse = attncc.flex_attention(q, k, v, **arguments)
+                reference_o, reference_lse = reference_attention(case, q, k, v, ref_score, ref_mask)
             assert not torch.isnan(o).any(), "NaN in the output"
             assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype)
 
@@ -684,25 +1043,40 @@ def test_random_specs_match_reference(backend):
     reason = why_not_runnable(backend)
     if reason is not None:
         pytest.skip(reason)
+    count = requested_examples(backend)
+    if COUNTS is not None and count is None:
+        pytest.skip(f"ATTNCC_FUZZ_EXAMPLES asks no examples of backend {backend}")
     start = time.monotonic()
-    deadline = start + SECONDS[PROFILE].get(backend, SECONDS[PROFILE]["default"])
+    budget = math.inf if count is not None else SECONDS[PROFILE].get(backend, SECONDS[PROFILE]["default"])
     outcomes = {"passed": 0, "failed": 0}
+    failures = []
 
     @fuzz_settings(backend)
     @given(case=fuzz_cases())
     def run(case):
-        if time.monotonic() > deadline and not outcomes["failed"]:
+        if time.monotonic() > start + budget and not outcomes["failed"]:
             reject()  # the time budget is spent: no new examples (a failure found is still shrunk)
         outcomes["failed"] += 1
-        check_case(case, backend)
+        try:
+            check_case(case, backend)
+        except Exception as error:
+            if count is None:
+                raise
+            failures.append(f"{case}\n{type(error).__name__}: {error}")
+            return
         outcomes["failed"] -= 1
         outcomes["passed"] += 1
 
+    if SEED is not None:
+        run = seed(SEED)(run)
     try:
         run()
-    finally:  # shown with -s, and for a failing test (docs/fuzzing.md quotes it)
-        print(f"fuzz {backend} ({PROFILE}): {sum(outcomes.values())} examples run (shrinking included), "
-              f"{outcomes['failed']} failed, in {time.monotonic() - start:.0f} s")  # fmt: skip
+    finally:  # shown with -s, and for a failing test (docs/fuzzing.md quotes it); tests/fuzz_workers.py reads it
+        shrinking = "" if count is not None else " (shrinking included)"
+        print(f"fuzz {backend} ({PROFILE}, seed {SEED}): {sum(outcomes.values())} examples run{shrinking}, "
+              f"{outcomes['failed']} failed, in {time.monotonic() - start:.1f} s")  # fmt: skip
+    if failures:
+        pytest.fail(f"{len(failures)} of {sum(outcomes.values())} examples failed:\n\n" + "\n\n".join(failures))
 
 
 # --------------------------------------------------------------------------- minimised findings
