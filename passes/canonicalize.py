@@ -31,10 +31,16 @@ SIMPLIFY_MAX_OPS = 40
 
 
 def simplify(expr):
-    """The simpler of ``expr`` and sympy's simplification of it; unbounded: call through ``bounded``."""
+    """The simpler of ``expr`` and sympy's simplification of it; unbounded: call through ``bounded``.
+
+    A simplification that reads a captured element ``expr`` does not read is refused: sympy puts the
+    value an ``Eq`` condition gives a symbol into its branch (``where(h == 9, bias[h], ...)`` becomes
+    ``bias[9]``), an index that may be out of range although the branch is never taken.
+    """
     if sympy.count_ops(expr) <= SIMPLIFY_MAX_OPS:
         simpler = sympy.simplify(expr)
-        if isinstance(simpler, sympy.logic.boolalg.Boolean) == isinstance(expr, sympy.logic.boolalg.Boolean):
+        same_kind = isinstance(simpler, sympy.logic.boolalg.Boolean) == isinstance(expr, sympy.logic.boolalg.Boolean)
+        if same_kind and simpler.atoms(sympy.Indexed) <= expr.atoms(sympy.Indexed):
             return simpler if sympy.count_ops(simpler) < sympy.count_ops(expr) else expr
     return sympy.piecewise_fold(expr) if isinstance(expr, sympy.Expr) else expr
 

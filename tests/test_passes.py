@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import sympy
@@ -79,6 +80,23 @@ def test_canonicalize_shares_common_subexpressions():
         "output(%1, %1) {names = (a, b)}",
     ]
     assert canonical.stats["common_subexpressions"] == 2
+
+
+def test_canonicalize_reads_no_captured_element_the_mod_does_not_read():
+    """Found by tests/test_fuzz.py: sympy.simplify put the value of ``Eq(h, 5)`` into its branch, so
+    ``bias[h, (h * 2) % 6]`` became ``bias[5, 4]``, out of range for a bias of 2 heads although the branch
+    is never taken; the program raised ``index 5 is out of bounds for dimension 0 with size 2``."""
+    bias = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(h == 5, score * bias[h, (h * 2) % 6], -math.inf)
+
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=8, score_mod=score_mod))
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, length, 8, generator=generator) for length in (4, 6, 6))
+    o, lse = attn(q, k, v, return_lse=True)
+    assert (o == 0).all() and (lse == -math.inf).all()
+    assert "bias[h, 2*(Mod(h, 3))]" in str(attn.graph)
 
 
 def test_fold_scale_folds_scale_and_log2e_into_one_expression():
