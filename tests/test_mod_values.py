@@ -126,6 +126,23 @@ def test_mods_that_read_neither_score_nor_every_index(backend, case):
     check(attn, {"score_mod": reference or mod, "mask_mod": lambda b, h, i, j: j <= i + 3}, grad=True)
 
 
+# --------------------------------------------------------------------------- fmod of constant floats
+
+# Found by tests/test_fuzz.py: torch.fmod of float constants stayed unevaluated, so the score's
+# coefficient 1 + fmod(1.25, 0.75) was a number sympy could not convert to a float and the pytorch
+# backend raised "TypeError: Cannot convert complex to float".
+CONSTANT_FLOATS = {
+    "fmod(1.25, 0.75)": lambda s, b, h, i, j: s + torch.fmod(i * 0 + 1.25, 0.75) * s,
+    "fmod(-1.25, 0.75)": lambda s, b, h, i, j: s + torch.fmod(i * 0 - 1.25, 0.75) * s,
+}
+
+
+@pytest.mark.parametrize("case", CONSTANT_FLOATS, ids=list(CONSTANT_FLOATS))
+def test_fmod_of_constant_floats(backend, case):
+    mod = CONSTANT_FLOATS[case]
+    check(compile_spec(backend, score_mod=mod), {"score_mod": mod})
+
+
 # --------------------------------------------------------------------------- chained indexing
 
 BIAS = torch.randn(2, 1, 2, N, generator=torch.Generator().manual_seed(6))

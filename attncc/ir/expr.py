@@ -93,8 +93,8 @@ class FMod(sympy.Function):
 
     @classmethod
     def eval(cls, a, b):
-        if a.is_Integer and b.is_Integer and b != 0:
-            return sympy.Integer(int(sympy.sign(a)) * (abs(int(a)) % abs(int(b))))
+        if a.is_Number and b.is_Number and a.is_finite and b.is_finite and b != 0:
+            return a - b * Trunc(a / b)
         return None
 
     def fdiff(self, argindex=1):
