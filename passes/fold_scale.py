@@ -4,12 +4,17 @@
 ``matmul -> score_mod(log2(e) * f(c * score)) -> [mask] -> softmax / logsumexp (exp2)``:
 one expression over the raw dot product, in base-2 units. e^x = 2^(x log2 e), so the
 weights, and the natural-log lse the ops report, are unchanged; masked scores stay -inf.
+A chain whose expression holds a constant that overflows float32 in base-2 units (beyond
+2.36e38, such as ``torch.finfo(torch.float32).min``) stays in natural units
+(``exp2_refused_overflow``), so a row of only such scores is uniform, not empty.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy
 import sympy
 
 from attncc.ir import ops
@@ -19,6 +24,9 @@ from attncc.passes.base import Pass
 from attncc.passes.rewrite import captured_operands, compose, rebuild
 
 LOG2_E = 1 / sympy.log(2)
+# A score constant beyond this magnitude overflows float32 once multiplied by log2(e): finfo.min, the
+# additive mask of Hugging Face models, would become -inf and a row of only such scores would look empty.
+LARGEST_FOLDABLE = float(numpy.finfo(numpy.float32).max) * math.log(2)
 
 
 def score_chain(node, users):
@@ -56,21 +64,27 @@ class FoldScale(Pass):
                 found = score_chain(node, users)
                 if found is not None:
                     plans[node] = found
-        if not plans:
-            return graph
-        folded = {n for chain, _ in plans.values() for n in chain if not isinstance(n.op, ops.Mask)}
-        reductions = {r for _, rs in plans.values() for r in rs}
         expressions = {}
-        for matmul, (chain, _) in plans.items():
+        for matmul, (chain, _) in list(plans.items()):
             expr = score
             for link in chain:
                 if isinstance(link.op, ops.Scale):
                     expr = expr * link.op.factor
-                    self.count("scales_folded")
                 elif isinstance(link.op, ops.ScoreMod):
                     expr = compose(link.op.expr, expr)
+            if any(abs(c) > LARGEST_FOLDABLE for c in expr.atoms(sympy.Number) if c.is_finite):
+                self.count("exp2_refused_overflow")
+                del plans[matmul]
+                continue
+            for link in chain:
+                if isinstance(link.op, ops.Scale):
+                    self.count("scales_folded")
             expressions[matmul] = LOG2_E * expr
             self.count("exp2_regions")
+        if not plans:
+            return graph
+        folded = {n for chain, _ in plans.values() for n in chain if not isinstance(n.op, ops.Mask)}
+        reductions = {r for _, rs in plans.values() for r in rs}
 
         def rule(node, inputs, builder):
             if node in expressions:

@@ -126,6 +126,16 @@ def test_mods_that_read_neither_score_nor_every_index(backend, case):
     check(attn, {"score_mod": reference or mod, "mask_mod": lambda b, h, i, j: j <= i + 3}, grad=True)
 
 
+def test_a_row_of_only_finfo_min_is_uniform(backend):
+    """Found by tests/test_fuzz.py: fold-scale multiplied finfo.min by log2(e), which overflows float32 to
+    -inf, so a row whose every score is finfo.min (a padded row under Hugging Face's additive mask) gave
+    o = 0 and lse = -inf instead of the mean of v and lse = finfo.min + log(M)."""
+    mod = lambda s, b, h, i, j: torch.where(i == 1, FLOAT32_MIN, s)  # noqa: E731
+    attn = compile_spec(backend, score_mod=mod)
+    assert "exp2_refused_overflow=1" in attn.explain()
+    check(attn, {"score_mod": mod})
+
+
 # --------------------------------------------------------------------------- fmod of constant floats
 
 # Found by tests/test_fuzz.py: torch.fmod of float constants stayed unevaluated, so the score's
