@@ -40,6 +40,8 @@ from sympy.printing.precedence import precedence
 import attncc
 from attncc.backends.pytorch_decode import MERGE_PARTS
 from attncc.backends.source import (
+    INT64_MAX,
+    INT64_MIN,
     CapturedNames,
     ExpressionPrinter,
     GeneratedSource,
@@ -177,6 +179,13 @@ class TritonPrinter(ExpressionPrinter):
 
     def _print_Indexed(self, expr):
         raise AssertionError(f"captured-tensor loads are hoisted before printing, found {expr}")
+
+    def _print_Integer(self, expr):
+        # Triton's interpreter converts a Python int to the other operand's type (int32 for the indices)
+        # and refuses one beyond it: such constants are int64 tensors, which promote the indices.
+        if -(2**31) <= int(expr) < 2**31 or not INT64_MIN <= int(expr) <= INT64_MAX:
+            return super()._print_Integer(expr)
+        return f"tl.full([], {int(expr)}, tl.int64)"
 
     def _print_FloorDiv(self, expr):
         a, c = expr.args

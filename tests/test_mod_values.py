@@ -136,6 +136,21 @@ def test_a_row_of_only_finfo_min_is_uniform(backend):
     check(attn, {"score_mod": mod})
 
 
+# Found by tests/test_fuzz.py: Triton's interpreter converts a Python int to the type of the other
+# operand, int32 for the indices, and raised "Scalar 9007199254740993 is out of range for type int32".
+BETWEEN_INT32_AND_INT64 = {
+    "b < 2**53 + 1": lambda s, b, h, i, j: torch.where(b < 2**53 + 1, s, s + 1),
+    "(j + 2**62) % 7": lambda s, b, h, i, j: s + ((j + 2**62) % 7) * 0.5,
+    "h - 10**18 < i": lambda s, b, h, i, j: torch.where(h - 10**18 < i, s, s - 1),
+}
+
+
+@pytest.mark.parametrize("case", BETWEEN_INT32_AND_INT64, ids=list(BETWEEN_INT32_AND_INT64))
+def test_integers_between_int32_and_int64_with_indices(backend, case):
+    mod = BETWEEN_INT32_AND_INT64[case]
+    check(compile_spec(backend, score_mod=mod), {"score_mod": mod})
+
+
 # --------------------------------------------------------------------------- fmod of constant floats
 
 # Found by tests/test_fuzz.py: torch.fmod of float constants stayed unevaluated, so the score's
