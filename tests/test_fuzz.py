@@ -607,8 +607,8 @@ class MaskCombination(Node):
 
 
 INDEX_NAMES = ("q_idx", "kv_idx", "h", "b")
-# Integers beyond float64's 2^53 and near int64's limits: compared with, or added before a % or // that
-# brings the sum back (index expressions stay below 2^12, so nothing overflows int64).
+# Integers beyond float64's 2^53 and near int64's limits: compared with, or added before a % 3, % 7 or
+# // 2^60 that brings the sum back below 8 (index expressions stay below 2^12: nothing overflows int64).
 LARGE_INTEGERS = (2**53 + 1, 2**62, -(2**62), 10**18)
 
 
@@ -629,12 +629,11 @@ def int_exprs(depth: int = 2):
         st.builds(IntOp, st.sampled_from(("&", "|", "^")), inner, operand),
         st.builds(IntOp, st.sampled_from(("<<", ">>")), inner, st.integers(0, 3).map(Const)),
         st.builds(
-            lambda a, large, op, c: IntOp(op, IntOp("+", a, Const(large)), Const(c)),
+            lambda a, large, reduce: IntOp(reduce[0], IntOp("+", a, Const(large)), Const(reduce[1])),
             inner,
             st.sampled_from(LARGE_INTEGERS),
-            st.sampled_from(("%", "//")),
-            st.sampled_from((3, 7, 2**60)),
-        ),  # fmt: skip
+            st.sampled_from((("%", 3), ("%", 7), ("//", 2**60))),
+        ),
         st.builds(
             lambda a, low, width: IntUnary("clamp", a, low, low + width), inner, st.integers(-8, 8), st.integers(0, 12)
         ),  # fmt: skip
@@ -686,7 +685,7 @@ def float_terms():
             int_exprs(1),
             int_exprs(1),
             st.sampled_from((0.25, 0.5)),
-        ),  # fmt: skip
+        ),
         st.builds(
             FloatBinary,
             st.sampled_from(("fmod", "remainder")),
@@ -694,7 +693,7 @@ def float_terms():
             int_exprs(1),
             st.sampled_from((0.25, 0.5)),
             st.sampled_from((None, 0.75, 1.5, -2.5)),
-        ),  # fmt: skip
+        ),
         st.builds(Reduction, st.sampled_from(("sum", "mean", "amax", "dot")), int_exprs(1), int_exprs(1)),
     )
 
