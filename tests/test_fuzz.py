@@ -909,7 +909,7 @@ def report(text: str) -> None:
         note(text)
 
 
-def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> None:
+def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, rope: bool = False) -> None:
     """tests/reference.py's tolerances, with the float32 part scaled by the size of the logits.
 
     Scores are float32, so each carries a rounding error of about |s| * 2^-24 (times a
@@ -918,6 +918,10 @@ def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> 
     inputs at the default scale); a case with ``scale=1`` or a large score_mod has
     larger ones, and its float32 error grows in proportion. fp16 / bf16 outputs are
     dominated by their own rounding, so only float32 outputs and lse are scaled.
+
+    With RoPE in fp16 / bf16 the kernels may round the turned q and k to the input dtype
+    before q . k (docs/rope.md, "Precision"), so lse is held to the input dtype's tolerance,
+    as ``attncc.validate`` holds it.
     """
     finite = reference_lse[torch.isfinite(reference_lse)]
     magnitude = max(1.0, float(finite.abs().max()) / 4) if finite.numel() else 1.0
@@ -926,7 +930,8 @@ def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> 
     if dtype == torch.float32:
         output = {key: value * magnitude for key, value in output.items()}
     torch.testing.assert_close(o.double(), reference_o, **output)
-    torch.testing.assert_close(lse.double(), reference_lse, **{key: v * magnitude for key, v in LSE_TOLERANCE.items()})
+    lse_tolerance = OUTPUT_TOLERANCE[dtype] if rope and dtype != torch.float32 else LSE_TOLERANCE
+    torch.testing.assert_close(lse.double(), reference_lse, **{key: v * magnitude for key, v in lse_tolerance.items()})
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, rope: attncc.RoPE) -> torch.Tensor:
@@ -1021,7 +1026,7 @@ def check_case(case: FuzzCase, backend: str) -> None:
                     o, lse = attncc.flex_attention(q, k, v, **arguments)
                 reference_o, reference_lse = reference_attention(case, q, k, v, ref_score, ref_mask)
             assert not torch.isnan(o).any(), "NaN in the output"
-            assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype)
+            assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, rope="rope" in case.fields)
 
 
 def why_not_runnable(name: str) -> str | None:
