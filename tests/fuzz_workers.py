@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from attncc.backends import BACKENDS
+
 REPORT = re.compile(r"^fuzz (\S+) \(long, seed (-?\d+)\): (\d+) examples run, (\d+) failed, in ([\d.]+) s$", re.M)
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +99,11 @@ def parse_counts(items: list[str]) -> dict[str, int]:
     counts = {}
     for item in items:
         backend, _, count = item.partition("=")
-        if not backend or not count.isdigit() or int(count) == 0:
-            raise SystemExit(f"{item!r} is invalid: backend=count with a positive count, e.g. pytorch=10000")
+        if backend not in BACKENDS or not count.isdigit() or int(count) == 0:
+            raise SystemExit(
+                f"{item!r} is invalid: backend=count with a backend among {', '.join(BACKENDS)} and a positive "
+                "count, e.g. pytorch=10000"
+            )
         counts[backend] = int(count)
     return counts
 

@@ -9,9 +9,13 @@ shares no code with attncc.
 
 Profiles (environment variable ``ATTNCC_FUZZ_PROFILE``): ``ci`` (default) is
 derandomised, so CI runs the same examples every time; ``long`` runs random examples,
-per backend 2000 or 12 minutes (triton: 150 or 3 minutes), whichever ends first
+per backend 2000 or 9 minutes (triton: 150 or 3 minutes), whichever ends first
 (see docs/fuzzing.md), e.g.
 ``ATTNCC_FUZZ_PROFILE=long python -m pytest tests/test_fuzz.py -p no:cacheprovider``.
+``ATTNCC_FUZZ_EXAMPLES`` (``pytorch=1000,triton=100``) runs exactly that many examples of
+the named backends with no time budget, recording failures instead of stopping at the
+first; ``ATTNCC_FUZZ_SEED`` seeds them. ``python -m tests.fuzz_workers`` runs such counts
+in parallel worker processes.
 """
 
 from __future__ import annotations
@@ -50,10 +54,10 @@ def requested_counts(text: str | None) -> dict[str, int] | None:
     counts = {}
     for item in text.split(","):
         backend, _, count = item.rpartition("=")
-        if not count.strip().isdigit() or (backend and backend.strip() not in BACKENDS):
+        if not count.strip().isdigit() or int(count) == 0 or (backend and backend.strip() not in BACKENDS):
             raise ValueError(
-                f"ATTNCC_FUZZ_EXAMPLES={text!r} is invalid: a count (1000) or backend=count pairs separated by "
-                f"commas (pytorch=1000,triton=100), backends among {', '.join(BACKENDS)}"
+                f"ATTNCC_FUZZ_EXAMPLES={text!r} is invalid: a positive count (1000) or backend=count pairs "
+                f"separated by commas (pytorch=1000,triton=100), backends among {', '.join(BACKENDS)}"
             )
         counts[backend.strip() or "*"] = int(count)
     return counts
