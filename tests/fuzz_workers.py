@@ -59,7 +59,8 @@ def start_worker(backend: str, seed: int, examples: int, log: Path) -> Worker:
     env = dict(os.environ, ATTNCC_FUZZ_PROFILE="long", ATTNCC_FUZZ_EXAMPLES=f"{backend}={examples}",
                ATTNCC_FUZZ_SEED=str(seed))  # fmt: skip
     test = f"tests/test_fuzz.py::test_random_specs_match_reference[{backend}]"
-    command = [sys.executable, "-m", "pytest", test, "-p", "no:cacheprovider", "-q", "-s"]
+    # -n 0: one process per worker (not the suite's pytest-xdist workers), so -s shows its report
+    command = [sys.executable, "-m", "pytest", test, "-p", "no:cacheprovider", "-n", "0", "-q", "-s"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     return Worker(backend, seed, examples, log, process)
