@@ -14,14 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import sympy
 import torch
 
 import attncc
 from attncc.api import reference_outputs
 from attncc.frontend.lower import lower
+from attncc.frontend.mod import Captured, TracedMod
 from attncc.frontend.spec_file import parse_spec_text
 from attncc.interpreter import rotate
 from attncc.ir import ops
+from attncc.ir.expr import captured_symbol, kv_idx
 from attncc.validation import lse_tolerance
 from tests.reference import dense_attention
 from tests.test_numerics import random_qkv
@@ -382,11 +385,15 @@ def test_bad_position_tensors():
 
 def test_mod_tensors_named_like_position_tensors_are_refused():
     q_positions = torch.zeros(8, dtype=torch.long)
-    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, rope=attncc.RoPE(),
-                                mask_mod=lambda b, h, q_idx, kv_idx: q_positions[kv_idx] == 0)  # fmt: skip
+    traced = TracedMod(sympy.Eq(captured_symbol("q_positions", "i64")[kv_idx], 0),
+                       (Captured("q_positions", "i64", 1, q_positions, (8,)),))  # fmt: skip
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, rope=attncc.RoPE(), mask_mod=traced)
     attncc.compile(spec)  # positions not given: no clash
     with pytest.raises(attncc.ModError, match="'q_positions' clashes with the RoPE position tensor of that name"):
         attncc.compile(spec, positions=("q",))
+    # a traced closure's tensor never takes the name: it is renamed q_positions_
+    closure = spec.replace(mask_mod=lambda b, h, q_idx, kv_idx: q_positions[kv_idx] == 0)
+    assert "q_positions_" in str(attncc.compile(closure, positions=("q",)).graph)
     with pytest.raises(attncc.SpecError, match="positions 'k' is invalid: allowed are q, kv"):
         attncc.compile(spec, positions=("k",))
 
