@@ -855,13 +855,6 @@ def fuzz_cases(draw, apis=("compile", "flex")):
             fields["softcap"] = draw(st.sampled_from((2.0, 5.0, 30.0)))
         if draw(st.integers(0, 3)) == 0:
             fields["alibi"] = True
-        if draw(st.integers(0, 3)) == 0:
-            fields["rope"] = attncc.RoPE(
-                theta=draw(st.sampled_from((10000.0, 500000.0))),
-                rotary_dim=draw(st.sampled_from((None, 4))),
-                interleaved=draw(st.booleans()),
-                scaling=draw(st.sampled_from((None, {"rope_type": "linear", "factor": 4.0}))),
-            )
     if draw(st.integers(0, 2)) == 0:
         fields["scale"] = draw(st.sampled_from((0.1, 0.5, 1.0)))
     score_tree = draw(st.one_of(st.none(), score_mods()))
@@ -913,7 +906,7 @@ def report(text: str) -> None:
         note(text)
 
 
-def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, rope: bool = False) -> None:
+def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> None:
     """tests/reference.py's tolerances, with the float32 part scaled by the size of the logits.
 
     Scores are float32, so each carries a rounding error of about |s| * 2^-24 (times a
@@ -922,10 +915,6 @@ def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, rop
     inputs at the default scale); a case with ``scale=1`` or a large score_mod has
     larger ones, and its float32 error grows in proportion. fp16 / bf16 outputs are
     dominated by their own rounding, so only float32 outputs and lse are scaled.
-
-    With RoPE in fp16 / bf16 the kernels may round the turned q and k to the input dtype
-    before q . k (docs/rope.md, "Precision"), so lse is held to the input dtype's tolerance,
-    as ``attncc.validate`` holds it.
     """
     finite = reference_lse[torch.isfinite(reference_lse)]
     magnitude = max(1.0, float(finite.abs().max()) / 4) if finite.numel() else 1.0
@@ -934,35 +923,13 @@ def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, rop
     if dtype == torch.float32:
         output = {key: value * magnitude for key, value in output.items()}
     torch.testing.assert_close(o.double(), reference_o, **output)
-    lse_tolerance = OUTPUT_TOLERANCE[dtype] if rope and dtype != torch.float32 else LSE_TOLERANCE
-    torch.testing.assert_close(lse.double(), reference_lse, **{key: v * magnitude for key, v in lse_tolerance.items()})
-
-
-def rotate(x: torch.Tensor, positions: torch.Tensor, rope: attncc.RoPE) -> torch.Tensor:
-    """x [..., L, D] in float64 rotated by RoPE at ``positions`` [L], as docs/rope.md defines it (no scaling
-    beyond "linear")."""
-    x = x.double()
-    dim = rope.rotary_dim or x.shape[-1]
-    inv_freq = rope.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    if rope.scaling is not None:
-        inv_freq = inv_freq / rope.scaling["factor"]
-    angle = positions.double().view(-1, 1) * inv_freq
-    pairs = (slice(0, dim, 2), slice(1, dim, 2)) if rope.interleaved else (slice(0, dim // 2), slice(dim // 2, dim))
-    a, c = x[..., pairs[0]], x[..., pairs[1]]
-    rotated = x.clone()
-    rotated[..., pairs[0]] = a * angle.cos() - c * angle.sin()
-    rotated[..., pairs[1]] = c * angle.cos() + a * angle.sin()
-    return rotated
+    torch.testing.assert_close(lse.double(), reference_lse, **{key: v * magnitude for key, v in LSE_TOLERANCE.items()})
 
 
 def reference_attention(case: FuzzCase, q, k, v, ref_score, ref_mask, row: int = 0):
-    """The dense reference of one call: K/V broadcast to the query batch, RoPE applied to q and k at their
-    default positions, and the mods seeing batch indices from ``row`` (a decoded sequence's)."""
-    n, m = q.shape[2], k.shape[2]
+    """The dense reference of one call: K/V broadcast to the query batch, and the mods seeing batch indices
+    from ``row`` (a decoded sequence's)."""
     k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
-    rope = case.fields.get("rope")
-    if rope is not None:
-        q, k = rotate(q, torch.arange(n) + m - n, rope), rotate(k, torch.arange(m), rope)
     score_mod = ref_score and (lambda score, b, h, i, j: ref_score(score, b + row, h, i, j))
     mask_mod = ref_mask and (lambda b, h, i, j: ref_mask(b + row, h, i, j))
     return dense_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, **reference_options(case.fields))
@@ -1030,7 +997,7 @@ def check_case(case: FuzzCase, backend: str) -> None:
                     o, lse = attncc.flex_attention(q, k, v, **arguments)
                 reference_o, reference_lse = reference_attention(case, q, k, v, ref_score, ref_mask)
             assert not torch.isnan(o).any(), "NaN in the output"
-            assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, rope="rope" in case.fields)
+            assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype)
 
 
 def why_not_runnable(name: str) -> str | None:
