@@ -370,10 +370,11 @@ class TileExpressions:
             used |= set().union(*(self.tile_uses.get(s, set()) for s in index.free_symbols))
         masks = [mask for symbol, mask in ((q_idx, "row_ok"), (kv_idx, "col_ok")) if symbol in used]
         name = self.names.derived(label, str(len(self.addresses)))
-        positions, in_range = [], []
+        positions, in_range, shaped = [], [], []
         for dim, index in enumerate(indices):
             if index in HOST_CHECKED_INDICES:  # the caller checks the tensor's size against N, M, B, H
                 position = self.printer.parenthesize(index, 50)
+                shaped.append(f"({position} >= 0)")  # always true; gives a computed index's mask this one's shape
             else:  # as torch indexes: a negative index counts once from the end; out of range is an error
                 position, size = f"{name}_index{dim}", self.names.derived(label, f"size{dim}")
                 # a tensor even where the index is a Python number (a constant, or sizes Triton specialised to 1)
@@ -383,6 +384,8 @@ class TileExpressions:
             positions.append(position)
         mask = " & ".join(masks)
         if in_range:
+            # a 0-d mask beside a block index (a decoding tile's per-row head) would not broadcast in the interpreter
+            in_range += shaped
             # tl.where, not &, joins conditions of different shapes: the interpreter's & of a 0-d and a
             # block boolean is no boolean
             self.checks_indices = True

@@ -234,3 +234,14 @@ def test_indices_out_of_range_raise_and_are_never_read(backend, case):
         dense_attention(q, k, v, score_mod=OUT_OF_RANGE[case])
     with pytest.raises(attncc.InputError, match=r"an index into a captured tensor \(.*TAB.*\) is out of range"):
         attn(q, k, v)
+
+
+HEAD_TABLE = torch.randn(2, 3, generator=torch.Generator().manual_seed(9))
+
+
+def test_a_head_and_a_computed_index_in_one_read(backend):
+    """``t[h, (b + 1) % 3]`` at decoding shapes: the Triton decoding tile holds a head per row, so the computed
+    index's 0-d range mask must take the row's shape (Triton's interpreter refused the load)."""
+    cuda_reads_computed_indices_unchecked(backend)
+    mod = lambda s, b, h, i, j: s + HEAD_TABLE[h, (b + 1) % 3]  # noqa: E731
+    check(compile_spec(backend, score_mod=mod), {"score_mod": mod})
