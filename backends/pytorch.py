@@ -356,6 +356,20 @@ def _compute_dtype(tensor):
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
+class _NoGradients:
+    """The context a region's forward gets when no gradient can flow: it keeps nothing."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def _apply(region, *inputs):
+    """``region.apply(*inputs)``; without a gradient to record, its forward alone (no autograd bookkeeping)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return region.apply(*inputs)
+    return region.forward(_NoGradients(), *inputs)
+
+
 def _usual_lse(lse):
     """Every lse finite and not 0 (one aminmax of |lse|: a NaN makes both extremes NaN)."""
     low, high = torch.aminmax(lse.abs())
@@ -735,7 +749,7 @@ def generate(graph: Graph) -> GeneratedSource:
             break
         if isinstance(op, ops.FlashAttention):
             args = [names[i] for i in node.inputs]
-            call = f"{region_classes[node]}.apply({', '.join(args)})"
+            call = f"_apply({', '.join([region_classes[node], *args])})"
             if op.decode is not None:
                 decode_args = ", ".join([*args[:3], "None", "None", *args[3:]])
                 call = f"{region_classes[node]}Decode.apply({decode_args}) if {region_classes[node]}Decode.applies(N) else {call}"
