@@ -143,7 +143,8 @@ class CompiledAttention(torch.nn.Module):
     sequence (default: key j at j, query i at M - N + i); the first call with a new
     combination compiles that variant once (``positions``, ``with_positions``).
     The call runs through the program's ``torch.library`` custom op (``.op``), so
-    ``torch.compile(fullgraph=True)`` and autograd treat it as one opaque node.
+    ``torch.compile(fullgraph=True)`` and autograd treat it as one opaque node (plain
+    eager calls run the op's implementations without the dispatcher: docs/integrations.md).
     ``graph`` is the optimized IR the backend compiled, ``unoptimized_graph`` the
     textbook graph it came from (the meaning), ``pass_records`` what each pass did.
 
