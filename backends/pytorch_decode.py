@@ -49,7 +49,9 @@ class {cls}Decode:
     MIN_KEYS = {min_keys}
     WAVES = {waves}
     GROUPS = {groups}
-
+    BLOCK_BYTES = 1 << 24  # float32 K and V of a block of keys that is copied (pages, another dtype{rotated_doc})
+    ROTATES_KEYS = {rotates_keys}
+{rope_members}
     @classmethod
     def applies(cls, N):
         return cls.GROUPS * N <= cls.MAX_ROWS
@@ -98,7 +100,7 @@ class {cls}Decode:
         M = page_table.shape[1] * k.shape[1] if page_table is not None else k.shape[2]
 {captured_to_float}        {length} = torch.full((B,), M, device=q.device) if kv_lengths is None else kv_lengths.long()
         b = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
-        q_rows = q.reshape(B, kv_heads, 1, cls.GROUPS * N, D).float(){prescale}
+{rotate_queries}        q_rows = {queries}.reshape(B, kv_heads, 1, cls.GROUPS * N, D).float(){prescale}
         o, lse = [], []
         # query tiles of BLOCK_M packed rows bound the scores by BLOCK_M x M (long prompts into a cache)
         for r0, r1, q_first, q_last in _row_tiles(N, cls.GROUPS, cls.BLOCK_M):
@@ -113,7 +115,7 @@ class {cls}Decode:
 
     @classmethod
     def rows(cls, q_rows, k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_params}):
-        """(o, lse) of one tile of packed rows: its visited keys split into parts, merged."""
+        """(o, lse) of one tile of packed rows: its visited keys in blocks, each split into parts, merged."""
         B, kv_heads, rows, Dv = q_rows.shape[0], q_rows.shape[1], q_rows.shape[3], v.shape[-1]
         lo, hi, full_lo, full_hi = cls.bounds(q_first, q_last, b, h, N, {length}{captured_args})
         lo, hi = max(_lowest(lo), 0), min(_highest(hi), M)
@@ -121,32 +123,72 @@ class {cls}Decode:
             return (torch.zeros(B, kv_heads, rows, Dv, device=q_rows.device),
                     torch.full((B, kv_heads, rows), float("-inf"), device=q_rows.device))
         masked = not (_highest(full_lo) <= lo and hi <= _lowest(torch.minimum(torch.as_tensor(full_hi), {length}[b])))
-        offset = 0
-        if page_table is not None:  # the visited pages, in logical order: k [B, Hkv, keys, D] from page p0 on
-            page_size = k.shape[1]
-            p0 = lo // page_size
-            pages = page_table[:, p0 : -(-hi // page_size)].long()
-            k = k[pages].flatten(1, 2).transpose(1, 2)
-            v = v[pages].flatten(1, 2).transpose(1, 2)
-            lo, hi, offset = lo - p0 * page_size, hi - p0 * page_size, p0 * page_size
-        k_f, v_f = k.float(), v.float()
-        parts = cls.splits(hi - lo, B * kv_heads, cls.workers(q_rows.device))
-        size = -(-(hi - lo) // parts)
-        whole = (hi - lo) // size * size
-        results = []
-        for c0, c1 in ((lo, lo + whole), (lo + whole, hi)):
-            if c1 > c0:
-                chunk = size if c0 == lo else c1 - c0
-                k_parts = k_f[:, :, c0:c1].unflatten(2, (-1, chunk))
-                v_parts = v_f[:, :, c0:c1].unflatten(2, (-1, chunk))
-                results.append(cls.part(q_rows, k_parts, v_parts, c0 + offset, b, h, q_idx, N, {length}, masked{captured_args}))
-        o_parts = torch.cat([part[0] for part in results], dim=2)
-        lse_parts = torch.cat([part[1] for part in results], dim=2)
+        workers = cls.workers(q_rows.device)
+        o_parts, lse_parts = [], []
+        for k_block, v_block, c0 in cls.key_blocks(k, v, page_table, lo, hi, b, N, {length}{captured_args}):
+            keys = k_block.shape[2]
+            size = -(-keys // cls.splits(keys, B * kv_heads, workers))
+            whole = keys // size * size
+            for start, stop in ((0, whole), (whole, keys)):  # equal parts in one batched matmul, then the rest
+                if stop > start:
+                    k_parts = k_block[:, :, start:stop].unflatten(2, (-1, min(size, stop - start)))
+                    v_parts = v_block[:, :, start:stop].unflatten(2, (-1, min(size, stop - start)))
+                    o, lse = cls.part(q_rows, k_parts, v_parts, c0 + start, b, h, q_idx, N, {length}, masked{captured_args})
+                    o_parts.append(o)
+                    lse_parts.append(lse)
+        o_parts, lse_parts = torch.cat(o_parts, dim=2), torch.cat(lse_parts, dim=2)
         if o_parts.shape[2] == 1:  # one part: nothing to merge
             return o_parts[:, :, 0], lse_parts[:, :, 0]
         return cls.merge(o_parts, lse_parts)
 
+    @classmethod
+    def key_blocks(cls, k, v, page_table, lo, hi, b, N, {length}{captured_params}):
+        """Keys lo..hi - 1 as blocks (k [B, Hkv, keys, D], v [B, Hkv, keys, Dv] in float32{rotated_doc}, first key).
+
+        A float32 contiguous cache{unrotated} is one view of the cache. Otherwise each block is a copy of at most
+        BLOCK_BYTES of K and V together, small enough to stay in cache between its copy and its matmul: whole
+        pages read through the page table and laid out as each head's keys in a row (matmul's fast layout;
+        the NHD pages' rows of one head lie Hkv x D apart), keys in another dtype converted{rotated_doc}.
+        Nothing the size of the cache is ever copied.
+        """
+        paged = page_table is not None
+        if not paged and k.dtype == torch.float32 and not cls.ROTATES_KEYS:
+            yield k[:, :, lo:hi], v[:, :, lo:hi], lo
+            return
+        B, kv_heads = (page_table.shape[0], k.shape[2]) if paged else k.shape[:2]
+        page_size = k.shape[1] if paged else 1
+        key_bytes = 4 * B * kv_heads * (k.shape[-1] + v.shape[-1])
+        step = max(1, cls.BLOCK_BYTES // (key_bytes * page_size)) * page_size
+        for c0 in range(lo - lo % page_size, hi, step):
+            first, c1 = max(c0, lo), min(c0 + step, hi)
+            if paged:  # whole pages [B, pages, page_size, Hkv, *], then each head's keys in a row [B, Hkv, keys, *]
+                pages = page_table[:, c0 // page_size : -(-c1 // page_size)].long()
+                k_block, v_block = (
+                    x[pages].permute(0, 3, 1, 2, 4).contiguous().flatten(2, 3)[:, :, first - c0 : c1 - c0].float()
+                    for x in (k, v)
+                )
+            else:
+                k_block, v_block = k[:, :, first:c1].float(), v[:, :, first:c1].float()
+{rotate_keys}            yield k_block, v_block, first
+
 {merge}
+'''
+
+
+ROPE_MEMBERS = '''\
+    # RoPE {rope}: per column, the signed frequency and the partner column (attncc.ir.rope.RoPE.column_tables)
+    ROPE_FREQ = {freq}
+    ROPE_PAIR = {pair}
+
+    @staticmethod
+    def query_position(b, q_idx, N, {length}{captured_params}):
+        """The RoPE position of query q_idx of sequence b: {q_position}, with M its own length."""
+        return {q_expr}
+
+    @staticmethod
+    def key_position(b, kv_idx, N, {length}{captured_params}):
+        """The RoPE position of key kv_idx of sequence b: {kv_position}, with M its own length."""
+        return {kv_expr}
 '''
 
 
@@ -193,7 +235,41 @@ def decode_source(node, cls: str, names, print_expr, split_linear, is_tensor) ->
         bounds = ["return " + ", ".join(print_expr(sympy.sympify(e).xreplace(per_sequence)) for e in expressions)]
     captured_params = "".join(f", {c}" for c in captured)
     casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
+    rope = {
+        "rotate_queries": "",
+        "queries": "q",
+        "rotate_keys": "",
+        "rope_members": "",
+        "rotated_doc": "",
+        "unrotated": "",
+    }
+    if op.rope is not None:  # queries turned once; keys turned as each block of them is read
+        freq, pair = op.rope.column_tables(int(node.inputs[0].type.shape[3]))
+        position_args = f"N, {length}{captured_params}"
+        members = ROPE_MEMBERS.format(
+            rope=op.rope,
+            freq=tuple(freq),
+            pair=tuple(pair),
+            length=length,
+            captured_params=captured_params,
+            q_position=op.q_position,
+            kv_position=op.kv_position,
+            q_expr=print_expr(op.q_position.xreplace(per_sequence)),
+            kv_expr=print_expr(op.kv_position.xreplace(per_sequence)),
+        )
+        rope = {
+            "rotate_queries": "        q_turned = _rotate(q, _positions(lambda b, q_idx: cls.query_position("
+            f"b, q_idx, {position_args}), q), cls.ROPE_FREQ, cls.ROPE_PAIR)\n",
+            "queries": "q_turned",
+            "rotate_keys": "            k_block = _rotate(k_block, _positions(lambda b, kv_idx: cls.key_position("
+            f"b, first + kv_idx, {position_args}), k_block), cls.ROPE_FREQ, cls.ROPE_PAIR)\n",
+            "rope_members": "\n" + members,
+            "rotated_doc": ", keys turned by RoPE",
+            "unrotated": " without RoPE",
+        }
     return DECODE_TEMPLATE.format(
+        rotates_keys=op.rope is not None,
+        **rope,
         cls=cls,
         max_rows=op.decode.max_rows,
         min_keys=op.decode.min_keys,

@@ -476,6 +476,22 @@ def _depends_on_tile(expr) -> bool:
     return bool(expr.has(score, q_idx, kv_idx) or expr.atoms(sympy.Indexed))
 
 
+ROPE_TABLE_LOADS = (
+    "    freq = tl.load(ROPE_FREQ + offs_d)  # RoPE: each column's signed frequency (0: passes through)\n"
+    "    pair = tl.load(ROPE_PAIR + offs_d)  # and the other column of its pair\n"
+)
+
+
+def rope_turn(indent: str, x: str, row_address: str, column_stride: str, ok: str, positions: str, d_mask: str) -> str:
+    """Kernel lines that turn the tile ``x`` by RoPE: its partner columns loaded from the same rows, then ``_rope``."""
+    return (
+        f"{indent}# RoPE: column d becomes x[d] cos(pos * freq[d]) + x[pair[d]] sin(pos * freq[d])\n"
+        f"{indent}{x}_pair = tl.load({row_address} + pair[None, :] * {column_stride}, "
+        f"mask={ok}[:, None]{d_mask}, other=0.0)\n"
+        f"{indent}{x} = _round(_rope({x}, {x}_pair, {positions}, freq), {x}.dtype, INTERPRET_BF16)\n"
+    )
+
+
 class RegionWriter:
     """Generates the kernels and the autograd function of one flash_attention region."""
 
@@ -794,12 +810,7 @@ class RegionWriter:
         q_positions, kv_positions = f"_q_positions({args}b, offs_m, N, M)", f"_kv_positions({args}b, offs_n, N, M)"
 
         def turn(indent: str, x: str, row_address: str, column_stride: str, ok: str, positions: str) -> str:
-            return (
-                f"{indent}# RoPE: column d becomes x[d] cos(pos * freq[d]) + x[pair[d]] sin(pos * freq[d])\n"
-                f"{indent}{x}_pair = tl.load({row_address} + pair[None, :] * {column_stride}, "
-                f"mask={ok}[:, None]{d_mask}, other=0.0)\n"
-                f"{indent}{x} = _round(_rope({x}, {x}_pair, {positions}, freq), {x}.dtype, INTERPRET_BF16)\n"
-            )
+            return rope_turn(indent, x, row_address, column_stride, ok, positions, d_mask)
 
         def turn_back(x: str, positions: str) -> str:
             return (
@@ -807,10 +818,7 @@ class RegionWriter:
                 f"    {x} = _rope({x}, _partners({x}, pair), {positions}, -freq)\n"
             )
 
-        tables = (
-            "    freq = tl.load(ROPE_FREQ + offs_d)  # RoPE: each column's signed frequency (0: passes through)\n"
-            "    pair = tl.load(ROPE_PAIR + offs_d)  # and the other column of its pair\n"
-        )
+        tables = ROPE_TABLE_LOADS
         q_row = "Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm"
         k_row = "K + b.to(tl.int64) * stride_kz + kv_h * stride_kh + offs_n[:, None] * stride_kn"
         self.helpers |= {"_rope", "_partners"}
@@ -873,13 +881,34 @@ class RegionWriter:
         parts += [text.format(**fields) for text in (FORWARD, BACKWARD)]
         return "\n\n\n".join(parts)
 
+    def decode_rope_fields(self, d_mask: str) -> dict:
+        """The decoding kernel's fields that turn its q tile and each K tile it loads: empty without rope."""
+        if self.op.rope is None:
+            return {"rope_pointers": "", "rotate_q": "", "rotate_k": "", "rope_tables": ""}
+        args = "".join(f"{p}, " for p in self.tile_params())
+        q_row = "Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm"
+        self.helpers |= {"_rope"}
+        return {
+            "rope_pointers": " ROPE_FREQ, ROPE_PAIR,",
+            "rotate_q": ROPE_TABLE_LOADS
+            + rope_turn("    ", "q", q_row, "stride_qk", "r_ok", f"_q_positions({args}b, offs_m, N, M)", d_mask),
+            "rotate_k": rope_turn("        ", "k", "K + k_rows[:, None]", "stride_kk", "kv_ok",
+                                  f"_kv_positions({args}b, offs_n, N, M)", d_mask),  # fmt: skip
+            "rope_tables": " *_rope_tables(q.device),",
+        }
+
     def decode_source(self) -> tuple[str, str]:
         """The decoding kernel and its host class (``backends/triton_decode.py``) for the region's decode schedule."""
+        d_mask = "" if padded(self.head_dim) == self.head_dim else " & (offs_d[None, :] < HEAD_DIM)"
+        rope = self.decode_rope_fields(d_mask)
         kernel = DECODE_KERNEL.format(
+            rope_pointers=rope["rope_pointers"],
+            rotate_q=rope["rotate_q"],
+            rotate_k=rope["rotate_k"],
             pointers=self.kernel_pointers(),
             strides=self.kernel_strides(),
             tile_args="".join(f"{p}, " for p in self.tile_params()),
-            d_mask="" if padded(self.head_dim) == self.head_dim else " & (offs_d[None, :] < HEAD_DIM)",
+            d_mask=d_mask,
             dv_mask="" if padded(self.head_dim_v) == self.head_dim_v else " & (offs_dv[None, :] < HEAD_DIM_V)",
             bounds="\n".join("    " + line for line in decode_bounds(self)),
             exp=self.exp,
@@ -888,7 +917,7 @@ class RegionWriter:
         )
         decode = self.op.decode
         host = DECODE_HOST.format(max_rows=decode.max_rows, min_keys=decode.min_keys, waves=decode.waves,
-                                  merge=MERGE_PARTS)  # fmt: skip
+                                  merge=MERGE_PARTS, rope_tables=rope["rope_tables"])  # fmt: skip
         return kernel, host
 
     def constants(self) -> str:

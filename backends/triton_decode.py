@@ -16,7 +16,7 @@ from attncc.ir.expr import h
 
 DECODE_KERNEL = '''\
 @triton.jit
-def _attn_decode(Q, K, V, O_PART, LSE_PART, LENGTHS, TABLE,{pointers}
+def _attn_decode(Q, K, V, O_PART, LSE_PART, LENGTHS, TABLE,{pointers}{rope_pointers}
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
                  stride_vz, stride_vh, stride_vn, stride_vk,
@@ -49,7 +49,7 @@ def _attn_decode(Q, K, V, O_PART, LSE_PART, LENGTHS, TABLE,{pointers}
         M = tl.load(LENGTHS + b).to(tl.int32)  # this sequence's own length: M of the expressions
     q = tl.load(Q + b.to(tl.int64) * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm
                 + offs_d[None, :] * stride_qk, mask=r_ok[:, None]{d_mask}, other=0.0)
-    # -- the keys any row may see, then this program's split of them, in whole KV tiles
+{rotate_q}    # -- the keys any row may see, then this program's split of them, in whole KV tiles
 {bounds}
     per_split = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
@@ -68,7 +68,7 @@ def _attn_decode(Q, K, V, O_PART, LSE_PART, LENGTHS, TABLE,{pointers}
             k_rows = b.to(tl.int64) * stride_kz + kv_h * stride_kh + offs_n * stride_kn
             v_rows = b.to(tl.int64) * stride_vz + kv_h * stride_vh + offs_n * stride_vn
         k = tl.load(K + k_rows[:, None] + offs_d[None, :] * stride_kk, mask=kv_ok[:, None]{d_mask}, other=0.0)
-        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
+{rotate_k}        qk = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET_BF16)
         s = _scores(qk, b, h, offs_m, offs_n, N, M, {tile_args}True)
         s = tl.where(kv_ok[None, :], s, float("-inf"))  # keys of the next split
         m_ij = tl.maximum(m_i, tl.max(s, 1))
@@ -153,7 +153,7 @@ class FlashAttentionDecode:
         meta = {{key: value for key, value in _meta(q).items() if key != "BLOCK_M"}}
         index_error = _index_error_flag(q.device, captured)
         _attn_decode[grid](
-            q, k, v, o_parts, lse_parts, lengths, table, *captured, *index_error,
+            q, k, v, o_parts, lse_parts, lengths, table, *captured, *index_error,{rope_tables}
             *q.stride(), *k_strides, *v_strides, table.stride(0) if paged else 0, *_strides_and_sizes(captured),
             kv_heads, N, M, splits, k.shape[1] if paged else 1,
             PAGED=paged, LENGTHS_GIVEN=kv_lengths is not None, BLOCK_R=cls.BLOCK_R, **meta,

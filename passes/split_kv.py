@@ -38,9 +38,6 @@ class SplitKV(Pass):
         def rule(node, inputs, builder):
             if not isinstance(node.op, ops.FlashAttention) or node.op.decode == schedule:
                 return None
-            if node.op.rope is not None:  # the decoding paths do not rotate q and k
-                self.count("rope_regions_not_split")
-                return None
             self.count("regions_split")
             return builder.add(replace(node.op, decode=schedule), *inputs)
 

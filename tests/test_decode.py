@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import attncc
+from attncc.api import reference_outputs
 from attncc.errors import AttnccError
-from attncc.interpreter import run_reference
+from attncc.interpreter import rotate, run_reference
+from attncc.ir.expr import kv_idx, q_idx
 from tests.reference import assert_attention_matches, dense_attention
 from tests.test_triton import requires_triton
 
@@ -173,6 +175,117 @@ def test_paged_cache_matches_float64_attention(page_size, kv_heads):
     k, v = cache.gather()
     reference = _cache_reference(q, k, v, lengths, causal=True, window=(40, 0))
     assert_attention_matches(o, lse, *reference, torch.float32)
+
+
+def _shuffled_paged(lengths, kv_heads, page_size, generator, dtype=torch.float32):
+    """A paged cache whose page table is a random permutation: no sequence's pages are consecutive."""
+    pages = [-(-length // page_size) for length in lengths]
+    cache = attncc.PagedKVCache(sum(pages) + 1, page_size, len(lengths), kv_heads, D, dtype=dtype)
+    order = torch.randperm(sum(pages), generator=generator).tolist()
+    for b, count in enumerate(pages):
+        cache.reserve(b, lengths[b])
+        cache.page_table[b, :count] = torch.tensor(order[sum(pages[:b]) : sum(pages[: b + 1])], dtype=torch.int32)
+        cache.append(*(torch.randn(1, kv_heads, lengths[b], D, generator=generator) for _ in range(2)), sequences=b)
+    return cache
+
+
+@pytest.mark.parametrize("page_size, block_pages", [(3, 4), (16, 1), (5, 64)])  # blocks of many pages, of one
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])  # GQA groups 1, 4, 8
+def test_paged_cache_read_in_bounded_blocks_of_shuffled_pages(page_size, block_pages, kv_heads, monkeypatch):
+    """Pages read through a shuffled table a few at a time (BLOCK_BYTES), lengths no multiple of a page or a
+    block, a window that hides whole blocks from some rows: float64 attention over each sequence's keys."""
+    fields = {"causal": True, "window": (30, 0)}
+    attn = attncc.compile(_spec(kv_heads, **fields), pipeline=PIPELINE)
+    decoding = attn.module.FlashAttentionDecode
+    monkeypatch.setattr(decoding, "BLOCK_BYTES", block_pages * page_size * 3 * kv_heads * 2 * D * 4)
+    generator = torch.Generator().manual_seed(page_size + kv_heads)
+    lengths = [45, 70, 9]
+    cache = _shuffled_paged(lengths, kv_heads, page_size, generator)
+    blocks = list(decoding.key_blocks(cache.k_pages, cache.v_pages, cache.page_table, 4, 70, None, 1, None))
+    step = block_pages * page_size  # whole pages from the first visited one
+    assert [c0 for _, _, c0 in blocks] == [4, *range(4 - 4 % page_size + step, 70, step)]
+    assert all(k.shape[2] <= step and k.stride()[2:] == (D, 1) for k, _, _ in blocks)  # each head's keys in a row
+    q = torch.randn(3, HEADS, 1, D, generator=generator)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    k, v = cache.gather()
+    assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, **fields), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_caches_convert_block_by_block(dtype, monkeypatch):
+    attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
+    monkeypatch.setattr(attn.module.FlashAttentionDecode, "BLOCK_BYTES", 20 * 2 * 2 * 2 * D * 4)
+    generator = torch.Generator().manual_seed(11)
+    lengths = [61, 17]
+    static = _filled_static(lengths, 2, 64, generator, dtype)
+    paged = _shuffled_paged(lengths, 2, 7, generator, dtype)
+    q = torch.randn(2, HEADS, 2, D, generator=generator).to(dtype)
+    for cache, (k, v) in ((static, (static.k, static.v)), (paged, paged.gather())):
+        o, lse = attn.decode(q, cache, return_lse=True)
+        assert o.dtype == dtype
+        assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, causal=True), dtype)
+
+
+ROPES = {
+    "rotate-half-partial-linear": attncc.RoPE(rotary_dim=10, scaling={"rope_type": "linear", "factor": 2.0}),
+    "interleaved-llama3": attncc.RoPE(theta=500000.0, interleaved=True, scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+}  # fmt: skip
+
+
+def _rope_reference(q, k, v, lengths, rope, **fields):
+    """Each sequence alone: queries at length - N + i and keys at j turned by the float64 reference rotation."""
+    n = q.shape[2]
+    turned_q, turned_k = [], []
+    for b, length in enumerate(lengths):
+        turned_q.append(rotate(q[b : b + 1].double(), rope, q_idx + length - n, "query", (n, length), {}))
+        turned_k.append(rotate(k[b : b + 1].double(), rope, kv_idx, "key", (n, k.shape[2]), {}))
+    return _cache_reference(torch.cat(turned_q), torch.cat(turned_k), v.double(), lengths, **fields)
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "paged"])
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])  # GQA groups 1, 4, 8
+@pytest.mark.parametrize("rope_case", sorted(ROPES))
+def test_decode_with_rope_turns_queries_and_the_keys_it_reads(rope_case, kv_heads, cache_kind, monkeypatch):
+    """RoPE inside the decoding path: cached keys stay unturned (the spec's meaning: key j at position j) and
+    are turned block by block as they are read; queries sit at each sequence's last positions."""
+    rope = ROPES[rope_case]
+    fields = {"causal": True, "window": (40, 0), "softcap": 20.0}
+    attn = attncc.compile(_spec(kv_heads, rope=rope, **fields), pipeline=PIPELINE)
+    assert "decode = {rows <= 16" in str(attn.graph) and "rope = {" in str(attn.graph)
+    monkeypatch.setattr(attn.module.FlashAttentionDecode, "BLOCK_BYTES", 3 * 6 * kv_heads * 2 * D * 4)
+    generator = torch.Generator().manual_seed(kv_heads)
+    lengths = [53, 0, 90]
+    if cache_kind == "static":
+        cache = _filled_static(lengths, kv_heads, 90, generator)
+        k, v = cache.k, cache.v
+    else:
+        cache = _shuffled_paged(lengths, kv_heads, 6, generator)
+        k, v = cache.gather()
+    n = 2 if kv_heads > 1 else 1
+    q = torch.randn(3, HEADS, n, D, generator=generator)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    assert_attention_matches(o, lse, *_rope_reference(q, k, v, lengths, rope, **fields), torch.float32)
+
+
+def test_decode_with_rope_at_call_time_positions_differentiates():
+    """attn(q, k, v, q_positions=...) at a decode shape: the decoding path turns q at the given positions;
+    o, lse and the gradients of q, k, v match float64 autograd through the reference."""
+    attn = attncc.compile(_spec(2, rope=ROPES["rotate-half-partial-linear"], causal=True), pipeline=PIPELINE)
+    generator = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, h, n, D, generator=generator) for h, n in ((HEADS, 3), (2, 41), (2, 41)))
+    positions = torch.randint(0, 500, (2, 3), generator=generator)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    o, lse = attn(*leaves, return_lse=True, q_positions=positions)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    reference = reference_outputs(attn.with_positions(("q",)), *leaves64, q_positions=positions)
+    assert_attention_matches(o, lse, reference["o"], reference["lse"], torch.float32)
+    weights = torch.randn(o.shape, generator=generator)
+    grads = torch.autograd.grad((o * weights).sum(), leaves)
+    expected = torch.autograd.grad((reference["o"] * weights.double()).sum(), leaves64)
+    for grad, reference_grad in zip(grads, expected):
+        torch.testing.assert_close(grad.double(), reference_grad, atol=2e-5, rtol=2e-5)
 
 
 def test_paged_cache_allocator_reserves_erases_and_reuses_pages():
