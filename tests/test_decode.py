@@ -442,6 +442,8 @@ TRITON_PIPELINE = [*PIPELINE[:-1], "tile{target=triton,block_m=16,block_n=16}"]
         (False, {"causal": True, "window": (40, 0), "softcap": 30.0}, torch.float32),
         (True, {"mask_mod": lambda b, h, q_idx, kv_idx: (kv_idx % 5 != 2) & (h != 3)}, torch.float32),
         (True, {"causal": True}, torch.bfloat16),
+        (True, {"causal": True, "rope": ROPES["rotate-half-partial-linear"]}, torch.float32),
+        (False, {"window": (50, 0), "rope": ROPES["interleaved-llama3"]}, torch.float32),
     ],
 )
 def test_triton_decode_kernel_matches_float64_attention(paged, fields, dtype):
@@ -461,6 +463,11 @@ def test_triton_decode_kernel_matches_float64_attention(paged, fields, dtype):
     assert attn.module.FlashAttentionDecode.splits(70, 2, 2) == 2
     q = torch.randn(2, HEADS, 1, D, generator=generator).to(dtype)
     o, lse = attn.decode(q, cache, return_lse=True)
-    assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, **fields), dtype)
+    fields = dict(fields)
+    rope = fields.pop("rope", None)
+    reference = (
+        _rope_reference(q, k, v, lengths, rope, **fields) if rope else _cache_reference(q, k, v, lengths, **fields)
+    )
+    assert_attention_matches(o, lse, *reference, dtype)
     with pytest.raises(attncc.BackendError, match="decoding kernel computes no gradients"):
         attn.decode(q.requires_grad_(), cache)
