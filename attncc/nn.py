@@ -7,8 +7,9 @@ shape: q/k/v projections, optional rotary embeddings, the attention an
 them, and ``causal`` is aligned to the bottom right, so query ``i`` of a call sees
 the cache plus its own prefix. With an ``attncc.StaticKVCache`` or ``attncc.PagedKVCache``
 the sequences of a batch may have different lengths: each call appends after each
-sequence's own keys, rotates by each sequence's own positions, and decodes with the
-program's decoding path (``CompiledAttention.decode``).
+sequence's own keys and decodes with the program's decoding path (``CompiledAttention.decode``).
+RoPE is the program's own (``AttentionSpec(rope=attncc.RoPE(theta=rope_base))``): caches hold
+unturned keys, turned by their positions as they are read, and queries sit after each sequence's keys.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from attncc.api import CompiledAttention, compile
 from attncc.distributed import LAYOUTS, context_parallel_attention, shard_positions
 from attncc.errors import InputError, SpecError
+from attncc.ir.rope import RoPE
 from attncc.kv_cache import PagedKVCache, StaticKVCache
 from attncc.spec import AttentionSpec
 
@@ -73,7 +75,7 @@ class Attention(torch.nn.Module):
     defaults to ``embed_dim // num_heads``. ``causal``, ``window``, ``softcap``,
     ``scale``, ``alibi``, ``score_mod`` and ``mask_mod`` are AttentionSpec fields
     (bottom-right alignment). ``rope=True`` rotates q and k by their positions
-    (``rope_base``); positions continue after the cache. ``forward(x, cache=None, sequences=None)``:
+    (``rope_base``; rotate-half pairs) inside the compiled program; positions continue after the cache. ``forward(x, cache=None, sequences=None)``:
     with a static or paged cache, row ``b`` of x continues cache sequence ``sequences[b]``
     (default: every sequence, in order).
 
@@ -98,11 +100,14 @@ class Attention(torch.nn.Module):
                     f"embed_dim={embed_dim} is not a multiple of num_heads={num_heads!r}: pass head_dim explicitly"
                 )
             head_dim = embed_dim // num_heads
-        spec = AttentionSpec(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
-                             causal=causal, window=window, softcap=softcap, alibi=alibi, score_mod=score_mod,
-                             mask_mod=mask_mod)  # fmt: skip
         if rope and head_dim % 2:
             raise SpecError(f"rope=True needs an even head_dim; head_dim={head_dim}")
+        # RoPE is fused into the program (keys cached unturned, turned as read), except under context
+        # parallelism, whose sharded programs take no rope: there the module turns q and k at global positions
+        fused_rope = RoPE(theta=rope_base) if rope and context_parallel_group is None else None
+        spec = AttentionSpec(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
+                             causal=causal, window=window, softcap=softcap, alibi=alibi, score_mod=score_mod,
+                             mask_mod=mask_mod, rope=fused_rope)  # fmt: skip
         self.embed_dim = embed_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.rope = rope
@@ -138,25 +143,16 @@ class Attention(torch.nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if isinstance(cache, (StaticKVCache, PagedKVCache)):
-            rows = torch.tensor(cache.indices(sequences), device=cache.device)
-            # each sequence's new tokens sit after its own keys
-            positions = cache.lengths[rows].to(x.device).view(-1, 1, 1) + torch.arange(length, device=x.device)
-            if self.rope:
-                q = rotary(q, positions, self.rope_base)
-                k = rotary(k, positions, self.rope_base)
+            # the program puts each sequence's new queries after its own keys (M - N + i, M its length)
             cache.append(k, v, sequences)
             o = self.attention.decode(q, cache, sequences=sequences)
         else:
             if sequences is not None:
                 raise InputError("sequences is only allowed with an attncc.StaticKVCache or attncc.PagedKVCache")
-            if self.rope:
-                start = 0 if cache is None else len(cache)
-                positions = torch.arange(start, start + length, device=x.device)
-                if parallel:
-                    group, layout = self.context_parallel_group, self.context_parallel_layout
-                    positions = shard_positions(length, group, layout).to(x.device)
-                q = rotary(q, positions, self.rope_base)
-                k = rotary(k, positions, self.rope_base)
+            if self.rope and parallel:
+                positions = shard_positions(length, self.context_parallel_group, self.context_parallel_layout)
+                q = rotary(q, positions.to(x.device), self.rope_base)
+                k = rotary(k, positions.to(x.device), self.rope_base)
             if cache is not None:
                 k, v = cache.update(k, v)
             if parallel:
