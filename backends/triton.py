@@ -38,7 +38,6 @@ import torch
 from sympy.printing.precedence import precedence
 
 import attncc
-from attncc.backends.pytorch_decode import MERGE_PARTS
 from attncc.backends.source import (
     INT64_MAX,
     INT64_MIN,
@@ -910,6 +909,7 @@ class RegionWriter:
             tile_args="".join(f"{p}, " for p in self.tile_params()),
             d_mask=d_mask,
             dv_mask="" if padded(self.head_dim_v) == self.head_dim_v else " & (offs_dv[None, :] < HEAD_DIM_V)",
+            dv_store_mask="" if padded(self.head_dim_v) == self.head_dim_v else ", mask=offs_dv < HEAD_DIM_V",
             bounds="\n".join("    " + line for line in decode_bounds(self)),
             exp=self.exp,
             log=self.log,
@@ -917,7 +917,7 @@ class RegionWriter:
         )
         decode = self.op.decode
         host = DECODE_HOST.format(max_rows=decode.max_rows, min_keys=decode.min_keys, waves=decode.waves,
-                                  merge=MERGE_PARTS, rope_tables=rope["rope_tables"])  # fmt: skip
+                                  rope_tables=rope["rope_tables"])  # fmt: skip
         return kernel, host
 
     def constants(self) -> str:

@@ -2,9 +2,9 @@
 
 One program takes one (sequence, KV head) pair, one split of the keys its rows may see
 and one tile of packed rows (the GROUPS query heads of the KV head as rows of one tile);
-it streams its keys with an online softmax and writes the split's (o, lse). The host
-merges the splits as ``attncc.merge_attention_states`` does (``MERGE_PARTS``, printed into
-the module, which runs without attncc). Each sequence may have its own
+it streams its keys with an online softmax and writes the split's (o, lse). A second
+kernel, ``_merge_splits``, merges the splits as ``attncc.merge_attention_states`` does,
+one program per packed row. Each sequence may have its own
 length (``M`` of the region's expressions is that length), and K and V may be pages read
 in place through a page table. The region's ``_scores`` tile function is reused, with
 the packed rows' head and query indices as row vectors.
@@ -86,12 +86,39 @@ def _attn_decode(Q, K, V, O_PART, LSE_PART, LENGTHS, TABLE,{pointers}{rope_point
     part = (off_bh.to(tl.int64) * SPLITS + split) * rows
     tl.store(LSE_PART + part + offs_r, lse, mask=r_ok)
     o = acc / l_safe[:, None]
-    tl.store(O_PART + (part + offs_r[:, None]) * HEAD_DIM_V + offs_dv[None, :], o, mask=r_ok[:, None]{dv_mask})'''
+    tl.store(O_PART + (part + offs_r[:, None]) * HEAD_DIM_V + offs_dv[None, :], o, mask=r_ok[:, None]{dv_mask})
+
+
+@triton.jit
+def _merge_splits(O_PART, LSE_PART, O, LSE, SPLITS, ROWS,
+                  BLOCK_S: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """(o, lse) of one packed row over the union of the splits' keys, from each split's (o, lse): lse is the
+    logsumexp of the splits' lse, o the sum of exp(lse_i - lse) o_i (attncc.merge_attention_states's meaning).
+    A split without a visible key (lse = -inf) adds nothing; a row without one in any split gets o = 0,
+    lse = -inf. O_PART [B, KV_HEADS, SPLITS, ROWS, Dv] and LSE_PART in, O [B, KV_HEADS, ROWS, Dv] and LSE out."""
+    off_bh = tl.program_id(0) // ROWS
+    row = tl.program_id(0) % ROWS
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    parts = (off_bh.to(tl.int64) * SPLITS + offs_s) * ROWS + row
+    lse = tl.load(LSE_PART + parts, mask=offs_s < SPLITS, other=float("-inf"))
+    shift = tl.max(lse, 0)
+    shift = tl.where(shift == float("-inf"), 0.0, shift)  # cancels out: only keeps exp() in range
+    weights = tl.exp(lse - shift)
+    total = tl.sum(weights, 0)
+    seen = total > 0.0
+    safe_total = tl.where(seen, total, 1.0)
+    o_parts = tl.load(O_PART + parts[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                      mask=(offs_s[:, None] < SPLITS){dv_mask}, other=0.0)
+    o = tl.sum(weights[:, None] * o_parts, 0) / safe_total
+    out = off_bh.to(tl.int64) * ROWS + row
+    tl.store(O + out * HEAD_DIM_V + offs_dv, o{dv_store_mask})
+    tl.store(LSE + out, tl.where(seen, shift + tl.log(safe_total), float("-inf")))'''
 
 DECODE_HOST = '''\
 class FlashAttentionDecode:
     """Decoding (the region's decode schedule): when GROUPS x N <= MAX_ROWS, the keys are split across
-    programs, WAVES per streaming multiprocessor (at least MIN_KEYS keys each), and merged by (o, lse) (``merge``).
+    programs, WAVES per streaming multiprocessor (at least MIN_KEYS keys each), and merged by (o, lse) (``_merge_splits``).
 
     ``kv_lengths [B]`` gives each sequence its own M (None: every sequence has M keys); with
     ``page_table [B, pages]``, k and v are pages [num_pages, page_size, Hkv, *] read in place.
@@ -164,10 +191,13 @@ class FlashAttentionDecode:
         if splits == 1:
             o, lse = o_parts[:, :, 0], lse_parts[:, :, 0]
         else:
-            o, lse = cls.merge(o_parts, lse_parts)
-        return o.reshape(B, H, N, HEAD_DIM_V).to(q.dtype), lse.reshape(B, H, N)
-
-{merge}'''
+            o = torch.empty(B, kv_heads, rows, HEAD_DIM_V, dtype=torch.float32, device=q.device)
+            lse = torch.empty(B, kv_heads, rows, dtype=torch.float32, device=q.device)
+            _merge_splits[(B * kv_heads * rows,)](
+                o_parts, lse_parts, o, lse, splits, rows,
+                BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV, num_warps=4,
+            )
+        return o.reshape(B, H, N, HEAD_DIM_V).to(q.dtype), lse.reshape(B, H, N)'''
 
 
 def decode_bounds(writer) -> list[str]:

@@ -471,3 +471,20 @@ def test_triton_decode_kernel_matches_float64_attention(paged, fields, dtype):
     assert_attention_matches(o, lse, *reference, dtype)
     with pytest.raises(attncc.BackendError, match="decoding kernel computes no gradients"):
         attn.decode(q.requires_grad_(), cache)
+
+
+@requires_triton
+def test_triton_split_merge_kernel_with_empty_and_fully_masked_splits():
+    """Four splits of 32 keys over lengths 70 and 21: the last split of one sequence and three of the other
+    hold no key, and a mask hides every key of some splits' rows; _merge_splits combines them in a kernel."""
+    fields = {"mask_mod": lambda b, h, q_idx, kv_idx: ((kv_idx // 32) % 2 == 0) | (h % 2 == 0)}
+    pipeline = [*PIPELINE[:5], "split-kv{min_keys=8,waves=4}", TRITON_PIPELINE[-1]]
+    attn = attncc.compile(_spec(1, **fields), backend="triton", pipeline=pipeline)
+    assert "def _merge_splits(" in attn.source and attn.module.FlashAttentionDecode.splits(70, 2, 2) == 4
+    generator = torch.Generator().manual_seed(13)
+    lengths = [70, 21]
+    cache = _filled_static(lengths, 1, 70, generator)
+    q = torch.randn(2, HEADS, 1, D, generator=generator)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    assert not o.isnan().any()
+    assert_attention_matches(o, lse, *_cache_reference(q, cache.k, cache.v, lengths, **fields), torch.float32)
