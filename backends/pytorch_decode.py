@@ -100,6 +100,8 @@ class {cls}Decode:
         M = page_table.shape[1] * k.shape[1] if page_table is not None else k.shape[2]
 {captured_to_float}        {length} = torch.full((B,), M, device=q.device) if kv_lengths is None else kv_lengths.long()
         b = torch.arange(B, device=q.device).view(-1, 1, 1, 1, 1)
+        # blocks of copied keys may share memory unless autograd keeps them
+        reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v{captured_args})))
 {rotate_queries}        q_rows = {queries}.reshape(B, kv_heads, 1, cls.GROUPS * N, D).float(){prescale}
         o, lse = [], []
         # query tiles of BLOCK_M packed rows bound the scores by BLOCK_M x M (long prompts into a cache)
@@ -107,14 +109,14 @@ class {cls}Decode:
             packed = torch.arange(r0, r1, device=q.device)
             h = torch.arange(kv_heads, device=q.device).view(1, -1, 1, 1, 1) * cls.GROUPS + (packed // N).view(1, 1, 1, 1, -1)
             q_idx = (packed % N).view(1, 1, 1, 1, -1)
-            o_tile, lse_tile = cls.rows(q_rows[:, :, :, r0:r1], k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_args})
+            o_tile, lse_tile = cls.rows(q_rows[:, :, :, r0:r1], k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}, reuse{captured_args})
             o.append(o_tile)
             lse.append(lse_tile)
         o, lse = (torch.cat(o, dim=2), torch.cat(lse, dim=2)) if len(o) > 1 else (o[0], lse[0])
         return o.view(B, H, N, Dv).to(q.dtype), lse.view(B, H, N)
 
     @classmethod
-    def rows(cls, q_rows, k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}{captured_params}):
+    def rows(cls, q_rows, k, v, page_table, b, h, q_idx, q_first, q_last, N, M, {length}, reuse{captured_params}):
         """(o, lse) of one tile of packed rows: its visited keys in blocks, each split into parts, merged."""
         B, kv_heads, rows, Dv = q_rows.shape[0], q_rows.shape[1], q_rows.shape[3], v.shape[-1]
         lo, hi, full_lo, full_hi = cls.bounds(q_first, q_last, b, h, N, {length}{captured_args})
@@ -125,7 +127,7 @@ class {cls}Decode:
         masked = not (_highest(full_lo) <= lo and hi <= _lowest(torch.minimum(torch.as_tensor(full_hi), {length}[b])))
         workers = cls.workers(q_rows.device)
         o_parts, lse_parts = [], []
-        for k_block, v_block, c0 in cls.key_blocks(k, v, page_table, lo, hi, b, N, {length}{captured_args}):
+        for k_block, v_block, c0 in cls.key_blocks(k, v, page_table, lo, hi, b, N, {length}, reuse{captured_args}):
             keys = k_block.shape[2]
             size = -(-keys // cls.splits(keys, B * kv_heads, workers))
             whole = keys // size * size
@@ -142,14 +144,14 @@ class {cls}Decode:
         return cls.merge(o_parts, lse_parts)
 
     @classmethod
-    def key_blocks(cls, k, v, page_table, lo, hi, b, N, {length}{captured_params}):
+    def key_blocks(cls, k, v, page_table, lo, hi, b, N, {length}, reuse{captured_params}):
         """Keys lo..hi - 1 as blocks (k [B, Hkv, keys, D], v [B, Hkv, keys, Dv] in float32{rotated_doc}, first key).
 
         A float32 contiguous cache{unrotated} is one view of the cache. Otherwise each block is a copy of at most
-        BLOCK_BYTES of K and V together, small enough to stay in cache between its copy and its matmul: whole
-        pages read through the page table and laid out as each head's keys in a row (matmul's fast layout;
-        the NHD pages' rows of one head lie Hkv x D apart), keys in another dtype converted{rotated_doc}.
-        Nothing the size of the cache is ever copied.
+        BLOCK_BYTES of K and V together: whole pages read through the page table and laid out as each head's
+        keys in a row (matmul's fast layout; in the NHD pages one head's keys lie Hkv x D apart), keys in another
+        dtype converted{rotated_doc}. Nothing the size of the cache is ever copied, and with ``reuse`` (no gradient
+        will need a block once the next is read) every block is copied into the first one's memory.
         """
         paged = page_table is not None
         if not paged and k.dtype == torch.float32 and not cls.ROTATES_KEYS:
@@ -159,17 +161,34 @@ class {cls}Decode:
         page_size = k.shape[1] if paged else 1
         key_bytes = 4 * B * kv_heads * (k.shape[-1] + v.shape[-1])
         step = max(1, cls.BLOCK_BYTES // (key_bytes * page_size)) * page_size
+        buffers = ({{}}, {{}}) if reuse else (None, None)
         for c0 in range(lo - lo % page_size, hi, step):
             first, c1 = max(c0, lo), min(c0 + step, hi)
-            if paged:  # whole pages [B, pages, page_size, Hkv, *], then each head's keys in a row [B, Hkv, keys, *]
-                pages = page_table[:, c0 // page_size : -(-c1 // page_size)].long()
-                k_block, v_block = (
-                    x[pages].permute(0, 3, 1, 2, 4).contiguous().flatten(2, 3)[:, :, first - c0 : c1 - c0].float()
-                    for x in (k, v)
-                )
-            else:
-                k_block, v_block = k[:, :, first:c1].float(), v[:, :, first:c1].float()
+            pages = page_table[:, c0 // page_size : -(-c1 // page_size)].flatten().long() if paged else None
+            k_block, v_block = (cls.read(x, pages, first - c0, c1 - c0, c0, B, buffer) for x, buffer in zip((k, v), buffers))
 {rotate_keys}            yield k_block, v_block, first
+
+    @staticmethod
+    def read(x, pages, start, stop, c0, B, buffers):
+        """Keys c0 + start .. c0 + stop - 1 as float32 [B, Hkv, keys, *], each head's keys in a row, in one copy from
+        the whole pages ``pages`` of x [num_pages, page_size, Hkv, *] (then ``c0`` is a page's first key) or from the
+        rows of x [B, Hkv, M, *]. ``buffers`` (a dict, or None for new tensors) keeps the memory for the next call."""
+        if pages is None:
+            source = x[:, :, c0 + start : c0 + stop]
+        else:
+            shape = (len(pages), *x.shape[1:])
+            if buffers is None:
+                gathered = x[pages]
+            else:
+                if "pages" not in buffers:
+                    buffers["pages"] = x.new_empty(shape)
+                gathered = torch.index_select(x, 0, pages, out=buffers["pages"][: len(pages)])
+            source = gathered.unflatten(0, (B, -1)).permute(0, 3, 1, 2, 4).flatten(2, 3)[:, :, start:stop]
+        if buffers is None:
+            return torch.empty(source.shape, device=x.device).copy_(source)
+        if "rows" not in buffers:
+            buffers["rows"] = torch.empty(source.shape, device=x.device)
+        return buffers["rows"][:, :, : source.shape[2]].copy_(source)
 
 {merge}
 '''

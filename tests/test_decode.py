@@ -201,7 +201,7 @@ def test_paged_cache_read_in_bounded_blocks_of_shuffled_pages(page_size, block_p
     generator = torch.Generator().manual_seed(page_size + kv_heads)
     lengths = [45, 70, 9]
     cache = _shuffled_paged(lengths, kv_heads, page_size, generator)
-    blocks = list(decoding.key_blocks(cache.k_pages, cache.v_pages, cache.page_table, 4, 70, None, 1, None))
+    blocks = list(decoding.key_blocks(cache.k_pages, cache.v_pages, cache.page_table, 4, 70, None, 1, None, False))
     step = block_pages * page_size  # whole pages from the first visited one
     assert [c0 for _, _, c0 in blocks] == [4, *range(4 - 4 % page_size + step, 70, step)]
     assert all(k.shape[2] <= step and k.stride()[2:] == (D, 1) for k, _, _ in blocks)  # each head's keys in a row
