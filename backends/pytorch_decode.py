@@ -165,29 +165,29 @@ class {cls}Decode:
         for c0 in range(lo - lo % page_size, hi, step):
             first, c1 = max(c0, lo), min(c0 + step, hi)
             pages = page_table[:, c0 // page_size : -(-c1 // page_size)].flatten().long() if paged else None
-            k_block, v_block = (cls.read(x, pages, first - c0, c1 - c0, c0, B, buffer) for x, buffer in zip((k, v), buffers))
+            k_block, v_block = (cls.read(x, pages, first - c0, c1 - c0, c0, B, step, buffer) for x, buffer in zip((k, v), buffers))
 {rotate_keys}            yield k_block, v_block, first
 
     @staticmethod
-    def read(x, pages, start, stop, c0, B, buffers):
+    def read(x, pages, start, stop, c0, B, step, buffers):
         """Keys c0 + start .. c0 + stop - 1 as float32 [B, Hkv, keys, *], each head's keys in a row, in one copy from
         the whole pages ``pages`` of x [num_pages, page_size, Hkv, *] (then ``c0`` is a page's first key) or from the
-        rows of x [B, Hkv, M, *]. ``buffers`` (a dict, or None for new tensors) keeps the memory for the next call."""
+        rows of x [B, Hkv, M, *]. ``buffers`` (a dict, or None for new tensors) keeps memory for blocks of up to
+        ``step`` keys, which the next call reuses."""
         if pages is None:
             source = x[:, :, c0 + start : c0 + stop]
         else:
-            shape = (len(pages), *x.shape[1:])
             if buffers is None:
                 gathered = x[pages]
             else:
                 if "pages" not in buffers:
-                    buffers["pages"] = x.new_empty(shape)
+                    buffers["pages"] = x.new_empty(B * (step // x.shape[1]), *x.shape[1:])
                 gathered = torch.index_select(x, 0, pages, out=buffers["pages"][: len(pages)])
             source = gathered.unflatten(0, (B, -1)).permute(0, 3, 1, 2, 4).flatten(2, 3)[:, :, start:stop]
         if buffers is None:
             return torch.empty(source.shape, device=x.device).copy_(source)
         if "rows" not in buffers:
-            buffers["rows"] = torch.empty(source.shape, device=x.device)
+            buffers["rows"] = torch.empty(B, source.shape[1], step, source.shape[3], device=x.device)
         return buffers["rows"][:, :, : source.shape[2]].copy_(source)
 
 {merge}

@@ -199,12 +199,14 @@ def test_paged_cache_read_in_bounded_blocks_of_shuffled_pages(page_size, block_p
     decoding = attn.module.FlashAttentionDecode
     monkeypatch.setattr(decoding, "BLOCK_BYTES", block_pages * page_size * 3 * kv_heads * 2 * D * 4)
     generator = torch.Generator().manual_seed(page_size + kv_heads)
-    lengths = [45, 70, 9]
+    lengths = [45, 70, 38]  # the window's first visible key, 7, starts no page
     cache = _shuffled_paged(lengths, kv_heads, page_size, generator)
-    blocks = list(decoding.key_blocks(cache.k_pages, cache.v_pages, cache.page_table, 4, 70, None, 1, None, False))
     step = block_pages * page_size  # whole pages from the first visited one
-    assert [c0 for _, _, c0 in blocks] == [4, *range(4 - 4 % page_size + step, 70, step)]
-    assert all(k.shape[2] <= step and k.stride()[2:] == (D, 1) for k, _, _ in blocks)  # each head's keys in a row
+    for reuse in (False, True):
+        blocks = [(k.shape, k.stride(), c0) for k, _, c0 in decoding.key_blocks(
+            cache.k_pages, cache.v_pages, cache.page_table, 4, 70, None, 1, None, reuse)]  # fmt: skip
+        assert [c0 for _, _, c0 in blocks] == [4, *range(4 - 4 % page_size + step, 70, step)]
+        assert all(shape[2] <= step and stride[-2:] == (D, 1) for shape, stride, _ in blocks)  # keys in a row
     q = torch.randn(3, HEADS, 1, D, generator=generator)
     o, lse = attn.decode(q, cache, return_lse=True)
     k, v = cache.gather()
