@@ -113,8 +113,8 @@ def _setup_attncc_paged(backend: str):
             cache = paged_cache(k, v)
             return lambda: attn.decode(q, cache)
 
-        # the pages, and (pytorch) the gather of the pages a step visits
-        return Setup(bind, (2 if backend == "pytorch" else 1) * kv_bytes(case), seconds)
+        # the pages (the pytorch path copies them in blocks of at most BLOCK_BYTES besides)
+        return Setup(bind, kv_bytes(case), seconds)
 
     return setup
 
