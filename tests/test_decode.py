@@ -213,6 +213,26 @@ def test_paged_cache_read_in_bounded_blocks_of_shuffled_pages(page_size, block_p
     assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, **fields), torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["reserved at once", "grown in turn"])
+def test_paged_cache_laid_out_by_the_allocator(layout, monkeypatch):
+    """Sequences reserved at once (consecutive pages) or grown a page at a time in turn (page i of sequence b at
+    3 i + b, as the bench lays them out), read in blocks of three pages."""
+    attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
+    monkeypatch.setattr(attn.module.FlashAttentionDecode, "BLOCK_BYTES", 3 * 4 * 3 * 2 * 2 * D * 4)
+    generator = torch.Generator().manual_seed(14)
+    k, v = torch.randn(3, 2, 40, D, generator=generator), torch.randn(3, 2, 40, D, generator=generator)
+    cache = attncc.PagedKVCache(30, 4, 3, 2, D)
+    for page in range(10):
+        for b in range(3):
+            cache.reserve(b, 40 if layout == "reserved at once" else 4 * (page + 1))
+    cache.append(k, v)
+    pages = torch.arange(30).view(3, 10) if layout == "reserved at once" else torch.arange(30).view(10, 3).T
+    assert cache.page_table[:, :10].long().equal(pages)  # max_pages defaults to every page
+    q = torch.randn(3, HEADS, 1, D, generator=generator)
+    o, lse = attn.decode(q, cache, return_lse=True)
+    assert_attention_matches(o, lse, *_cache_reference(q, k, v, [40, 40, 40], causal=True), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_caches_convert_block_by_block(dtype, monkeypatch):
     attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
