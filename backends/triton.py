@@ -1595,9 +1595,8 @@ def generate(graph: Graph) -> GeneratedSource:
     w.line(f"def attention({', '.join(['q', 'k', 'v', *captured])}):")
     w.line(f'    """o and lse of {ir_names[region]} = flash_attention(...) and {ir_names[lse]} = lse_of(...)."""')
     if decoding is not None:
-        decode_args = ", ".join(["q", "k", "v", "None", "None", *region_captured])
         w.line("    if FlashAttentionDecode.applies(q.shape[2]):", ir=ir_line)
-        w.line(f"        return FlashAttentionDecode.apply({decode_args})", ir=ir_line)
+        w.line(f"        return FlashAttentionDecodeStep.apply({region_args})", ir=ir_line)
     w.line(f"    return FlashAttention.apply({region_args})", ir=ir_line)
     if decoding is not None:
         w.line()

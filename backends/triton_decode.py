@@ -197,7 +197,23 @@ class FlashAttentionDecode:
                 o_parts, lse_parts, o, lse, splits, rows,
                 BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV, num_warps=4,
             )
-        return o.reshape(B, H, N, HEAD_DIM_V).to(q.dtype), lse.reshape(B, H, N)'''
+        return o.reshape(B, H, N, HEAD_DIM_V).to(q.dtype), lse.reshape(B, H, N)
+
+
+class FlashAttentionDecodeStep(torch.autograd.Function):
+    """attention(q, k, v) at decode shapes: the decoding kernel's forward, and for gradients the region's
+    backward kernels (``FlashAttention.backward``), which need only q, k, v, o and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *captured):
+        o, lse = FlashAttentionDecode.apply(q, k, v, None, None, *captured)
+        ctx.save_for_backward(q, k, v, o, lse, *captured)
+        return o, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dlse):
+        return FlashAttention.backward(ctx, do, dlse)'''
 
 
 def decode_bounds(writer) -> list[str]:
