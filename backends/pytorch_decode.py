@@ -49,7 +49,7 @@ class {cls}Decode:
     MIN_KEYS = {min_keys}
     WAVES = {waves}
     GROUPS = {groups}
-    BLOCK_BYTES = 1 << 24  # float32 K and V of a block of keys that is copied (pages, another dtype{rotated_doc})
+    BLOCK_BYTES = 1 << 26  # float32 K and V of a block of keys that is copied (pages, another dtype{rotated_doc})
     ROTATES_KEYS = {rotates_keys}
 {rope_members}
     @classmethod
