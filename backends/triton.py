@@ -1006,7 +1006,7 @@ def _kv_tiles(kv_lo, kv_hi, kv_full_lo, kv_full_hi, M, BLOCK_N: tl.constexpr):
     tiles [full_lo, full_hi) whole tiles inside the full keys (none when the range is empty)."""
     lo = tl.minimum(tl.maximum(kv_lo, 0), M).to(tl.int32) // BLOCK_N * BLOCK_N
     hi = tl.maximum(tl.minimum(kv_hi, M).to(tl.int32), lo)
-    full_lo = tl.maximum(kv_full_lo, lo).to(tl.int32)
+    full_lo = tl.minimum(tl.maximum(kv_full_lo, lo), hi).to(tl.int32)  # clamped before the cast: bounds beyond int32
     full_lo = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi // BLOCK_N * BLOCK_N)
     full_hi = tl.maximum(tl.minimum(kv_full_hi, hi).to(tl.int32), full_lo) // BLOCK_N * BLOCK_N
     return lo, hi, full_lo, full_hi''',

@@ -245,3 +245,17 @@ def test_a_head_and_a_computed_index_in_one_read(backend):
     cuda_reads_computed_indices_unchecked(backend)
     mod = lambda s, b, h, i, j: s + HEAD_TABLE[h, (b + 1) % 3]  # noqa: E731
     check(compile_spec(backend, score_mod=mod), {"score_mod": mod})
+
+
+
+def test_key_bounds_beyond_int64_stay_inside_the_keys(backend):
+    """``kv_idx // 2 == 2**62`` keeps no key: the sparsity schedule's bounds are 2**63, beyond int64 (printed as a
+    double); the Triton forward cast its full-tile bound to int32 unclamped and read keys at negative offsets."""
+    cuda_reads_computed_indices_unchecked(backend)
+    mask = lambda b, h, i, j: (j <= i) & (j // 2 == 2**62)  # noqa: E731
+    attn = compile_spec(backend, mask_mod=mask)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=generator) for _ in range(3))
+    o, lse = attn(q, k, v, return_lse=True)
+    expected_o, expected_lse = dense_attention(q, k, v, mask_mod=mask)
+    assert_attention_matches(o, lse, expected_o, expected_lse, torch.float32)
