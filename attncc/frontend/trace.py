@@ -1194,11 +1194,11 @@ def _sanitize(name: str) -> str:
     return name
 
 
-def _code_names(code: types.CodeType) -> set[str]:
+def code_names(code: types.CodeType) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _code_names(const)
+            names |= code_names(const)
     return names
 
 
@@ -1286,7 +1286,7 @@ def _children(path_name: str, obj, attribute_names: set[str]):
 
 def _function_children(fn: types.FunctionType, attribute_names: set[str]):
     code = fn.__code__
-    names = _code_names(code)
+    names = code_names(code)
     attribute_names.update(names)
     children = []
     if fn.__closure__:

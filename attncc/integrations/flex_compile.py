@@ -26,7 +26,7 @@ import torch
 
 from attncc.errors import InputError, ModError
 from attncc.frontend.mod import Captured, TracedMod
-from attncc.frontend.trace import expression_key, trace_mask_mod, trace_score_mod
+from attncc.frontend.trace import code_names, expression_key, trace_mask_mod, trace_score_mod
 from attncc.kernel_options import KernelOptions, parse_kernel_options
 
 FORWARD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor[] captured, str plan, float? scale) -> (Tensor, Tensor)"
@@ -294,8 +294,8 @@ def _is_torch_method(value) -> bool:
 
 def function_children(fn: types.FunctionType, names: set[str]) -> list[tuple[tuple, object]]:
     code = fn.__code__
-    code_names = _code_names(code)
-    names.update(code_names)
+    read = code_names(code)
+    names.update(read)
     result = []
     for index, cell in enumerate(fn.__closure__ or ()):
         try:
@@ -303,17 +303,9 @@ def function_children(fn: types.FunctionType, names: set[str]) -> list[tuple[tup
         except ValueError:  # an empty cell
             continue
     if not (fn.__module__ or "").startswith("torch"):
-        result.extend((("global", name), fn.__globals__[name]) for name in sorted(code_names) if name in fn.__globals__)
+        result.extend((("global", name), fn.__globals__[name]) for name in sorted(read) if name in fn.__globals__)
     result.extend((("default", i), value) for i, value in enumerate(fn.__defaults__ or ()))
     result.extend((("kwdefault", name), value) for name, value in (fn.__kwdefaults__ or {}).items())
-    return result
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    result = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            result |= _code_names(const)
     return result
 
 
