@@ -364,6 +364,11 @@ class RegionWriter:
                 f"tile block_m={op.block_m} is invalid for cuda with num_warps={op.num_warps}: each warp computes "
                 f"{WARP_ROWS} query rows, so block_m = {WARP_ROWS} * num_warps ({WARP_ROWS * op.num_warps}) is allowed"
             )
+        if op.rope is not None:
+            raise BackendError(
+                f"rope={op.rope} is not supported by the cuda backend (its kernels do not turn q and k): compile "
+                "with backend='pytorch' or backend='triton', or rotate q and k before the call"
+            )
         backward_tiles = {
             f"bwd_{f}": getattr(op, f"bwd_{f}") for f in ("block_m", "block_n", "num_warps", "num_stages")
         }

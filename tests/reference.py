@@ -25,12 +25,65 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float64)
 
 
+def rope_frequencies(head_dim: int, theta: float, rotary_dim=None, scaling=None) -> torch.Tensor:
+    """inv_freq of each rotated pair in float64, with transformers' ``rope_parameters`` scalings."""
+    dim = head_dim if rotary_dim is None else rotary_dim
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    rope_type = (scaling or {}).get("rope_type")
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (context / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(wavelength < context / high, inv_freq,
+                           torch.where(wavelength > context / low, inv_freq / factor, blended))  # fmt: skip
+    return inv_freq
+
+
+def rotate(x, positions, theta: float, rotary_dim=None, interleaved=False, scaling=None, angle_dtype=torch.float64):
+    """x [B, H, L, D] turned by RoPE at positions [B or 1, L]: pairs (i, i + dim/2), or (2i, 2i + 1) interleaved,
+    of the first ``rotary_dim`` columns rotate by the angle position * inv_freq[i]; the other columns stay.
+
+    ``angle_dtype=torch.float32``: the angle is the float32 product of float32 position and frequency, as
+    attncc's kernels compute it (at position p its rounding moves the angle by up to p * 2^-24, more than
+    float32 attention's tolerance once p is a few tens); cos, sin and the rotation stay float64.
+    """
+    dim = x.shape[-1] if rotary_dim is None else rotary_dim
+    frequencies = rope_frequencies(x.shape[-1], theta, rotary_dim, scaling).to(angle_dtype)
+    angles = (positions.to(angle_dtype)[:, None, :, None] * frequencies).double()
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    turned, rest = x[..., :dim], x[..., dim:]
+    if interleaved:
+        first, second = turned[..., 0::2], turned[..., 1::2]
+        pairs = torch.stack((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        turned = pairs.flatten(-2)
+    else:
+        first, second = turned[..., : dim // 2], turned[..., dim // 2 :]
+        turned = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return torch.cat((turned, rest), dim=-1)
+
+
 def dense_attention(q, k, v, *, scale=None, score_mod=None, mask_mod=None, causal=False, top_left=False,
-                    window=None, softcap=None, alibi=False):  # fmt: skip
-    """o [B, H, N, Dv] and lse [B, H, N] in float64."""
+                    window=None, softcap=None, alibi=False, rope=None, q_positions=None, kv_positions=None,
+                    rotated_dtype=None):  # fmt: skip
+    """o [B, H, N, Dv] and lse [B, H, N] in float64.
+
+    ``rope``: a dict of ``rotate``'s keywords; q and k turn at ``q_positions`` [B, N] and
+    ``kv_positions`` [B, M], by default query i at M - N + i and key j at j. ``rotated_dtype``:
+    the turned q and k are rounded to it (as a kernel that feeds them to q . k in the input dtype).
+    """
     q, k, v = q.double(), k.double(), v.double()
     batch, heads, n, d = q.shape
     m = k.shape[2]
+    if rope is not None:
+        q_positions = torch.arange(m - n, m)[None] if q_positions is None else q_positions
+        kv_positions = torch.arange(m)[None] if kv_positions is None else kv_positions
+        q, k = rotate(q, q_positions, **rope), rotate(k, kv_positions, **rope)
+        if rotated_dtype is not None:
+            q, k = q.to(rotated_dtype).double(), k.to(rotated_dtype).double()
     groups = heads // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)

@@ -244,6 +244,13 @@ def test_tiles_must_fit_the_warps():
         attncc.compile(spec, backend="cuda", pipeline=["canonicalize"])
 
 
+def test_rope_is_refused_not_ignored():
+    """The kernels do not turn q and k: a RoPE program must not compile to plain attention (it did, silently)."""
+    spec = attncc.AttentionSpec(num_heads=2, head_dim=16, rope=attncc.RoPE(theta=10000.0))
+    with pytest.raises(attncc.BackendError, match=r"rope=\{theta = 10000\} is not supported by the cuda backend"):
+        attncc.compile(spec, backend="cuda")
+
+
 def test_missing_host_compiler_is_a_backend_error(monkeypatch):
     from attncc.backends import cuda_runtime
 

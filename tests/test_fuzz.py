@@ -35,7 +35,7 @@ from torch.nn.attention.flex_attention import and_masks, noop_mask, or_masks
 
 import attncc
 from attncc.backends import BACKENDS, get_backend
-from tests.reference import LSE_TOLERANCE, OUTPUT_TOLERANCE, assert_attention_matches, dense_attention
+from tests.reference import LSE_TOLERANCE, OUTPUT_TOLERANCE, assert_attention_matches, dense_attention, rotate
 
 PROFILE = os.environ.get("ATTNCC_FUZZ_PROFILE", "ci")
 # examples per backend: the triton backend runs under Triton's interpreter on CPU, which is slow;
@@ -823,6 +823,8 @@ class FuzzCase:
     cache: str | None = None  # compile, then decode against a "static" or "paged" KV cache
     lengths: tuple = ()  # the cache's sequence lengths, as fractions of M (a row may be empty)
     page_size: int = 4
+    rope: dict | None = None  # attncc.RoPE's fields (compile only), also tests/reference.py's rotate keywords
+    positions: tuple = ()  # with rope, the roles ("q", "kv") given as call-time position tensors
 
     def __str__(self):
         fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if "tree" not in key)
@@ -857,6 +859,7 @@ def fuzz_cases(draw, apis=("compile", "flex")):
             fields["alibi"] = True
     if draw(st.integers(0, 2)) == 0:
         fields["scale"] = draw(st.sampled_from((0.1, 0.5, 1.0)))
+    rope = draw(ropes(head_dim)) if api == "compile" and draw(st.integers(0, 3)) == 0 else None
     score_tree = draw(st.one_of(st.none(), score_mods()))
     mask_tree = draw(st.one_of(st.none(), mask_mods()))
     batch = draw(st.integers(1, 2))
@@ -883,16 +886,51 @@ def fuzz_cases(draw, apis=("compile", "flex")):
         cache=cache,
         lengths=tuple(lengths),
         page_size=draw(st.sampled_from((1, 4, 16))) if cache == "paged" else 4,
+        rope=rope,
+        positions=draw(st.sampled_from(((), (), ("q",), ("kv",), ("kv", "q")))) if rope and not cache else (),
     )
+
+
+LLAMA3_SCALINGS = (
+    # Llama 3.1's, and one whose short original context puts head dims 4-16's wavelengths in all three bands
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 64},
+)  # fmt: skip
+
+
+@st.composite
+def ropes(draw, head_dim: int) -> dict:
+    """attncc.RoPE's fields: theta, a partial even rotary_dim, rotate-half or interleaved pairs, a scaling."""
+    return {
+        "theta": draw(st.sampled_from((10000.0, 500000.0, 100.0, 2.5))),
+        "rotary_dim": draw(st.one_of(st.none(), st.sampled_from(range(2, head_dim + 1, 2)))),
+        "interleaved": draw(st.booleans()),
+        "scaling": draw(st.sampled_from((None, None, {"rope_type": "linear", "factor": 4.0}) + LLAMA3_SCALINGS)),
+    }
 
 
 REFERENCE_OPTIONS = {"causal", "window", "softcap", "alibi", "scale"}
 UNBOUNDED = 10**9
+# Position tensors drawn for a call: small enough that float32 angles (position * frequency) stay
+# within float32 attention's tolerance of the reference, which rounds them the same way
+MAX_POSITION = 64
+WITHOUT_ROPE = {"cuda"}  # backends that refuse a spec's rope (a BackendError, checked)
 
 
-def reference_options(fields: dict) -> dict:
-    """The reference's keywords for the spec fields (its window takes numbers, its top-left is a flag)."""
+def spec_fields(case: FuzzCase) -> dict:
+    """The AttentionSpec keywords of a case besides the shapes and the mods."""
+    return {**case.fields, **({"rope": attncc.RoPE(**case.rope)} if case.rope else {})}
+
+
+def reference_options(case: FuzzCase, rotated_dtype=None) -> dict:
+    """The reference's keywords for the spec fields (its window takes numbers, its top-left is a flag); RoPE
+    with float32 angles as the kernels (tests/reference.py's rotate), turned q and k rounded to ``rotated_dtype``."""
+    fields = case.fields
     options = {key: value for key, value in fields.items() if key in REFERENCE_OPTIONS}
+    if case.rope:
+        options.update(rope={**case.rope, "angle_dtype": torch.float32}, rotated_dtype=rotated_dtype)
     if fields.get("causal") == "top_left":
         options.update(causal=True, top_left=True)
     if "window" in options:
@@ -906,7 +944,7 @@ def report(text: str) -> None:
         note(text)
 
 
-def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> None:
+def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, slack=(0.0, 0.0)) -> None:
     """tests/reference.py's tolerances, with the float32 part scaled by the size of the logits.
 
     Scores are float32, so each carries a rounding error of about |s| * 2^-24 (times a
@@ -915,6 +953,10 @@ def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> 
     inputs at the default scale); a case with ``scale=1`` or a large score_mod has
     larger ones, and its float32 error grows in proportion. fp16 / bf16 outputs are
     dominated by their own rounding, so only float32 outputs and lse are scaled.
+
+    ``slack = (E, max |v|)``, with E a bound on how far each score may be from the reference's
+    (``rope_rounding_slack``), adds E to lse's atol and 2 E max |v| to o's: a softmax whose scores move
+    by at most E moves lse by at most E and o by at most 2 E max |v|.
     """
     finite = reference_lse[torch.isfinite(reference_lse)]
     magnitude = max(1.0, float(finite.abs().max()) / 4) if finite.numel() else 1.0
@@ -922,22 +964,77 @@ def assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype) -> 
     output = dict(OUTPUT_TOLERANCE[dtype])
     if dtype == torch.float32:
         output = {key: value * magnitude for key, value in output.items()}
+    lse_tolerance = {key: v * magnitude for key, v in LSE_TOLERANCE.items()}
+    score_slack, v_max = slack
+    output["atol"] += 2 * score_slack * v_max
+    lse_tolerance["atol"] += score_slack
     torch.testing.assert_close(o.double(), reference_o, **output)
-    torch.testing.assert_close(lse.double(), reference_lse, **{key: v * magnitude for key, v in LSE_TOLERANCE.items()})
+    torch.testing.assert_close(lse.double(), reference_lse, **lse_tolerance)
 
 
-def reference_attention(case: FuzzCase, q, k, v, ref_score, ref_mask, row: int = 0):
-    """The dense reference of one call: K/V broadcast to the query batch, and the mods seeing batch indices
-    from ``row`` (a decoded sequence's)."""
+def reference_attention(case: FuzzCase, q, k, v, ref_score, ref_mask, row: int = 0, positions=None,
+                        rotated=None):  # fmt: skip
+    """The dense reference of one call: K/V broadcast to the query batch, the mods seeing batch indices from
+    ``row`` (a decoded sequence's), RoPE at ``positions`` (role -> tensor; default bottom-right) with the
+    turned q and k rounded to ``rotated`` (a dtype, or None)."""
     k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
     score_mod = ref_score and (lambda score, b, h, i, j: ref_score(score, b + row, h, i, j))
     mask_mod = ref_mask and (lambda b, h, i, j: ref_mask(b + row, h, i, j))
-    return dense_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, **reference_options(case.fields))
+    given = {f"{role}_positions": tensor for role, tensor in (positions or {}).items()}
+    return dense_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, **given,
+                           **reference_options(case, rotated))  # fmt: skip
+
+
+def rope_rounding_slack(case: FuzzCase, q, k, ref_score, dtype, row: int = 0, positions=None) -> float:
+    """A bound on how far a kernel's scores may be from those of the reference whose turned q and k are rounded
+    to ``dtype``, where that rounding is ambiguous: the kernel turns q and k in float32 (a relative error of a
+    few 2^-24), so an element that close to a midpoint between two ``dtype`` numbers may round either way.
+    Each such element moves the scores it enters by at most its ``dtype`` spacing times the other operand,
+    times the score_mod's slope there (the softcap's is at most 1)."""
+    m, n = k.shape[2], q.shape[2]
+    positions = positions or {}
+    rope = {**case.rope, "angle_dtype": torch.float32}
+    turned_q = rotate(q.double(), positions.get("q", torch.arange(m - n, m)[None]), **rope)
+    turned_k = rotate(k.double(), positions.get("kv", torch.arange(m)[None]), **rope)
+    groups = q.shape[1] // k.shape[1]
+    turned_k = turned_k.expand(q.shape[0], -1, -1, -1).repeat_interleave(groups, dim=1)
+
+    def spacing_where_ambiguous(x):
+        rounded = x.to(dtype)
+        neighbour = torch.nextafter(rounded, torch.where(x > rounded.double(), math.inf, -math.inf).to(dtype))
+        midpoint = (rounded.double() + neighbour.double()) / 2
+        near = (x - midpoint).abs() <= 2.0**-20 * x.abs().amax(dim=-1, keepdim=True)
+        return torch.where(near & (x != rounded.double()), (neighbour.double() - rounded.double()).abs(), 0.0)
+
+    spacing_q, spacing_k = spacing_where_ambiguous(turned_q), spacing_where_ambiguous(turned_k)
+    scale = case.fields.get("scale", 1 / math.sqrt(case.head_dim))
+    bound = scale * (spacing_q @ turned_k.abs().transpose(-1, -2) + turned_q.abs() @ spacing_k.transpose(-1, -2))
+    if ref_score is not None:
+        scores = (scale * turned_q @ turned_k.transpose(-1, -2)).requires_grad_()
+        b, h = torch.arange(q.shape[0]).view(-1, 1, 1, 1) + row, torch.arange(q.shape[1]).view(1, -1, 1, 1)
+        i, j = torch.arange(n).view(1, 1, -1, 1), torch.arange(m).view(1, 1, 1, -1)
+        modified = torch.broadcast_to(ref_score(scores, b, h, i, j), scores.shape)
+        (slope,) = torch.autograd.grad(modified.sum(), scores, allow_unused=True)
+        bound = bound * (slope.abs().nan_to_num(0.0) if slope is not None else 0.0)
+    return float(bound.max()) if bound.numel() else 0.0
+
+
+def references_of(case: FuzzCase, q, k, v, ref_score, ref_mask, row: int = 0, positions=None) -> list:
+    """(o, lse, slack) references a result may match (``assert_matches_at_logit_scale``'s ``slack``): the
+    float64 attention; with RoPE in fp16 / bf16 also the one whose turned q and k are rounded to the input
+    dtype, as a kernel that feeds them to tensor cores does (the triton backend; the lse tolerance of
+    attncc.validation.lse_tolerance), with the slack of that rounding's ambiguous elements."""
+    references = [(*reference_attention(case, q, k, v, ref_score, ref_mask, row, positions), (0.0, 0.0))]
+    if case.rope and q.dtype != torch.float32:
+        o, lse = reference_attention(case, q, k, v, ref_score, ref_mask, row, positions, rotated=q.dtype)
+        slack = rope_rounding_slack(case, q, k, ref_score, q.dtype, row, positions)
+        references.append((o, lse, (slack, float(v.abs().max()) if v.numel() else 0.0)))
+    return references
 
 
 def decode_from_cache(program, case: FuzzCase, q, k, v, ref_score, ref_mask):
-    """``program.decode`` against a cache holding each sequence's first ``lengths`` keys, and the reference
-    row by row (each with its own M)."""
+    """``program.decode`` against a cache holding each sequence's first ``lengths`` keys, and the references
+    (``references_of``) row by row, each with its own M."""
     batch, kv_heads, m, _ = k.shape
     lengths = [int(fraction * m) for fraction in case.lengths]
     if case.cache == "static":
@@ -951,12 +1048,41 @@ def decode_from_cache(program, case: FuzzCase, q, k, v, ref_score, ref_mask):
             cache.append(k[row : row + 1, :, :length], v[row : row + 1, :, :length], sequences=row)
     o, lse = program.decode(q, cache, return_lse=True)
     rows = [
-        reference_attention(
+        references_of(
             case, q[row : row + 1], k[row : row + 1, :, :length], v[row : row + 1, :, :length], ref_score, ref_mask, row
         )  # fmt: skip
         for row, length in enumerate(lengths)
     ]
-    return (o, lse), (torch.cat([o for o, _ in rows]), torch.cat([lse for _, lse in rows]))
+    references = []
+    for choice in zip(*rows):  # the same choice for every row: concatenated, with the largest slack
+        slacks = [slack for _, _, slack in choice]
+        slack = (max(s for s, _ in slacks), max(v for _, v in slacks))
+        references.append((torch.cat([o for o, _, _ in choice]), torch.cat([lse for _, lse, _ in choice]), slack))
+    return (o, lse), references
+
+
+def assert_matches_one_of(o, lse, references, dtype) -> None:
+    """``assert_matches_at_logit_scale`` against the first reference, or failing that, any other."""
+    errors = []
+    for reference_o, reference_lse, slack in references:
+        try:
+            assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype, slack)
+            return
+        except AssertionError as error:
+            errors.append(error)
+    if len(errors) > 1:
+        kinds = ("float64", f"turned q and k rounded to {dtype}")
+        raise AssertionError("matches no reference:\n" + "\n".join(f"{kind}: {e}" for kind, e in zip(kinds, errors)))
+    raise errors[0]
+
+
+def call_positions(case: FuzzCase, n: int, m: int, generator) -> dict:
+    """The call-time RoPE position tensors of the case's roles: q [B, N] int64, kv [B, M] int32."""
+    sizes, dtypes = {"q": n, "kv": m}, {"q": torch.int64, "kv": torch.int32}
+    return {
+        role: torch.randint(0, MAX_POSITION, (case.batch, sizes[role]), generator=generator, dtype=dtypes[role])
+        for role in case.positions
+    }
 
 
 def check_case(case: FuzzCase, backend: str) -> None:
@@ -970,7 +1096,11 @@ def check_case(case: FuzzCase, backend: str) -> None:
     if case.api == "compile":
         spec = attncc.AttentionSpec(num_heads=case.heads, num_kv_heads=case.kv_heads, head_dim=case.head_dim,
                                     v_head_dim=case.v_head_dim, score_mod=score_mod, mask_mod=mask_mod,
-                                    **case.fields)  # fmt: skip
+                                    **spec_fields(case))  # fmt: skip
+        if case.rope and backend in WITHOUT_ROPE:
+            with pytest.raises(attncc.BackendError, match="rope=.* is not supported"):
+                attncc.compile(spec, backend=backend)
+            return
         program = attncc.compile(spec, backend=backend)
     # backends without a decoding path (cuda) run a cache's case as a plain call
     decodes = case.cache is not None and getattr(program.module, "decode", None) is not None
@@ -981,12 +1111,14 @@ def check_case(case: FuzzCase, backend: str) -> None:
             kv_batch = 1 if case.kv_batch_one else case.batch
             k = torch.randn(kv_batch, case.kv_heads, m, case.head_dim, generator=generator).to(dtype)
             v = torch.randn(kv_batch, case.kv_heads, m, case.v_head_dim, generator=generator).to(dtype)
-            report(f"N={n} M={m} dtype={dtype}")
+            positions = call_positions(case, n, m, generator)
+            report(f"N={n} M={m} dtype={dtype} positions={positions}")
             if decodes:
-                (o, lse), (reference_o, reference_lse) = decode_from_cache(program, case, q, k, v, ref_score, ref_mask)
+                (o, lse), references = decode_from_cache(program, case, q, k, v, ref_score, ref_mask)
             else:
                 if program is not None:
-                    o, lse = program(q, k, v, return_lse=True)
+                    given = {f"{role}_positions": tensor for role, tensor in positions.items()}
+                    o, lse = program(q, k, v, return_lse=True, **given)
                 else:
                     arguments = {"score_mod": score_mod, "scale": case.fields.get("scale"), "return_lse": True,
                                  "enable_gqa": case.groups > 1, "backend": backend}  # fmt: skip
@@ -995,9 +1127,9 @@ def check_case(case: FuzzCase, backend: str) -> None:
                     else:
                         arguments["mask_mod"] = mask_mod
                     o, lse = attncc.flex_attention(q, k, v, **arguments)
-                reference_o, reference_lse = reference_attention(case, q, k, v, ref_score, ref_mask)
+                references = references_of(case, q, k, v, ref_score, ref_mask, positions=positions)
             assert not torch.isnan(o).any(), "NaN in the output"
-            assert_matches_at_logit_scale(o, lse, reference_o, reference_lse, dtype)
+            assert_matches_one_of(o, lse, references, dtype)
 
 
 def why_not_runnable(name: str) -> str | None:
