@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from string import Template
 
+import numpy
 import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
@@ -364,11 +365,6 @@ class RegionWriter:
                 f"tile block_m={op.block_m} is invalid for cuda with num_warps={op.num_warps}: each warp computes "
                 f"{WARP_ROWS} query rows, so block_m = {WARP_ROWS} * num_warps ({WARP_ROWS * op.num_warps}) is allowed"
             )
-        if op.rope is not None:
-            raise BackendError(
-                f"rope={op.rope} is not supported by the cuda backend (its kernels do not turn q and k): compile "
-                "with backend='pytorch' or backend='triton', or rotate q and k before the call"
-            )
         backward_tiles = {
             f"bwd_{f}": getattr(op, f"bwd_{f}") for f in ("block_m", "block_n", "num_warps", "num_stages")
         }
@@ -395,12 +391,15 @@ class RegionWriter:
         block_m, block_n, warps = self.op.block_m, self.op.block_n, self.op.num_warps
         scratch = warps * WARP_ROWS * block_n * 4 if dtype == "f32" else 0  # fp32 products stage P and dS here
 
+        # with RoPE, dQ and dK are staged (float32) over the dead tiles after the loop, to be turned back
+        staging = block_m * padded(self.head_dim) * 4 if self.op.rope is not None else 0
+
         def layout(*tiles: tuple[str, int]) -> SharedLayout:
             offsets, total = {}, 0
             for tile, nbytes in (*tiles, ("scratch", scratch)):
                 offsets[tile] = total
                 total += -(-nbytes // 16) * 16
-            return SharedLayout(offsets, total)
+            return SharedLayout(offsets, max(total, staging))
 
         return {
             "forward": layout(("q", block_m * ld_q * size), ("k", 2 * block_n * ld_q * size),
@@ -479,6 +478,38 @@ class RegionWriter:
                 body.append("full_lo = 0; full_hi = 0;  // a residual mask is evaluated on every tile")
         lines += ["    " + line for line in body]
         return [*lines, "}"]
+
+    def rope_functions(self) -> list[str]:
+        """``ROPE``, the per-column tables and the position of each query and key (0 without rope)."""
+        rope = self.op.rope
+        if rope is None:
+            return [
+                "// No RoPE: q and k are used as they are.",
+                "constexpr bool ROPE = false;",
+                "__device__ const float ROPE_FREQ[1] = {0.0f};",
+                "__device__ const int ROPE_PAIR[1] = {0};",
+                f"__device__ __forceinline__ long long q_position({self.parameters()}) {{ return 0; }}",
+                f"__device__ __forceinline__ long long kv_position({self.parameters()}) {{ return 0; }}",
+            ]
+        freq, pair = rope.column_tables(self.head_dim)
+        lines = [
+            f"// RoPE {comment(str(rope))}: per column, the signed frequency (float32) and the partner column",
+            "// (attncc.ir.rope.RoPE.column_tables); a turned row is x[d] cos(pos freq[d]) + x[pair[d]] sin(pos freq[d]).",
+            "constexpr bool ROPE = true;",
+            "__device__ const float ROPE_FREQ[HEAD_DIM] = {"
+            + ", ".join(_float_literal(float(numpy.float32(f))) for f in freq)
+            + "};",
+            "__device__ const int ROPE_PAIR[HEAD_DIM] = {" + ", ".join(str(p) for p in pair) + "};",
+        ]
+        for role, expr in (("q", self.op.q_position), ("kv", self.op.kv_position)):
+            writer = ScalarExpressions(self.printer, self.by_label)
+            lines += [
+                f"// {role}_position = {comment(self.positional(expr))}",
+                f"__device__ __forceinline__ long long {role}_position({self.parameters()}) {{",
+                *("    " + line for line in writer.lines(expr, "return")),
+                "}",
+            ]
+        return lines
 
     def positional(self, expr) -> str:
         """An expression printed with captured tensors by their identifiers, for comments."""
@@ -614,6 +645,7 @@ class RegionWriter:
             self.mask_function(),
             self.score_grad_function(),
             self.bounds_function(),
+            self.rope_functions(),
             KERNEL_BODIES.splitlines(),
             self.kernels(),
             self.launchers().splitlines(),
@@ -935,6 +967,51 @@ __device__ __forceinline__ void kv_tiles(int q_first, int q_last, int b, int h, 
     full_hi = (int)(last_full / tile * tile);
 }
 
+// ---- RoPE: rows first_row + r < rows of a shared tile (row stride LD) turned in place, row r at position(first_row
+// + r); the angle is float32, float(pos) * freq as the other backends compute it; sign -1 turns back (the transpose,
+// for gradients). Each item turns one pair of columns; pass-through columns (freq 0) stay.
+template <typename T, int ROWS, int LD, typename Position>
+__device__ __forceinline__ void rope_tile(T* tile, int first_row, int rows, Position position, float sign) {
+    for (int item = threadIdx.x; item < ROWS * HEAD_DIM; item += NUM_THREADS) {
+        const int r = item / HEAD_DIM, d = item % HEAD_DIM, partner = ROPE_PAIR[d];
+        if (partner <= d || first_row + r >= rows) continue;
+        const float angle = (float)position(first_row + r) * (sign * ROPE_FREQ[d]);
+        const float c = cosf(angle), s = sinf(angle);
+        T* x = tile + r * LD;
+        const float own = to_float(x[d]), other = to_float(x[partner]);
+        x[d] = from_float<T>(own * c + other * s);  // the partner's frequency is -freq[d]
+        x[partner] = from_float<T>(other * c - own * s);
+    }
+}
+
+// dQ or dK of BLOCK_M rows (16 per warp, in registers in the C layout) turned back by RoPE and stored: staged as
+// float32 over the block's shared memory (its tiles are done), turned, then written row by row.
+template <typename T, typename Position>
+__device__ __forceinline__ void store_turned_back(const float (&grad)[HEAD_DIM_P / 8][4], T* out, int first_row,
+                                                  int rows, long long row_stride, long long col_stride,
+                                                  Position position) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+    float* staged = reinterpret_cast<float*>(shared_memory());
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int j = 0; j < HEAD_DIM_P / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                staged[(warp * 16 + group + 8 * r) * HEAD_DIM_P + 8 * j + 2 * quad + e] = grad[j][2 * r + e];
+        }
+    }
+    __syncthreads();
+    rope_tile<float, BLOCK_M, HEAD_DIM_P>(staged, first_row, rows, position, -1.0f);
+    __syncthreads();
+    for (int item = threadIdx.x; item < BLOCK_M * HEAD_DIM; item += NUM_THREADS) {
+        const int r = item / HEAD_DIM, col = item % HEAD_DIM;
+        if (first_row + r < rows)
+            out[(first_row + r) * row_stride + col * col_stride] = from_float<T>(staged[r * HEAD_DIM_P + col]);
+    }
+}
+
 // ---- forward: o and lse of one query tile (BLOCK_M rows, 16 per warp) of one head; LSE contiguous [B, H, N].
 template <typename T>
 __device__ void attention_forward(const T* Q, const T* K, const T* V, T* O, float* LSE, const Captured& cap,
@@ -954,6 +1031,8 @@ __device__ void attention_forward(const T* Q, const T* K, const T* V, T* O, floa
     const int b = blockIdx.y / H, h = blockIdx.y % H, kv_h = h / GROUPS;  // GQA by head index
     const T* k_base = K + b * (long long)stride_kz + kv_h * (long long)stride_kh;
     const T* v_base = V + b * (long long)stride_vz + kv_h * (long long)stride_vh;
+    auto q_at = [&](int row) { return q_position(b, h, row, 0, N, M, cap); };
+    auto kv_at = [&](int key) { return kv_position(b, h, 0, key, N, M, cap); };
     // -- KV schedule: visit the tiles [lo, hi); those in [full_lo, full_hi) need no mask.
     int lo, hi, full_lo, full_hi;
     kv_tiles(start_m, last_row(start_m, BLOCK_M, N), b, h, N, M, cap, BLOCK_N, lo, hi, full_lo, full_hi);
@@ -982,6 +1061,11 @@ __device__ void attention_forward(const T* Q, const T* K, const T* V, T* O, floa
         cp_async_commit();
         cp_async_wait_one();
         __syncthreads();
+        if constexpr (ROPE) {  // turn the q tile once, and each K tile as it arrives
+            if (start_n == lo) rope_tile<T, BLOCK_M, LDQ>(q_tile, start_m, N, q_at, 1.0f);
+            rope_tile<T, BLOCK_N, LDQ>(k_tiles + buffer * BLOCK_N * LDQ, start_n, M, kv_at, 1.0f);
+            __syncthreads();
+        }
         const T* k_tile = k_tiles + buffer * BLOCK_N * LDQ;
         const T* v_tile = v_tiles + buffer * BLOCK_N * LDV;
         float s[BLOCK_N / 8][4] = {};
@@ -1135,6 +1219,8 @@ __device__ void attention_backward_dkdv(const T* Q, const T* K, const T* V, cons
         }
     };
     float dk[HEAD_DIM_P / 8][4] = {}, dv[HEAD_DIM_V_P / 8][4] = {};
+    auto kv_at = [&](int key) { return kv_position(b, kv_h * GROUPS, 0, key, N, M, cap); };
+    bool k_turned = false;
     int pair = next_pair(0), buffer = 0;
     if (pair < pairs) load_pair(pair, 0);
     cp_async_commit();
@@ -1146,6 +1232,13 @@ __device__ void attention_backward_dkdv(const T* Q, const T* K, const T* V, cons
         __syncthreads();
         const bool full = visit(pair) == FULL;
         const int h = kv_h * GROUPS + pair / q_tiles_per_head, q_first = pair % q_tiles_per_head * BLOCK_N;
+        if constexpr (ROPE) {  // turn the K tile once, and each q tile as it arrives
+            if (!k_turned) rope_tile<T, BLOCK_M, LDQ>(k_tile, start_n, M, kv_at, 1.0f);
+            k_turned = true;
+            auto q_at = [&](int row) { return q_position(b, h, row, 0, N, M, cap); };
+            rope_tile<T, BLOCK_N, LDQ>(q_tiles + buffer * BLOCK_N * LDQ, q_first, N, q_at, 1.0f);
+            __syncthreads();
+        }
         const T* q_tile = q_tiles + buffer * BLOCK_N * LDQ;
         const T* do_tile = do_tiles + buffer * BLOCK_N * LDV;
         const float* lse = lse_tiles + buffer * BLOCK_N;
@@ -1168,6 +1261,9 @@ __device__ void attention_backward_dkdv(const T* Q, const T* K, const T* V, cons
         pair = following;
     }
     cp_async_wait_all();
+    if constexpr (ROPE)  // dK of the turned keys, turned back
+        store_turned_back<T>(dk, DK + b * (long long)stride_dkz + kv_h * (long long)stride_dkh, start_n, M,
+                             stride_dkm, stride_dkk, kv_at);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int key = start_n + warp * 16 + group + 8 * r;
@@ -1175,7 +1271,7 @@ __device__ void attention_backward_dkdv(const T* Q, const T* K, const T* V, cons
         T* dk_row = DK + b * (long long)stride_dkz + kv_h * (long long)stride_dkh + key * (long long)stride_dkm;
         T* dv_row = DV + b * (long long)stride_dvz + kv_h * (long long)stride_dvh + key * (long long)stride_dvm;
 #pragma unroll
-        for (int j = 0; j < HEAD_DIM_P / 8; ++j) {
+        for (int j = 0; j < HEAD_DIM_P / 8 && !ROPE; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int col = 8 * j + 2 * quad + e;
@@ -1215,6 +1311,8 @@ __device__ void attention_backward_dq(const T* Q, const T* K, const T* V, const 
     const int b = blockIdx.y / H, h = blockIdx.y % H, kv_h = h / GROUPS;
     const T* k_base = K + b * (long long)stride_kz + kv_h * (long long)stride_kh;
     const T* v_base = V + b * (long long)stride_vz + kv_h * (long long)stride_vh;
+    auto q_at = [&](int row) { return q_position(b, h, row, 0, N, M, cap); };
+    auto kv_at = [&](int key) { return kv_position(b, h, 0, key, N, M, cap); };
     int lo, hi, full_lo, full_hi;
     kv_tiles(start_m, last_row(start_m, BLOCK_M, N), b, h, N, M, cap, BLOCK_N, lo, hi, full_lo, full_hi);
     load_tile<T, BLOCK_M, HEAD_DIM_P>(q_tile, Q + b * (long long)stride_qz + h * (long long)stride_qh +
@@ -1252,6 +1350,11 @@ __device__ void attention_backward_dq(const T* Q, const T* K, const T* V, const 
         cp_async_commit();
         cp_async_wait_one();
         __syncthreads();
+        if constexpr (ROPE) {  // turn the q tile once, and each K tile as it arrives
+            if (start_n == lo) rope_tile<T, BLOCK_M, LDQ>(q_tile, start_m, N, q_at, 1.0f);
+            rope_tile<T, BLOCK_N, LDQ>(k_tiles + buffer * BLOCK_N * LDQ, start_n, M, kv_at, 1.0f);
+            __syncthreads();
+        }
         const T* k_tile = k_tiles + buffer * BLOCK_N * LDQ;
         const T* v_tile = v_tiles + buffer * BLOCK_N * LDV;
         float s[BLOCK_N / 8][4] = {}, dp[BLOCK_N / 8][4] = {};
@@ -1270,6 +1373,11 @@ __device__ void attention_backward_dq(const T* Q, const T* K, const T* V, const 
         __syncthreads();
     }
     cp_async_wait_all();
+    if constexpr (ROPE) {  // dQ of the turned queries, turned back
+        store_turned_back<T>(dq, DQ + b * (long long)stride_dqz + h * (long long)stride_dqh, start_m, N, stride_dqm,
+                             stride_dqk, q_at);
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = start_m + warp * 16 + group + 8 * r;

@@ -27,6 +27,8 @@ from attncc.ir import ops
 from attncc.ir.expr import captured_symbol, kv_idx
 from attncc.validation import lse_tolerance
 from tests.reference import dense_attention
+from tests.test_cuda import SMALL_TILES as CUDA_TILES
+from tests.test_cuda import requires_host_compiler
 from tests.test_numerics import random_qkv
 from tests.test_pytorch_backend import SMALL_TILES
 from tests.test_triton import GPU_COMPILE, GRAD_TOLERANCE, HAS_NVIDIA_BACKEND, requires_triton
@@ -221,6 +223,19 @@ def test_triton_backend_against_reference(case, dtype):
     _, inputs, positions = case_inputs(case, dtype)
     attn = compiled_case(case, "triton")
     # in fp16 / bf16 the kernels round the turned q and k to the input dtype for q . k: lse carries that rounding
+    check_against_reference(attn, inputs, positions, dtype, gradients=True, lse_tolerance=lse_tolerance(dtype, True))
+
+
+@requires_host_compiler
+@pytest.mark.parametrize("case, dtype", [
+    ("rotate-half-partial-gqa", torch.float32), ("interleaved-llama3-mqa", torch.float16),
+    ("linear-decode-positions", torch.bfloat16), ("rotate-half-partial-gqa", torch.bfloat16),
+])  # fmt: skip
+def test_cuda_backend_against_reference(case, dtype):
+    """The cuda kernels in the host emulation, at tiles small enough that q, K and dQ / dK span several."""
+    spec, inputs, positions = case_inputs(case, dtype)
+    attn = attncc.compile(spec, backend="cuda", pipeline=CUDA_TILES)
+    # like triton's, the cuda kernels round the turned q and k to the input dtype for q . k
     check_against_reference(attn, inputs, positions, dtype, gradients=True, lse_tolerance=lse_tolerance(dtype, True))
 
 
