@@ -239,6 +239,18 @@ def test_cuda_backend_against_reference(case, dtype):
     check_against_reference(attn, inputs, positions, dtype, gradients=True, lse_tolerance=lse_tolerance(dtype, True))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rope_on_cuda(case, dtype, backend):
+    """The compiled kernels on the GPU (.ci/gpu-check runs this), at the backend's default tiles."""
+    spec, inputs, positions = case_inputs(case, dtype)
+    inputs, positions = [t.cuda() for t in inputs], {name: t.cuda() for name, t in positions.items()}
+    attn = attncc.compile(spec, backend=backend)
+    check_against_reference(attn, inputs, positions, dtype, gradients=True, lse_tolerance=lse_tolerance(dtype, True))
+
+
 def test_unfused_rope_ops_run_as_the_reference():
     spec, inputs, positions = case_inputs("rotate-half-partial-gqa", torch.float32)
     attn = attncc.compile(spec, pipeline=["canonicalize"])
