@@ -208,6 +208,14 @@ class ExpressionPrinter(ExpressionDispatch, PythonCodePrinter):
             return repr(float(expr))
         return super()._print_Integer(expr)
 
+    def _print_NumberSymbol(self, expr):
+        """pi, E, EulerGamma...: their float value; the generated source imports no module that names them
+        (sympy folds asin(-1) to -pi/2 and exp(1) to E)."""
+        return repr(float(expr))
+
+    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_GoldenRatio = _print_Catalan = _print_NumberSymbol
+    _print_TribonacciConstant = _print_NumberSymbol
+
     def _print_BooleanTrue(self, expr):
         return "True"
 
@@ -216,7 +224,10 @@ class ExpressionPrinter(ExpressionDispatch, PythonCodePrinter):
 
 
 def fold_numbers(expr):
-    """Each product's numeric factors as one float (``sqrt(6)*score/240`` -> ``0.0102*score``); integers stay."""
+    """Each product's numeric factors as one float (``sqrt(6)*score/240`` -> ``0.0102*score``); integers stay,
+    and so do no named constants (``pi``, ``E``: C has no portable name for them)."""
+    if isinstance(expr, sympy.NumberSymbol):
+        return sympy.Float(expr.evalf(17), 17)
     if not isinstance(expr, sympy.Basic) or not expr.args or isinstance(expr, (sympy.Symbol, sympy.Indexed)):
         return expr
     if isinstance(expr, sympy.Expr) and expr.is_number:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -1261,3 +1262,31 @@ def test_piecewise_over_a_boolean_table_compiles():
     assert_attention_matches(o, lse, reference_o, reference_lse, torch.float32)
     assert attn.pass_records[0].stats["unsimplified_failed"] == 1
     assert "unsimplified_failed=1" in attn.explain()
+
+
+SYMBOLIC_CONSTANTS = {
+    # asin(clamp(where(flags[kv_idx], b, -6) * 0.5, -1, 1)) is asin(-1) = -pi/2 where flags is False (the counted run)
+    "pi where a table is false": lambda score, b, h, q_idx, kv_idx: (
+        score - torch.asin(torch.clamp(torch.where(kv_idx > 2, b, -6) * 0.5, -1, 1))
+    ),
+    "pi": lambda score, b, h, q_idx, kv_idx: score - torch.acos(torch.clamp(b * 0 - 3, -1, 1)),
+    "e": lambda score, b, h, q_idx, kv_idx: score + torch.exp(b * 0 + 1),
+}
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "triton", "cuda"])
+@pytest.mark.parametrize("mod", sorted(SYMBOLIC_CONSTANTS))
+def test_constants_sympy_names_print_as_numbers(mod, backend):
+    """Finding O (a counted run, 2 of 10,000 pytorch programs): sympy folds asin(-1) to -pi/2, and the pytorch
+    backend printed ``pi`` (and ``E``) into the generated source: NameError when called. A bare named constant
+    would reach the cuda printer as ``M_E`` / ``M_PI``, which the host compiler knows and NVRTC does not."""
+    if why_not_runnable(backend):
+        pytest.skip(why_not_runnable(backend))
+    score_mod = SYMBOLIC_CONSTANTS[mod]
+    q, k, v = small_qkv(n=5, m=6, heads=2)
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=8, score_mod=score_mod), backend=backend)
+    o, lse = attn(q, k, v, return_lse=True)
+    reference_o, reference_lse = dense_attention(q, k, v, score_mod=score_mod)
+    assert_attention_matches(o, lse, reference_o, reference_lse, torch.float32)
+    if backend == "cuda":
+        assert not re.search(r"\bM_[A-Z0-9_]+\b", attn.module.CUDA_SOURCE)
