@@ -987,7 +987,7 @@ __device__ __forceinline__ void rope_tile(T* tile, int first_row, int rows, Posi
 // dQ or dK of BLOCK_M rows (16 per warp, in registers in the C layout) turned back by RoPE and stored: staged as
 // float32 over the block's shared memory (its tiles are done), turned, then written row by row.
 template <typename T, typename Position>
-__device__ __forceinline__ void store_turned_back(const float (&grad)[HEAD_DIM_P / 8][4], T* out, int first_row,
+__device__ __forceinline__ void store_turned_back(const float (&grad)[HEAD_DIM_P / 8][4], T* target, int first_row,
                                                   int rows, long long row_stride, long long col_stride,
                                                   Position position) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
@@ -1008,7 +1008,7 @@ __device__ __forceinline__ void store_turned_back(const float (&grad)[HEAD_DIM_P
     for (int item = threadIdx.x; item < BLOCK_M * HEAD_DIM; item += NUM_THREADS) {
         const int r = item / HEAD_DIM, col = item % HEAD_DIM;
         if (first_row + r < rows)
-            out[(first_row + r) * row_stride + col * col_stride] = from_float<T>(staged[r * HEAD_DIM_P + col]);
+            target[(first_row + r) * row_stride + col * col_stride] = from_float<T>(staged[r * HEAD_DIM_P + col]);
     }
 }
 
