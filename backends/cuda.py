@@ -391,19 +391,19 @@ class RegionWriter:
         block_m, block_n, warps = self.op.block_m, self.op.block_n, self.op.num_warps
         scratch = warps * WARP_ROWS * block_n * 4 if dtype == "f32" else 0  # fp32 products stage P and dS here
 
-        # with RoPE, dQ and dK are staged (float32) over the dead tiles after the loop, to be turned back
+        # with RoPE, the backward kernels stage dQ / dK (float32) over their dead tiles after the loop to turn them back
         staging = block_m * padded(self.head_dim) * 4 if self.op.rope is not None else 0
 
-        def layout(*tiles: tuple[str, int]) -> SharedLayout:
+        def layout(*tiles: tuple[str, int], least: int = staging) -> SharedLayout:
             offsets, total = {}, 0
             for tile, nbytes in (*tiles, ("scratch", scratch)):
                 offsets[tile] = total
                 total += -(-nbytes // 16) * 16
-            return SharedLayout(offsets, max(total, staging))
+            return SharedLayout(offsets, max(total, least))
 
         return {
             "forward": layout(("q", block_m * ld_q * size), ("k", 2 * block_n * ld_q * size),
-                              ("v", 2 * block_n * ld_v * size)),
+                              ("v", 2 * block_n * ld_v * size), least=0),
             "dq": layout(("q", block_m * ld_q * size), ("do", block_m * ld_v * size), ("k", 2 * block_n * ld_q * size),
                          ("v", 2 * block_n * ld_v * size)),
             "dkdv": layout(("k", block_m * ld_q * size), ("v", block_m * ld_v * size), ("q", 2 * block_n * ld_q * size),
@@ -1271,11 +1271,11 @@ __device__ void attention_backward_dkdv(const T* Q, const T* K, const T* V, cons
         T* dk_row = DK + b * (long long)stride_dkz + kv_h * (long long)stride_dkh + key * (long long)stride_dkm;
         T* dv_row = DV + b * (long long)stride_dvz + kv_h * (long long)stride_dvh + key * (long long)stride_dvm;
 #pragma unroll
-        for (int j = 0; j < HEAD_DIM_P / 8 && !ROPE; ++j) {
+        for (int j = 0; j < HEAD_DIM_P / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int col = 8 * j + 2 * quad + e;
-                if (col < HEAD_DIM) dk_row[col * (long long)stride_dkk] = from_float<T>(dk[j][2 * r + e]);
+                if (col < HEAD_DIM && !ROPE) dk_row[col * (long long)stride_dkk] = from_float<T>(dk[j][2 * r + e]);
             }
         }
 #pragma unroll

@@ -224,8 +224,8 @@ class ExpressionPrinter(ExpressionDispatch, PythonCodePrinter):
 
 
 def fold_numbers(expr):
-    """Each product's numeric factors as one float (``sqrt(6)*score/240`` -> ``0.0102*score``); integers stay,
-    and so do no named constants (``pi``, ``E``: C has no portable name for them)."""
+    """Each product's numeric factors as one float (``sqrt(6)*score/240`` -> ``0.0102*score``); integers stay.
+    Named constants (``pi``, ``E``) become floats too, even alone: C has no portable name for them."""
     if isinstance(expr, sympy.NumberSymbol):
         return sympy.Float(expr.evalf(17), 17)
     if not isinstance(expr, sympy.Basic) or not expr.args or isinstance(expr, (sympy.Symbol, sympy.Indexed)):

@@ -76,9 +76,9 @@ class FoldScale(Pass):
                 self.count("exp2_refused_overflow")
                 del plans[matmul]
                 continue
-            for link in chain:
-                if isinstance(link.op, ops.Scale):
-                    self.count("scales_folded")
+            scales = sum(isinstance(link.op, ops.Scale) for link in chain)
+            if scales:
+                self.count("scales_folded", scales)
             expressions[matmul] = LOG2_E * expr
             self.count("exp2_regions")
         if not plans:

@@ -66,6 +66,15 @@ def rotate(x, positions, theta: float, rotary_dim=None, interleaved=False, scali
     return torch.cat((turned, rest), dim=-1)
 
 
+def turn_q_and_k(q, k, rope: dict, q_positions=None, kv_positions=None):
+    """q [B, H, N, D] and k [B, Hkv, M, D] turned by RoPE (``rotate``'s keywords) in float64, at the given
+    positions or by default query i at M - N + i and key j at j."""
+    n, m = q.shape[2], k.shape[2]
+    q_positions = torch.arange(m - n, m)[None] if q_positions is None else q_positions
+    kv_positions = torch.arange(m)[None] if kv_positions is None else kv_positions
+    return rotate(q.double(), q_positions, **rope), rotate(k.double(), kv_positions, **rope)
+
+
 def dense_attention(q, k, v, *, scale=None, score_mod=None, mask_mod=None, causal=False, top_left=False,
                     window=None, softcap=None, alibi=False, rope=None, q_positions=None, kv_positions=None,
                     rotated_dtype=None):  # fmt: skip
@@ -79,9 +88,7 @@ def dense_attention(q, k, v, *, scale=None, score_mod=None, mask_mod=None, causa
     batch, heads, n, d = q.shape
     m = k.shape[2]
     if rope is not None:
-        q_positions = torch.arange(m - n, m)[None] if q_positions is None else q_positions
-        kv_positions = torch.arange(m)[None] if kv_positions is None else kv_positions
-        q, k = rotate(q, q_positions, **rope), rotate(k, kv_positions, **rope)
+        q, k = turn_q_and_k(q, k, rope, q_positions, kv_positions)
         if rotated_dtype is not None:
             q, k = q.to(rotated_dtype).double(), k.to(rotated_dtype).double()
     groups = heads // k.shape[1]

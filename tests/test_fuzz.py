@@ -36,7 +36,7 @@ from torch.nn.attention.flex_attention import and_masks, noop_mask, or_masks
 
 import attncc
 from attncc.backends import BACKENDS, get_backend
-from tests.reference import LSE_TOLERANCE, OUTPUT_TOLERANCE, assert_attention_matches, dense_attention, rotate
+from tests.reference import LSE_TOLERANCE, OUTPUT_TOLERANCE, assert_attention_matches, dense_attention, turn_q_and_k
 
 PROFILE = os.environ.get("ATTNCC_FUZZ_PROFILE", "ci")
 # examples per backend: the triton backend runs under Triton's interpreter on CPU, which is slow;
@@ -991,11 +991,10 @@ def rope_rounding_slack(case: FuzzCase, q, k, ref_score, dtype, row: int = 0, po
     few 2^-24), so an element that close to a midpoint between two ``dtype`` numbers may round either way.
     Each such element moves the scores it enters by at most its ``dtype`` spacing times the other operand,
     times the score_mod's slope there (the softcap's is at most 1)."""
-    m, n = k.shape[2], q.shape[2]
+    n, m = q.shape[2], k.shape[2]
     positions = positions or {}
     rope = {**case.rope, "angle_dtype": torch.float32}
-    turned_q = rotate(q.double(), positions.get("q", torch.arange(m - n, m)[None]), **rope)
-    turned_k = rotate(k.double(), positions.get("kv", torch.arange(m)[None]), **rope)
+    turned_q, turned_k = turn_q_and_k(q, k, rope, positions.get("q"), positions.get("kv"))
     groups = q.shape[1] // k.shape[1]
     turned_k = turned_k.expand(q.shape[0], -1, -1, -1).repeat_interleave(groups, dim=1)
 
@@ -1280,8 +1279,9 @@ def test_constants_sympy_names_print_as_numbers(mod, backend):
     """Finding O (a counted run, 2 of 10,000 pytorch programs): sympy folds asin(-1) to -pi/2, and the pytorch
     backend printed ``pi`` (and ``E``) into the generated source: NameError when called. A bare named constant
     would reach the cuda printer as ``M_E`` / ``M_PI``, which the host compiler knows and NVRTC does not."""
-    if why_not_runnable(backend):
-        pytest.skip(why_not_runnable(backend))
+    reason = why_not_runnable(backend)
+    if reason is not None:  # triton or the host compiler missing
+        pytest.skip(reason)
     score_mod = SYMBOLIC_CONSTANTS[mod]
     q, k, v = small_qkv(n=5, m=6, heads=2)
     attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=8, score_mod=score_mod), backend=backend)
