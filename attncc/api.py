@@ -109,7 +109,10 @@ def compile(  # noqa: A001
 def load_program(graph: Graph, target) -> Generated:
     """The generated module of an optimized graph for a backend (from the cache, generated if missing)."""
     key = content_key(str(graph), target.name, generator_fingerprint(target))
-    return load_generated(key, lambda: target.generate(graph).source)
+    generated = load_generated(key, lambda: target.generate(graph).source)
+    if hasattr(target, "attach"):  # native parts of the program that the generated module calls
+        target.attach(generated.module, graph)
+    return generated
 
 
 class CapturedTensors(torch.nn.Module):

@@ -799,19 +799,31 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t sh
 }
 #endif"""
 
-COMMON = """\
-// ---- integer and tile helpers
-__device__ __forceinline__ long long floor_div(long long a, long long b) {  // Python's //: rounds toward -inf
+
+def integer_helpers(qualifier: str) -> str:
+    """C++ for the integer functions CudaPrinter calls (Python's flooring ``//`` and ``%``, abs, min, max),
+    each declared with ``qualifier`` (``__device__ __forceinline__`` in kernels, ``static inline`` on the host)."""
+    return f"""\
+{qualifier} long long floor_div(long long a, long long b) {{  // Python's //: rounds toward -inf
     const long long quotient = a / b;
     return (a % b != 0 && ((a % b < 0) != (b < 0))) ? quotient - 1 : quotient;
-}
-__device__ __forceinline__ long long floor_mod(long long a, long long b) {  // Python's %: the sign of b
+}}
+{qualifier} long long floor_mod(long long a, long long b) {{  // Python's %: the sign of b
     const long long remainder = a % b;
     return (remainder != 0 && ((remainder < 0) != (b < 0))) ? remainder + b : remainder;
-}
-__device__ __forceinline__ long long absolute(long long a) { return a < 0 ? -a : a; }
-__device__ __forceinline__ long long integer_minimum(long long a, long long b) { return a < b ? a : b; }
-__device__ __forceinline__ long long integer_maximum(long long a, long long b) { return a > b ? a : b; }
+}}
+{qualifier} long long absolute(long long a) {{ return a < 0 ? -a : a; }}
+{qualifier} long long integer_minimum(long long a, long long b) {{ return a < b ? a : b; }}
+{qualifier} long long integer_maximum(long long a, long long b) {{ return a > b ? a : b; }}
+"""
+
+
+COMMON = (
+    """\
+// ---- integer and tile helpers
+"""
+    + integer_helpers("__device__ __forceinline__")
+    + """\
 __device__ __forceinline__ int last_row(int first, int rows, int n) { return (first + rows < n ? first + rows : n) - 1; }
 
 template <typename T> constexpr bool is_fp32 = false;
@@ -939,6 +951,7 @@ __device__ __forceinline__ float group_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }"""
+)
 
 KERNEL_BODIES = """\
 // The score of one element: -inf outside the sequences, and where the mask hides it in a masked tile.

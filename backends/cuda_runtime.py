@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from attncc.backends.host_library import build_library, digest, find_host_compiler, write_atomically
 from attncc.cache import cache_dir
 from attncc.errors import BackendError
 
@@ -33,56 +29,24 @@ DTYPE_CODE = {"f16": 0, "bf16": 1, "f32": 2}
 KERNEL_NAMES = ("forward", "backward_delta", "backward_dkdv", "backward_dq")
 
 
-def _digest(*parts: str | bytes) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode() if isinstance(part, str) else part)
-        digest.update(b"\0")
-    return digest.hexdigest()[:24]
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def host_compiler() -> str:
     """$CXX, else g++, else c++; BackendError when none is installed."""
-    for candidate in (os.environ.get("CXX"), "g++", "c++"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    raise BackendError(
-        "CPU tensors run the cuda backend's kernels in its host emulation, which needs a C++20 compiler "
-        "(g++ or $CXX); install one, use CUDA tensors, or use backend='pytorch'"
-    )
+    compiler = find_host_compiler()
+    if compiler is None:
+        raise BackendError(
+            "CPU tensors run the cuda backend's kernels in its host emulation, which needs a C++20 compiler "
+            "(g++ or $CXX); install one, use CUDA tensors, or use backend='pytorch'"
+        )
+    return compiler
 
 
 @functools.cache
 def emulation_library(source: str) -> ctypes.CDLL:
     """The source compiled for the host emulation (cached on disk by source, header, compiler and flags)."""
-    compiler = host_compiler()
+    host_compiler()  # the emulation's own message when no compiler is installed
     header = EMULATION_HEADER.read_text(encoding="utf-8")
-    path = cache_dir() / "cuda" / f"emulation-{_digest(source, header, compiler, *EMULATION_FLAGS)}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as build:
-            source_file = Path(build) / "attention.cu"
-            source_file.write_text(source, encoding="utf-8")
-            output = Path(build) / "attention.so"
-            command = [compiler, *EMULATION_FLAGS, "-I", str(INCLUDE_DIR), "-x", "c++", str(source_file), "-o",
-                       str(output)]  # fmt: skip
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise BackendError(f"the host compiler rejected the generated CUDA source:\n{result.stderr[-4000:]}")
-            _write_atomically(path, output.read_bytes())
-    library = ctypes.CDLL(str(path))
+    flags = (*EMULATION_FLAGS, "-I", str(INCLUDE_DIR))
+    library = build_library(source, flags, "cuda", "the generated CUDA source", header)
     for function in (library.attncc_attention_forward, library.attncc_attention_backward):
         function.restype = ctypes.c_int
     return library
@@ -103,14 +67,14 @@ def nvrtc_kernels(source: str, device_index: int) -> dict:
         raise BackendError(
             f"the cuda backend's kernels need sm_80 or later (mma.sync, cp.async); this GPU is sm_{architecture}"
         )
-    path = cache_dir() / "cuda" / f"nvrtc-{_digest(source, architecture, torch.__version__, *NVRTC_OPTIONS)}.cubin"
+    path = cache_dir() / "cuda" / f"nvrtc-{digest(source, architecture, torch.__version__, *NVRTC_OPTIONS)}.cubin"
     if not path.exists():
         with torch.cuda.device(device_index):
             try:
                 binary, _ = _nvrtc_compile(source, "attncc_forward_f16", architecture, None, list(NVRTC_OPTIONS))
             except RuntimeError as error:
                 raise BackendError(f"NVRTC rejected the generated CUDA source: {error}") from error
-        _write_atomically(path, binary)
+        write_atomically(path, binary)
     names = [f"attncc_{kernel}_{suffix}" for kernel in KERNEL_NAMES for suffix in DTYPE_CODE]
     with torch.cuda.device(device_index):
         return _cuda_load_module(path.read_bytes(), names)

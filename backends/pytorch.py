@@ -7,6 +7,7 @@ import math
 import sympy
 
 import attncc
+from attncc.backends.cpu_decode import native_decode
 from attncc.backends.pytorch_decode import decode_source
 from attncc.backends.source import (
     CapturedNames,
@@ -772,6 +773,16 @@ def generate(graph: Graph) -> GeneratedSource:
     source = w.text()
     captured_names.check(python_names(source))
     return GeneratedSource(source, "attention", w.line_map, name)
+
+
+def attach(module, graph: Graph) -> None:
+    """Give each decode class of a loaded module its region's CPU decoding kernel (``cpu_decode``), once."""
+    regions = graph.nodes_of(ops.FlashAttention)
+    ir_names = value_names(graph)
+    for index, node in enumerate(regions):
+        decode_class = getattr(module, f"FlashAttention{index if len(regions) > 1 else ''}Decode", None)
+        if decode_class is not None and decode_class.native is None:
+            decode_class.native = native_decode(node, format_node(node, ir_names))
 
 
 def _decoded_region(graph: Graph):

@@ -51,6 +51,7 @@ class {cls}Decode:
     GROUPS = {groups}
     BLOCK_BYTES = 1 << 26  # float32 K and V of a block of keys that is copied (pages, another dtype{rotated_doc})
     ROTATES_KEYS = {rotates_keys}
+    native = None  # set by attncc when it loads this module: the region's CPU decoding kernel (docs/decode.md)
 {rope_members}
     @classmethod
     def applies(cls, N):
@@ -95,6 +96,8 @@ class {cls}Decode:
 
     @classmethod
     def apply(cls, q, k, v, kv_lengths, page_table{captured_params}):
+        if cls.native is not None and cls.native.takes(q, k, v, page_table):
+            return cls.native(q, k, v, kv_lengths, page_table)
         B, H, N, D = q.shape
         kv_heads, Dv = (k.shape[2] if page_table is not None else k.shape[1]), v.shape[-1]
         M = page_table.shape[1] * k.shape[1] if page_table is not None else k.shape[2]

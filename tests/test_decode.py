@@ -8,6 +8,8 @@ import torch
 
 import attncc
 from attncc.api import reference_outputs
+from attncc.backends.cpu_decode import CpuDecode
+from attncc.backends.host_library import find_host_compiler
 from attncc.errors import AttnccError
 from attncc.interpreter import rotate, run_reference
 from attncc.ir.expr import kv_idx, q_idx
@@ -20,6 +22,25 @@ PIPELINE = ["canonicalize", "fold-scale", "group-kv", "online-softmax", "sparsit
 HEADS = 8
 D = 16
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Runs a test on the generated CPU decoding kernel and on the generated torch code (ATTNCC_CPU_DECODE=0);
+    ``ran_on(decode_path)`` then asserts that every decoding step of the test ran on that path."""
+    if request.param == "torch":
+        monkeypatch.setenv("ATTNCC_CPU_DECODE", "0")
+    elif find_host_compiler() is None:
+        pytest.skip("the CPU decoding kernel needs a C++ compiler")
+    steps = []
+    run = CpuDecode.__call__
+    monkeypatch.setattr(CpuDecode, "__call__", lambda self, *args: steps.append(args) or run(self, *args))
+    return request.param, steps
+
+
+def _ran_on(decode_path):
+    path, steps = decode_path
+    assert bool(steps) == (path == "native"), f"the decoding steps did not run on the {path} path"
 
 
 def _spec(kv_heads, **fields):
@@ -93,13 +114,14 @@ CASES = {
 
 @pytest.mark.parametrize("kv_heads", [8, 2, 1])  # GQA groups 1, 4, 8
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_decode_shapes_match_float64_attention(case, kv_heads):
+def test_decode_shapes_match_float64_attention(case, kv_heads, decode_path):
     fields = CASES[case]
     attn = attncc.compile(_spec(kv_heads, **fields), pipeline=PIPELINE)
     torch.manual_seed(kv_heads)
     n = 2 if kv_heads > 1 else 1  # groups x N rows fit one decode tile
     q, k, v = torch.randn(3, HEADS, n, D), torch.randn(3, kv_heads, 77, D), torch.randn(3, kv_heads, 77, D)
     o, lse = attn(q, k, v, return_lse=True)
+    _ran_on(decode_path)
     assert_attention_matches(o, lse, *dense_attention(q, k, v, **fields), torch.float32)
 
 
@@ -112,13 +134,14 @@ def test_decode_half_precision(dtype):
     assert_attention_matches(o, lse, *dense_attention(q, k, v, causal=True), dtype)
 
 
-def test_decode_rows_fully_masked_and_parts_fully_masked():
+def test_decode_rows_fully_masked_and_parts_fully_masked(decode_path):
     """A window that hides every key from some queries, a mask that hides whole parts: o = 0, lse = -inf, no NaN."""
     fields = {"mask_mod": lambda b, h, q_idx, kv_idx: (kv_idx < 8) & (q_idx == 0)}
     attn = attncc.compile(_spec(2, **fields), pipeline=PIPELINE)
     torch.manual_seed(2)
     q, k, v = torch.randn(1, HEADS, 2, D), torch.randn(1, 2, 64, D), torch.randn(1, 2, 64, D)
     o, lse = attn(q, k, v, return_lse=True)
+    _ran_on(decode_path)
     assert torch.isneginf(lse[:, :, 1]).all() and (o[:, :, 1] == 0).all() and not o.isnan().any()
     assert_attention_matches(o, lse, *dense_attention(q, k, v, **fields), torch.float32)
 
@@ -133,7 +156,7 @@ def _filled_static(lengths, kv_heads, max_len, generator, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("case", ["causal", "window", "mask_mod"])
-def test_static_cache_sequences_of_different_lengths(case):
+def test_static_cache_sequences_of_different_lengths(case, decode_path):
     fields = CASES[case]
     attn = attncc.compile(_spec(2, **fields), pipeline=PIPELINE)
     generator = torch.Generator().manual_seed(3)
@@ -142,6 +165,7 @@ def test_static_cache_sequences_of_different_lengths(case):
     assert cache.lengths.tolist() == lengths and len(cache) == 64
     q = torch.randn(4, HEADS, 2, D, generator=generator)
     o, lse = attn.decode(q, cache, return_lse=True)
+    _ran_on(decode_path)
     assert_attention_matches(o, lse, *_cache_reference(q, cache.k, cache.v, lengths, **fields), torch.float32)
 
 
@@ -161,7 +185,7 @@ def test_static_cache_appends_after_each_sequence():
 
 @pytest.mark.parametrize("page_size", [1, 5, 64])  # smaller than a split, not dividing the lengths, larger
 @pytest.mark.parametrize("kv_heads", [2, 1])
-def test_paged_cache_matches_float64_attention(page_size, kv_heads):
+def test_paged_cache_matches_float64_attention(page_size, kv_heads, decode_path):
     attn = attncc.compile(_spec(kv_heads, causal=True, window=(40, 0)), pipeline=PIPELINE)
     generator = torch.Generator().manual_seed(page_size)
     lengths = [53, 7, 90]
@@ -172,6 +196,7 @@ def test_paged_cache_matches_float64_attention(page_size, kv_heads):
             cache.append(k, v, sequences=b)
     q = torch.randn(3, HEADS, 1, D, generator=generator)
     o, lse = attn.decode(q, cache, return_lse=True)
+    _ran_on(decode_path)
     k, v = cache.gather()
     reference = _cache_reference(q, k, v, lengths, causal=True, window=(40, 0))
     assert_attention_matches(o, lse, *reference, torch.float32)
@@ -191,7 +216,9 @@ def _shuffled_paged(lengths, kv_heads, page_size, generator, dtype=torch.float32
 
 @pytest.mark.parametrize("page_size, block_pages", [(3, 4), (16, 1), (5, 64)])  # blocks of many pages, of one
 @pytest.mark.parametrize("kv_heads", [8, 2, 1])  # GQA groups 1, 4, 8
-def test_paged_cache_read_in_bounded_blocks_of_shuffled_pages(page_size, block_pages, kv_heads, monkeypatch):
+def test_paged_cache_read_in_bounded_blocks_of_shuffled_pages(
+    page_size, block_pages, kv_heads, monkeypatch, decode_path
+):
     """Pages read through a shuffled table a few at a time (BLOCK_BYTES), lengths no multiple of a page or a
     block, a window that hides whole blocks from some rows: float64 attention over each sequence's keys."""
     fields = {"causal": True, "window": (30, 0)}
@@ -209,12 +236,13 @@ def test_paged_cache_read_in_bounded_blocks_of_shuffled_pages(page_size, block_p
         assert all(shape[2] <= step and stride[-2:] == (D, 1) for shape, stride, _ in blocks)  # keys in a row
     q = torch.randn(3, HEADS, 1, D, generator=generator)
     o, lse = attn.decode(q, cache, return_lse=True)
+    _ran_on(decode_path)
     k, v = cache.gather()
     assert_attention_matches(o, lse, *_cache_reference(q, k, v, lengths, **fields), torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["reserved at once", "grown in turn"])
-def test_paged_cache_laid_out_by_the_allocator(layout, monkeypatch):
+def test_paged_cache_laid_out_by_the_allocator(layout, monkeypatch, decode_path):
     """Sequences reserved at once (consecutive pages) or grown a page at a time in turn (page i of sequence b at
     3 i + b, as the bench lays them out), read in blocks of three pages."""
     attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
@@ -230,6 +258,7 @@ def test_paged_cache_laid_out_by_the_allocator(layout, monkeypatch):
     assert cache.page_table[:, :10].long().equal(pages)  # max_pages defaults to every page
     q = torch.randn(3, HEADS, 1, D, generator=generator)
     o, lse = attn.decode(q, cache, return_lse=True)
+    _ran_on(decode_path)
     assert_attention_matches(o, lse, *_cache_reference(q, k, v, [40, 40, 40], causal=True), torch.float32)
 
 
@@ -371,6 +400,74 @@ def test_decode_with_captured_tensors_and_logical_positions():
     k, v = cache.gather()
     reference = _cache_reference(q, k, v, lengths, score_mod=lambda s, b, h, i, j: s + fresh.double()[j])
     assert_attention_matches(o, lse, *reference, torch.float32)
+
+
+@pytest.mark.skipif(find_host_compiler() is None, reason="the CPU decoding kernel needs a C++ compiler")
+@pytest.mark.parametrize("kv_heads, n", [(2, 2), (2, 5), (1, 1), (6, 3)])  # 6, 15, 6 and 3 packed rows
+def test_cpu_decode_kernel_rows_splits_threads_and_value_dim(kv_heads, n, decode_path):
+    """Packed rows in chunks of four and a remainder, keys split over two threads into many parts (min_keys=8),
+    a V head dim other than q's, a sliding window and a score mod reading h and kv_idx, cache lengths no multiple
+    of a block: float64 attention."""
+    fields = {
+        "causal": True,
+        "window": (300, 0),
+        "score_mod": lambda score, b, h, q_idx, kv_idx: score - 0.05 * h * (kv_idx % 3),
+    }
+    spec = attncc.AttentionSpec(num_heads=6, num_kv_heads=kv_heads, head_dim=24, v_head_dim=40, **fields)
+    attn = attncc.compile(spec, pipeline=PIPELINE)
+    generator = torch.Generator().manual_seed(kv_heads * 10 + n)
+    q = torch.randn(2, 6, n, 24, generator=generator)
+    k, v = (
+        torch.randn(2, kv_heads, 1001, 24, generator=generator),
+        torch.randn(2, kv_heads, 1001, 40, generator=generator),
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        o, lse = attn(q, k, v, return_lse=True)
+    finally:
+        torch.set_num_threads(threads)
+    _ran_on(decode_path)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, **fields), torch.float32)
+
+
+@pytest.mark.skipif(find_host_compiler() is None, reason="the CPU decoding kernel needs a C++ compiler")
+def test_cpu_decode_kernel_takes_only_float32_steps_without_gradients(monkeypatch):
+    attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
+    native = attn.module.FlashAttentionDecode.native
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(1, HEADS, 1, D, generator=generator), torch.randn(1, 2, 50, D), torch.randn(1, 2, 50, D)
+    assert native.takes(q, k, v, None)
+    assert not native.takes(q.half(), k.half(), v.half(), None)
+    assert not native.takes(q.requires_grad_(), k, v, None)
+    with torch.no_grad():
+        assert native.takes(q, k, v, None)
+    assert not native.takes(torch.randn(1, HEADS, 5, D), k, v, None)  # 4 x 5 rows > max_rows: the torch path
+    assert not native.takes(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, None)
+    monkeypatch.setenv("ATTNCC_CPU_DECODE", "0")
+    with torch.no_grad():
+        assert not native.takes(q, k, v, None)
+
+
+def test_cpu_decode_kernel_is_left_to_the_torch_path_for_captured_tensors_and_rope():
+    bias = torch.randn(64)
+    with_bias = attncc.compile(_spec(2, score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[kv_idx]),
+                               pipeline=PIPELINE)  # fmt: skip
+    with_rope = attncc.compile(_spec(2, causal=True, rope=attncc.RoPE()), pipeline=PIPELINE)
+    assert with_bias.module.FlashAttentionDecode.native is None
+    assert with_rope.module.FlashAttentionDecode.native is None
+
+
+@pytest.mark.skipif(find_host_compiler() is None, reason="the CPU decoding kernel needs a C++ compiler")
+def test_cpu_decode_kernel_refuses_a_page_table_naming_no_page():
+    attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
+    cache = attncc.PagedKVCache(8, 4, 1, 2, D)
+    cache.append(torch.randn(1, 2, 10, D), torch.randn(1, 2, 10, D))
+    table = cache.page_table.clone()
+    for bad in (8, -1, 2**31 - 1):
+        table[0, 1] = bad
+        with pytest.raises(attncc.InputError, match=r"page_table names a page outside \[0, 8\)"):
+            attn.module.decode(torch.randn(1, HEADS, 1, D), cache.k_pages, cache.v_pages, cache.lengths, table)
 
 
 def test_decode_rejects_bad_input():
