@@ -174,36 +174,37 @@ bool key_rows(const Step& s, int64_t b, int64_t g, int64_t j0, int n, const floa
     return true;
 }
 
-// (o, lse) of one part of the keys sequence b, KV head g shows its packed rows.
-void part(Step& s, int64_t b, int64_t g, int64_t split) {
-    const int64_t n_rows = GROUPS * s.n, length = s.lengths[b];
-    long long lo = INT64_MAX, hi = INT64_MIN, full_lo = INT64_MIN, full_hi = length;
-    for (int64_t r = 0; r < n_rows; ++r) {
-        const Bounds x = bounds(r % s.n, r % s.n, b, g * GROUPS + r / s.n, s.n, length);
-        lo = std::min(lo, x.lo), hi = std::max(hi, x.hi);
-        full_lo = std::max(full_lo, x.full_lo), full_hi = std::min(full_hi, x.full_hi);
-    }
-    lo = std::max(lo, 0LL), hi = std::min<long long>({hi, length, s.capacity});
-    const int64_t span = std::max<long long>(hi - lo, 0);
-    const int64_t start = lo + span * split / s.splits, stop = lo + span * (split + 1) / s.splits;
-
+// One part of the keys that sequence b, KV head g shows its packed rows: the rows' online softmax over them.
+struct Part {
     alignas(64) float q[MAX_ROWS][D];
-    alignas(64) float acc[MAX_ROWS][DV] = {};
+    alignas(64) float acc[MAX_ROWS][DV];
     alignas(64) float p[MAX_ROWS][BLOCK];
     float row_max[MAX_ROWS], total[MAX_ROWS];
-    for (int64_t r = 0; r < n_rows; ++r) {
-        const float* row = s.q + ((b * s.kv_heads * GROUPS + g * GROUPS + r / s.n) * s.n + r % s.n) * D;
-        for (int d = 0; d < D; ++d) q[r][d] = row[d] * Q_SCALE;
-        row_max[r] = -INFINITY, total[r] = 0.0f;
-    }
-    const float* k_rows[BLOCK];
-    const float* v_rows[BLOCK];
-    for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
-        const int n = (int)std::min<int64_t>(BLOCK, stop - j0);
-        if (!key_rows(s, b, g, j0, n, k_rows, v_rows)) {
-            s.status = 1;
-            return;
+    int64_t b, g, split, n_rows, length, start, stop;
+    long long full_lo, full_hi;
+
+    Part(const Step& s, int64_t b_, int64_t g_, int64_t split_)
+        : b(b_), g(g_), split(split_), n_rows(GROUPS * s.n), length(s.lengths[b_]) {
+        long long lo = INT64_MAX, hi = INT64_MIN;
+        full_lo = INT64_MIN, full_hi = length;
+        for (int64_t r = 0; r < n_rows; ++r) {
+            const Bounds x = bounds(r % s.n, r % s.n, b, g * GROUPS + r / s.n, s.n, length);
+            lo = std::min(lo, x.lo), hi = std::max(hi, x.hi);
+            full_lo = std::max(full_lo, x.full_lo), full_hi = std::min(full_hi, x.full_hi);
         }
+        lo = std::max(lo, 0LL), hi = std::min<long long>({hi, length, s.capacity});
+        const int64_t span = std::max<long long>(hi - lo, 0);
+        start = lo + span * split / s.splits, stop = lo + span * (split + 1) / s.splits;
+        for (int64_t r = 0; r < n_rows; ++r) {
+            const float* row = s.q + ((b * s.kv_heads * GROUPS + g * GROUPS + r / s.n) * s.n + r % s.n) * D;
+            for (int d = 0; d < D; ++d) q[r][d] = row[d] * Q_SCALE;
+            for (int d = 0; d < DV; ++d) acc[r][d] = 0.0f;
+            row_max[r] = -INFINITY, total[r] = 0.0f;
+        }
+    }
+
+    // Keys j0 .. j0 + n - 1 (rows k_rows, v_rows) into the rows' running (max, total, acc).
+    void add(const Step& s, int64_t j0, int n, const float* const* k_rows, const float* const* v_rows) {
         for (int64_t r = 0; r < n_rows; r += CHUNK) in_chunks(n_rows - r, [&](auto rows) {
             dots<rows.value>(q + r, k_rows, n, p + r);
         });
@@ -234,13 +235,63 @@ void part(Step& s, int64_t b, int64_t g, int64_t split) {
             accumulate<rows.value>(acc + r, p + r, v_rows, n);
         });
     }
-    const int64_t item = (b * s.kv_heads + g) * s.splits + split;
-    for (int64_t r = 0; r < n_rows; ++r) {
-        const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
-        float* o = s.o_parts + (item * n_rows + r) * DV;
-        for (int d = 0; d < DV; ++d) o[d] = acc[r][d] * inverse;
-        s.lse_parts[item * n_rows + r] = total[r] > 0.0f ? row_max[r] + softmax_log(total[r]) : -INFINITY;
+
+    void store(Step& s) const {
+        const int64_t item = (b * s.kv_heads + g) * s.splits + split;
+        for (int64_t r = 0; r < n_rows; ++r) {
+            const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+            float* o = s.o_parts + (item * n_rows + r) * DV;
+            for (int d = 0; d < DV; ++d) o[d] = acc[r][d] * inverse;
+            s.lse_parts[item * n_rows + r] = total[r] > 0.0f ? row_max[r] + softmax_log(total[r]) : -INFINITY;
+        }
     }
+};
+
+// Part `split` of sequence b for KV heads g0 .. g1 - 1. The heads advance together, a block of keys at a time: in
+// a paged cache (NHD) the heads of one key lie side by side, so each block's pages are read in one sweep.
+void parts(Step& s, int64_t b, int64_t g0, int64_t g1, int64_t split) {
+    std::vector<Part> heads;
+    heads.reserve(g1 - g0);
+    int64_t first = INT64_MAX, last = INT64_MIN;
+    for (int64_t g = g0; g < g1; ++g) {
+        heads.emplace_back(s, b, g, split);
+        if (heads.back().start < heads.back().stop)
+            first = std::min(first, heads.back().start), last = std::max(last, heads.back().stop);
+    }
+    const float* k_rows[BLOCK];
+    const float* v_rows[BLOCK];
+    // Paged: each block's keys of every head copied in one sweep over its pages, then read from cache.
+    const bool staged = s.page_table != nullptr && g1 - g0 > 1;
+    std::vector<float> k_stage(staged ? (g1 - g0) * BLOCK * D : 0), v_stage(staged ? (g1 - g0) * BLOCK * DV : 0);
+    for (int64_t j0 = first; j0 < last; j0 += BLOCK) {
+        const int n = (int)std::min<int64_t>(BLOCK, last - j0);
+        if (staged) {
+            if (!key_rows(s, b, g0, j0, n, k_rows, v_rows)) {
+                s.status = 1;
+                return;
+            }
+            for (int j = 0; j < n; ++j)
+                for (int64_t g = g0; g < g1; ++g) {
+                    std::copy_n(k_rows[j] + (g - g0) * s.k_stride[2], D, &k_stage[((g - g0) * BLOCK + j) * D]);
+                    std::copy_n(v_rows[j] + (g - g0) * s.v_stride[2], DV, &v_stage[((g - g0) * BLOCK + j) * DV]);
+                }
+        }
+        for (Part& head : heads) {
+            const int64_t lo = std::max(j0, head.start), hi = std::min(j0 + BLOCK, head.stop);
+            if (lo >= hi) continue;
+            if (staged) {
+                for (int64_t j = lo; j < hi; ++j) {
+                    k_rows[j - lo] = &k_stage[((head.g - g0) * BLOCK + (j - j0)) * D];
+                    v_rows[j - lo] = &v_stage[((head.g - g0) * BLOCK + (j - j0)) * DV];
+                }
+            } else if (!key_rows(s, b, head.g, lo, (int)(hi - lo), k_rows, v_rows)) {
+                s.status = 1;
+                return;
+            }
+            head.add(s, lo, (int)(hi - lo), k_rows, v_rows);
+        }
+    }
+    for (const Part& head : heads) head.store(s);
 }
 
 // The parts' (o, lse) of sequence b, KV head g merged into o and lse (attncc.merge_attention_states).
@@ -279,9 +330,14 @@ extern "C" int attncc_decode(const float* q, const float* k, const float* v, con
     Step s{q, k, v, {k_stride[0], k_stride[1], k_stride[2]}, {v_stride[0], v_stride[1], v_stride[2]}, page_table,
            max_pages, page_size, num_pages, lengths, batch, kv_heads, n, splits, capacity, o_parts, lse_parts, o,
            lse, {0}};
-    in_parallel(batch * kv_heads * splits, threads, [&](int64_t item) {
-        part(s, item / (kv_heads * splits), item / splits % kv_heads, item % splits);
-    });
+    if (page_table == nullptr) {  // a work item per (sequence, KV head, part): each head's keys lie in a row
+        in_parallel(batch * kv_heads * splits, threads, [&](int64_t item) {
+            const int64_t g = item / splits % kv_heads;
+            parts(s, item / (kv_heads * splits), g, g + 1, item % splits);
+        });
+    } else {  // a work item per (sequence, part), all its KV heads
+        in_parallel(batch * splits, threads, [&](int64_t item) { parts(s, item / splits, 0, kv_heads, item % splits); });
+    }
     if (s.status != 0) return s.status;
     in_parallel(batch * kv_heads, threads, [&](int64_t item) { merge(s, item / kv_heads, item % kv_heads); });
     return 0;
@@ -390,9 +446,10 @@ class CpuDecode:
             and v.shape[-1] == self.value_dim
         )
 
-    def splits(self, keys: int, batch_heads: int, threads: int) -> int:
-        """Parts per (sequence, KV head): about ``waves`` per thread, none shorter than ``min_keys``."""
-        return max(1, min(-(-self.waves * threads // batch_heads), keys // self.min_keys))
+    def splits(self, keys: int, items: int, threads: int) -> int:
+        """Parts of ``keys`` keys for each of ``items`` work items: about ``waves`` per thread, none shorter than
+        ``min_keys``."""
+        return max(1, min(-(-self.waves * threads // items), keys // self.min_keys))
 
     def __call__(self, q, k, v, kv_lengths, page_table):
         B, H, n, _ = q.shape
@@ -406,7 +463,7 @@ class CpuDecode:
         longest = int(lengths.max()) if B else 0
         # a thread per KEYS_PER_THREAD (sequence, KV head, key) rows at least: starting one costs tens of microseconds
         threads = max(1, min(torch.get_num_threads(), B * kv_heads * longest // KEYS_PER_THREAD))
-        splits = self.splits(longest, B * kv_heads, threads)
+        splits = self.splits(longest, B if paged else B * kv_heads, threads)  # paged: a work item has every head
         rows = self.groups * n
         q = q.contiguous()
         table = page_table.to(torch.int32).contiguous() if paged else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,34 @@ def _setup_attncc_paged(backend: str):
         return Setup(bind, kv_bytes(case), seconds)
 
     return setup
+
+
+def _torch_decode(setup: Callable):
+    """attncc's pytorch backend with its decoding steps on the generated torch code (``ATTNCC_CPU_DECODE=0``),
+    to set beside the CPU decoding kernel in one run."""
+
+    def torch_setup(case: BenchCase, device) -> Setup:
+        made = setup(case, device)
+
+        def bind(q, k, v):
+            call = made.bind(q, k, v)
+
+            def without_kernel():
+                previous = os.environ.get("ATTNCC_CPU_DECODE")
+                os.environ["ATTNCC_CPU_DECODE"] = "0"
+                try:
+                    return call()
+                finally:
+                    if previous is None:
+                        del os.environ["ATTNCC_CPU_DECODE"]
+                    else:
+                        os.environ["ATTNCC_CPU_DECODE"] = previous
+
+            return without_kernel
+
+        return dataclasses.replace(made, bind=bind)
+
+    return torch_setup
 
 
 def tile_variant(name: str) -> Callable | None:
@@ -387,7 +416,8 @@ def available_implementations(device) -> dict[str, Callable]:
 
 def optional_implementations(device) -> dict[str, Callable]:
     """Implementations that run only when asked for by name: SDPA's own dispatch, eager FlexAttention,
-    attncc backends that would run in an interpreter (``INTERPRETED``), attncc decoding from a paged cache, and for linear attention cases
+    attncc backends that would run in an interpreter (``INTERPRETED``), attncc decoding from a paged cache, attncc's
+    decoding steps on its generated torch code instead of its CPU kernel (``-torch-decode``), and for linear attention cases
     the quadratic eager form (``naive-linear``) and softmax attention of the same shapes and mask
     (``attncc-pytorch-softmax``, ``sdpa-softmax``)."""
     device = torch.device(device)
@@ -395,6 +425,8 @@ def optional_implementations(device) -> dict[str, Callable]:
     found["sdpa"] = _setup_sdpa("sdpa")
     found["attncc-pytorch-paged"] = _setup_attncc_paged("pytorch")
     found["attncc-triton-paged"] = _setup_attncc_paged("triton")
+    found["attncc-pytorch-torch-decode"] = _torch_decode(_setup_attncc("pytorch"))
+    found["attncc-pytorch-paged-torch-decode"] = _torch_decode(_setup_attncc_paged("pytorch"))
     if _flex_importable():
         found["flex-eager"] = _setup_flex(compiled=False)
     found["naive-linear"] = _setup_naive_linear
