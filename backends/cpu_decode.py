@@ -35,7 +35,7 @@ from attncc.backends.cuda import CudaPrinter, ScalarExpressions, integer_helpers
 from attncc.backends.host_library import build_library, find_host_compiler
 from attncc.backends.source import split_linear
 from attncc.errors import BackendError, InputError
-from attncc.ir.expr import b, h, kv_idx, q_idx, score
+from attncc.ir.expr import FloorDiv, LeftShift, RightShift, b, h, kv_idx, q_idx, score
 from attncc.ir.schedule import q_first, q_last
 from attncc.ir.types import M, N
 
@@ -71,6 +71,8 @@ constexpr float TO_NATURAL = $to_natural;  // softmax units -> natural log
 
 $integer_helpers
 static inline float softmax_exp(float x) { return $exp(x); }
+// torch's max: a NaN wins, so a NaN score makes its row NaN as in the torch path
+static inline float nan_max(float a, float b) { return (a > b || std::isnan(a)) ? a : b; }
 static inline float softmax_log(float x) { return $log(x); }
 
 // The region's score and mask; M is the sequence's own length.
@@ -218,7 +220,7 @@ struct Part {
         }
         for (int64_t r = 0; r < n_rows; ++r) {
             float block_max = row_max[r];
-            for (int j = 0; j < n; ++j) block_max = std::max(block_max, p[r][j]);
+            for (int j = 0; j < n; ++j) block_max = nan_max(block_max, p[r][j]);
             if (block_max == -INFINITY) {  // nothing visible to this row yet
                 for (int j = 0; j < n; ++j) p[r][j] = 0.0f;
                 continue;
@@ -239,10 +241,10 @@ struct Part {
     void store(Step& s) const {
         const int64_t item = (b * s.kv_heads + g) * s.splits + split;
         for (int64_t r = 0; r < n_rows; ++r) {
-            const float inverse = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+            const bool seen = total[r] != 0.0f;  // no visible key: o = 0, lse = -inf (NaN stays NaN)
             float* o = s.o_parts + (item * n_rows + r) * DV;
-            for (int d = 0; d < DV; ++d) o[d] = acc[r][d] * inverse;
-            s.lse_parts[item * n_rows + r] = total[r] > 0.0f ? row_max[r] + softmax_log(total[r]) : -INFINITY;
+            for (int d = 0; d < DV; ++d) o[d] = seen ? acc[r][d] / total[r] : 0.0f;
+            s.lse_parts[item * n_rows + r] = seen ? row_max[r] + softmax_log(total[r]) : -INFINITY;
         }
     }
 };
@@ -300,7 +302,7 @@ void merge(Step& s, int64_t b, int64_t g) {
     for (int64_t r = 0; r < n_rows; ++r) {
         const int64_t first = (b * s.kv_heads + g) * s.splits * n_rows + r;  // part i at first + i n_rows
         float shift = -INFINITY;
-        for (int64_t i = 0; i < s.splits; ++i) shift = std::max(shift, s.lse_parts[first + i * n_rows]);
+        for (int64_t i = 0; i < s.splits; ++i) shift = nan_max(shift, s.lse_parts[first + i * n_rows]);
         const int64_t row = (b * s.kv_heads * GROUPS + g * GROUPS + r / s.n) * s.n + r % s.n;
         float* o = s.o + row * DV;
         for (int d = 0; d < DV; ++d) o[d] = 0.0f;
@@ -313,7 +315,7 @@ void merge(Step& s, int64_t b, int64_t g) {
         for (int64_t i = 0; i < s.splits; ++i) {
             const float weight = softmax_exp(s.lse_parts[first + i * n_rows] - shift) / sum;
             const float* part_o = s.o_parts + (first + i * n_rows) * DV;
-            if (weight > 0.0f)
+            if (weight != 0.0f)  // a part without a visible key adds nothing; a NaN weight spreads
                 for (int d = 0; d < DV; ++d) o[d] += weight * part_o[d];
         }
         s.lse[row] = (shift + softmax_log(sum)) * TO_NATURAL;
@@ -345,6 +347,19 @@ extern "C" int attncc_decode(const float* q, const float* k, const float* v, con
 """)
 
 
+def _traps(expr) -> bool:
+    """Whether expr has integer arithmetic that C++ leaves undefined where torch raises or defines it: ``//`` and
+    ``%`` by a divisor that may be 0 (torch raises ZeroDivisionError, C traps), shifts by a variable amount."""
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, (FloorDiv, sympy.Mod)) and node.args[0].is_integer:
+            divisor = node.args[1]
+            if not (divisor.is_number and divisor != 0):
+                return True
+        if isinstance(node, (LeftShift, RightShift)) and not node.args[1].is_number:
+            return True
+    return False
+
+
 def _scalar_lines(expr, target: str = "return") -> str:
     writer = ScalarExpressions(CudaPrinter(), {})
     return "\n".join(f"    {line}" for line in writer.lines(expr, target))
@@ -366,6 +381,8 @@ def native_decode(node, ir_line: str) -> CpuDecode | None:
             bound_exprs = (*bound_exprs[:2], 0, 0)
     bound_exprs = tuple(sympy.sympify(e) for e in bound_exprs)
     if not (score_expr.free_symbols <= SYMBOLS["score"] and op.mask.free_symbols <= SYMBOLS["score"]):
+        return None
+    if any(_traps(e) for e in (score_expr, op.mask, *bound_exprs)):
         return None
     if not all(e.free_symbols <= SYMBOLS["bounds"] and not e.has(sympy.Indexed) for e in bound_exprs):
         return None

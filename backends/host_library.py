@@ -8,7 +8,10 @@ processes that build the same source at once never load half a file.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -51,19 +54,39 @@ def find_host_compiler() -> str | None:
 
 def build_library(source: str, flags: tuple[str, ...], folder: str, what: str, *key: str | bytes) -> ctypes.CDLL:
     """``source`` compiled with ``flags`` into ``<cache>/<folder>/`` (reused while the source, compiler, flags and
-    ``key`` are the same) and loaded. ``what`` names the source in errors."""
+    ``key`` are the same) and loaded; where the cache directory cannot be written, into a temporary folder of
+    this process. ``what`` names the source in errors."""
     compiler = find_host_compiler()
     if compiler is None:
         raise BackendError(f"building {what} needs a C++ compiler (g++, c++ or $CXX); none is installed")
-    path = cache_dir() / folder / f"{folder}-{digest(source, compiler, *flags, *key)}.so"
+    name = f"{folder}-{digest(source, compiler, *flags, *key)}.so"
+    path = cache_dir() / folder / name
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as build:
-            source_file, output = Path(build) / "source.cpp", Path(build) / "library.so"
-            source_file.write_text(source, encoding="utf-8")
-            command = [compiler, *flags, "-x", "c++", str(source_file), "-o", str(output)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise BackendError(f"the host compiler ({compiler}) rejected {what}:\n{result.stderr[-4000:]}")
-            write_atomically(path, output.read_bytes())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, _compile(compiler, source, flags, what, path.parent))
+        except OSError:  # an unusable cache directory (attncc.cache warns about it): a folder of this process
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # if this call made it and left it empty
+            path = _private_folder() / name
+            if not path.exists():
+                path.write_bytes(_compile(compiler, source, flags, what, path.parent))
     return ctypes.CDLL(str(path))
+
+
+def _compile(compiler: str, source: str, flags: tuple[str, ...], what: str, folder: Path) -> bytes:
+    with tempfile.TemporaryDirectory(dir=folder) as build:
+        source_file, output = Path(build) / "source.cpp", Path(build) / "library.so"
+        source_file.write_text(source, encoding="utf-8")
+        command = [compiler, *flags, "-x", "c++", str(source_file), "-o", str(output)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BackendError(f"the host compiler ({compiler}) rejected {what}:\n{result.stderr[-4000:]}")
+        return output.read_bytes()
+
+
+@functools.cache
+def _private_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="attncc-libraries-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

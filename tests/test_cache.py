@@ -62,7 +62,10 @@ def test_compile_writes_once_and_reuses(cache_dir, monkeypatch):
     assert first.source == second.source
     different = attncc.compile(SPEC.replace(scale=0.25))
     assert different.path != first.path
-    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([first.path.name, different.path.name])
+    # besides the two programs, the folder of the CPU decoding kernel that these decode-shaped calls built
+    assert sorted(p.name for p in cache_dir.iterdir() if p.name != "cpu-decode") == sorted(
+        [first.path.name, different.path.name]
+    )
 
 
 def test_an_entry_records_its_key_and_checksum(cache_dir):

@@ -245,10 +245,10 @@ def test_tiles_must_fit_the_warps():
 
 
 def test_missing_host_compiler_is_a_backend_error(monkeypatch):
-    from attncc.backends import cuda_runtime
+    from attncc.backends import cuda_runtime, host_library
 
     monkeypatch.setenv("CXX", "")
-    monkeypatch.setattr(cuda_runtime.shutil, "which", lambda name: None)
+    monkeypatch.setattr(host_library.shutil, "which", lambda name: None)
     with pytest.raises(attncc.BackendError, match=r"C\+\+20 compiler"):
         cuda_runtime.host_compiler()
 
