@@ -45,6 +45,7 @@ BLOCK = 16  # keys whose scores are computed before their values are read: K and
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-pthread", "-shared", "-fPIC")  # fmt: skip
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+BALANCE = 8  # work items per thread at least (keys allowing): a thread slowed by another process hands its share on
 KEYS_PER_THREAD = 8192  # 4 MiB of fp32 K at D = 128
 SYMBOLS = {"score": {score, b, h, q_idx, kv_idx, N, M}, "bounds": {q_first, q_last, b, h, N, M}}
 
@@ -464,9 +465,10 @@ class CpuDecode:
         )
 
     def splits(self, keys: int, items: int, threads: int) -> int:
-        """Parts of ``keys`` keys for each of ``items`` work items: about ``waves`` per thread, none shorter than
-        ``min_keys``."""
-        return max(1, min(-(-self.waves * threads // items), keys // self.min_keys))
+        """Parts of ``keys`` keys for each of ``items`` work items: about ``waves`` (at least ``BALANCE``) per thread,
+        none shorter than ``min_keys``."""
+        waves = max(self.waves, BALANCE)
+        return max(1, min(-(-waves * threads // items), keys // self.min_keys))
 
     def __call__(self, q, k, v, kv_lengths, page_table):
         B, H, n, _ = q.shape
