@@ -275,8 +275,12 @@ void parts(Step& s, int64_t b, int64_t g0, int64_t g1, int64_t split) {
             }
             for (int j = 0; j < n; ++j)
                 for (int64_t g = g0; g < g1; ++g) {
-                    std::copy_n(k_rows[j] + (g - g0) * s.k_stride[2], D, &k_stage[((g - g0) * BLOCK + j) * D]);
-                    std::copy_n(v_rows[j] + (g - g0) * s.v_stride[2], DV, &v_stage[((g - g0) * BLOCK + j) * DV]);
+                    const float* __restrict k_row = k_rows[j] + (g - g0) * s.k_stride[2];
+                    const float* __restrict v_row = v_rows[j] + (g - g0) * s.v_stride[2];
+                    float* __restrict k_to = &k_stage[((g - g0) * BLOCK + j) * D];
+                    float* __restrict v_to = &v_stage[((g - g0) * BLOCK + j) * DV];
+                    for (int d = 0; d < D; ++d) k_to[d] = k_row[d];
+                    for (int d = 0; d < DV; ++d) v_to[d] = v_row[d];
                 }
         }
         for (Part& head : heads) {
