@@ -115,7 +115,7 @@ class CudaPrinter(ExpressionDispatch, C99CodePrinter):
     def _print_FloorDiv(self, expr):
         a, c = expr.args
         if not (a.is_integer and c.is_integer):
-            return f"floorf({self._float(a)} / {self._float(c)})"
+            return f"floorf(({self._float(a)}) / ({self._float(c)}))"
         if a.is_nonnegative and c.is_positive:  # truncation is flooring here
             return f"((long long)({self._print(a)}) / ({self._print(c)}))"
         return f"floor_div({self._print(a)}, {self._print(c)})"
@@ -123,7 +123,7 @@ class CudaPrinter(ExpressionDispatch, C99CodePrinter):
     def _print_Mod(self, expr):
         a, c = expr.args
         if not (a.is_integer and c.is_integer):
-            x, y = self._float(a), self._float(c)
+            x, y = f"({self._float(a)})", f"({self._float(c)})"
             return f"({x} - {y} * floorf({x} / {y}))"
         if a.is_nonnegative and c.is_positive:
             return f"((long long)({self._print(a)}) % ({self._print(c)}))"
@@ -136,15 +136,15 @@ class CudaPrinter(ExpressionDispatch, C99CodePrinter):
         if exponent == -sympy.Rational(1, 2):
             return f"(1.0f / sqrtf({self._float(base)}))"
         if exponent == -1:
-            return f"(1.0f / {self._float(base)})"
+            return f"(1.0f / ({self._float(base)}))"
         if exponent.is_Integer and exponent != 0:
             factors = " * ".join([f"({self._float(base)})"] * abs(int(exponent)))
             return f"({factors})" if exponent > 0 else f"(1.0f / ({factors}))"
         if base == 2:
             return f"exp2f({self._float(exponent)})"
         if base.is_number and base.is_positive:
-            return f"exp2f({_float_literal(sympy.log(base, 2))} * {self._float(exponent)})"
-        return f"exp2f({self._float(exponent)} * log2f({self._float(base)}))"
+            return f"exp2f({_float_literal(sympy.log(base, 2))} * ({self._float(exponent)}))"
+        return f"exp2f(({self._float(exponent)}) * log2f({self._float(base)}))"
 
     def _print_exp(self, expr):
         return f"expf({self._float(expr.args[0])})"

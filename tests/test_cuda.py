@@ -9,6 +9,7 @@ builds the standalone export example. Tests that need a CUDA device run where on
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
@@ -20,9 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import sympy
 import torch
 
 import attncc
+from attncc.backends import cuda
 from attncc.backends.cuda import comment, cuda_source
 from attncc.backends.cuda_runtime import emulation_library
 from attncc.cli import main
@@ -396,3 +399,27 @@ def test_cuda_runs_on_the_current_stream():
     stream.synchronize()
     torch.testing.assert_close(o.cpu().double(), dense_attention(q.cpu(), k.cpu(), v.cpu(), causal=True)[0],
                                atol=1e-3, rtol=5e-4)  # fmt: skip
+
+
+@requires_host_compiler
+def test_printer_keeps_the_precedence_of_sums_under_division_powers_and_modulo():
+    """Finding P (fuzzing the CPU decoding kernel): 1 / (1 + exp(x)) printed as ``1.0f / 1 + expf(x)``; powers
+    with a sum in the exponent and float // and % of sums had the same fault. Compiled C++ against sympy."""
+    from attncc.backends.host_library import build_library
+    from attncc.ir.expr import FloorDiv
+
+    x, y = sympy.symbols("x y", real=True)
+    expressions = [1 / (1 + sympy.exp(x)), x ** (y + 1), 3 ** (x + y), sympy.Mod(x + 1, y + 2), FloorDiv(x + 1, y + 2),
+                   (x + y) ** -1 * (x - y)]  # fmt: skip
+    printer = cuda.CudaPrinter()
+    functions = "".join(
+        f'extern "C" float expression{i}(float x, float y) {{ return {printer.doprint(e)}; }}\n'
+        for i, e in enumerate(expressions)
+    )
+    library = build_library("#include <cmath>\n" + functions, ("-O1", "-shared", "-fPIC"), "printer-test", "a test")
+    for i, expression in enumerate(expressions):
+        function = getattr(library, f"expression{i}")
+        function.restype, function.argtypes = ctypes.c_float, [ctypes.c_float, ctypes.c_float]
+        for point in ((0.7, 1.3), (2.5, -0.4)):
+            expected = float(expression.subs(dict(zip((x, y), point))))
+            assert function(*point) == pytest.approx(expected, rel=1e-5), (expression, point)

@@ -431,6 +431,22 @@ def test_cpu_decode_kernel_rows_splits_threads_and_value_dim(kv_heads, n, decode
     assert_attention_matches(o, lse, *dense_attention(q, k, v, **fields), torch.float32)
 
 
+def test_decode_score_with_a_sum_under_a_division(decode_path):
+    """Finding P: the C++ printer wrote 1 / (1 + exp(-x)) (a sigmoid of q_idx, in the score's factor) as
+    ``1.0f / 1 + expf(-x)``, and the CPU decoding kernel gave wrong rows."""
+
+    def sigmoid_mod(score, b, h, q_idx, kv_idx):
+        return (score + torch.sigmoid(q_idx * 0.05)) * torch.sigmoid(q_idx * 0.05)
+
+    spec = attncc.AttentionSpec(num_heads=3, num_kv_heads=1, head_dim=D, scale=0.1, score_mod=sigmoid_mod)
+    attn = attncc.compile(spec, pipeline=PIPELINE)
+    generator = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, h, n, D, generator=generator) for h, n in ((3, 2), (1, 21), (1, 21)))
+    o, lse = attn(q, k, v, return_lse=True)
+    _ran_on(decode_path)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, scale=0.1, score_mod=sigmoid_mod), torch.float32)
+
+
 @pytest.mark.skipif(find_host_compiler() is None, reason="the CPU decoding kernel needs a C++ compiler")
 def test_cpu_decode_kernel_takes_only_float32_steps_without_gradients(monkeypatch):
     attn = attncc.compile(_spec(2, causal=True), pipeline=PIPELINE)
