@@ -11,8 +11,10 @@ schedule may show any row are split into parts over the threads, and the parts m
 printed by the cuda backend's scalar C++ printer, ``M`` standing for each sequence's own
 length, so causal masks and mods see logical positions.
 
-``native_decode(node)`` returns the kernel of a region, or None when the region needs what
-only the torch path does (captured tensors, RoPE); the generated module's decode class
+``native_decode(node, ir_line)`` returns the kernel of a region, or None when the region needs
+what only the torch path does (captured tensors, RoPE, integer ``//`` or ``%`` by a divisor that
+may be 0, shifts by a variable amount: C traps or is undefined where torch raises or defines
+the result); the generated module's decode class
 calls it for CPU float32 tensors when no gradient is needed (``CpuDecode.takes``) and
 otherwise runs its torch code. The source is built by the host compiler on the first call
 that takes it and cached on disk (``host_library``); set ``ATTNCC_CPU_DECODE=0`` to keep
@@ -42,8 +44,8 @@ from attncc.ir.types import M, N
 BLOCK = 16  # keys whose scores are computed before their values are read: K and V of a block stay in L1
 # Reassociation lets the compiler vectorize the dot products and sums; infinities and NaN keep their meaning
 # (no -ffinite-math-only), so masked scores and fully masked rows behave as in the torch path.
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-pthread", "-shared", "-fPIC")  # fmt: skip
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fassociative-math",
+         "-fno-signed-zeros", "-fno-trapping-math", "-pthread", "-shared", "-fPIC")  # fmt: skip
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 BALANCE = 8  # work items per thread at least (keys allowing): a thread slowed by another process hands its share on
 KEYS_PER_THREAD = 8192  # 4 MiB of fp32 K at D = 128
