@@ -35,7 +35,7 @@ import torch
 
 from attncc.backends.cuda import CudaPrinter, ScalarExpressions, integer_helpers
 from attncc.backends.host_library import build_library, find_host_compiler
-from attncc.backends.source import split_linear
+from attncc.backends.source import decode_key_bounds, split_linear
 from attncc.errors import BackendError, InputError
 from attncc.ir.expr import FloorDiv, LeftShift, RightShift, b, h, kv_idx, q_idx, score
 from attncc.ir.schedule import q_first, q_last
@@ -380,13 +380,7 @@ def native_decode(node, ir_line: str) -> CpuDecode | None:
         return None
     coefficient, rest = split_linear(op.score)
     score_expr = rest + score if coefficient is not None else op.score
-    if op.schedule is None:
-        bound_exprs = (0, M, 0, M if op.mask is sympy.true else 0)
-    else:
-        bound_exprs = op.schedule.expressions()[:4]
-        if op.schedule.residual is not sympy.true:  # the bounds do not say the whole mask: no range is full
-            bound_exprs = (*bound_exprs[:2], 0, 0)
-    bound_exprs = tuple(sympy.sympify(e) for e in bound_exprs)
+    bound_exprs = decode_key_bounds(op)
     if not (score_expr.free_symbols <= SYMBOLS["score"] and op.mask.free_symbols <= SYMBOLS["score"]):
         return None
     if any(_traps(e) for e in (score_expr, op.mask, *bound_exprs)):
@@ -419,6 +413,17 @@ def native_decode(node, ir_line: str) -> CpuDecode | None:
     return CpuDecode(source, op.groups, op.decode.max_rows, head_dim, value_dim, op.decode.min_keys, op.decode.waves)
 
 
+def _enabled() -> bool:
+    """``ATTNCC_CPU_DECODE``: unset or ``1`` runs the kernel where it applies, ``0`` keeps the torch path."""
+    value = os.environ.get("ATTNCC_CPU_DECODE", "1")
+    if value not in ("0", "1"):
+        raise InputError(
+            f"ATTNCC_CPU_DECODE={value!r} is invalid; allowed: 1 (the CPU decoding kernel where it applies, the "
+            "default) or 0 (the generated torch code only)"
+        )
+    return value == "1"
+
+
 @functools.cache
 def _compiler() -> str | None:
     return find_host_compiler()
@@ -441,7 +446,7 @@ class CpuDecode:
 
     ``takes(q, k, v, page_table)`` says whether a call may run here: CPU float32 tensors whose
     last dim is contiguous, at most ``max_rows`` packed rows, no gradient needed, a C++
-    compiler installed and ``ATTNCC_CPU_DECODE`` not ``0``. ``calls`` counts the steps run.
+    compiler installed and ``ATTNCC_CPU_DECODE`` not ``0``.
     """
 
     def __init__(self, source: str, groups: int, max_rows: int, head_dim: int, value_dim: int, min_keys: int,
@@ -449,11 +454,10 @@ class CpuDecode:
         self.source = source
         self.groups, self.max_rows, self.head_dim, self.value_dim = groups, max_rows, head_dim, value_dim
         self.min_keys, self.waves = min_keys, waves
-        self.calls = 0
         self._function = None
 
     def takes(self, q, k, v, page_table) -> bool:
-        if os.environ.get("ATTNCC_CPU_DECODE", "1") == "0" or _compiler() is None:
+        if not _enabled() or _compiler() is None:
             return False
         tensors = (q, k, v)
         if any(type(t) not in PLAIN_TENSORS for t in tensors):  # fake and functional tensors hold no data to read
@@ -508,7 +512,6 @@ class CpuDecode:
         )  # fmt: skip
         if status:  # the one error the kernel reports (before reading such a page)
             raise InputError(f"page_table names a page outside [0, {k.shape[0]}) for a key below its sequence's length")
-        self.calls += 1
         return o, lse
 
     def _kernel(self):

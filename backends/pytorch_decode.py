@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sympy
 
+from attncc.backends.source import decode_key_bounds
 from attncc.ir.expr import b, kv_idx
 from attncc.ir.types import M
 
@@ -248,13 +249,7 @@ def decode_source(node, cls: str, names, print_expr, split_linear, is_tensor) ->
     lines.append("if masked:")
     lines.append(f'    s = s.masked_fill(~{print_expr(keep)}, float("-inf"))')
     lines.append("return s")
-    if op.schedule is None:
-        bounds = [f"return 0, {length}, 0, {length if op.mask is sympy.true else 0}"]
-    else:
-        expressions = op.schedule.expressions()[:4]
-        if op.schedule.residual is not sympy.true:  # the bounds do not say the whole mask: no range is full
-            expressions = (*expressions[:2], 0, 0)
-        bounds = ["return " + ", ".join(print_expr(sympy.sympify(e).xreplace(per_sequence)) for e in expressions)]
+    bounds = ["return " + ", ".join(print_expr(e.xreplace(per_sequence)) for e in decode_key_bounds(op))]
     captured_params = "".join(f", {c}" for c in captured)
     casts = "".join(f"        {c} = _compute_dtype({c})\n" for c in captured)
     rope = {

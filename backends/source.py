@@ -16,6 +16,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from attncc.errors import BackendError
 from attncc.ir.expr import BITWISE, BitNot, FloorDiv, FMod, RoundHalfEven, Trunc, score
+from attncc.ir.types import M
 
 
 @dataclass
@@ -252,6 +253,19 @@ def split_linear(expr) -> tuple[float | None, sympy.Expr]:
     if coefficient.is_number and coefficient != 0 and not rest.has(score):
         return float(coefficient), rest
     return None, expr
+
+
+def decode_key_bounds(op) -> tuple:
+    """A decoding region's key bounds (lo, hi, full_lo, full_hi) as sympy expressions of q_first, q_last, b, h, N, M:
+    the keys queries q_first..q_last may see and those all of them see. Without a schedule every key may be seen
+    (all of them by every query if there is no mask); with a residual mask the bounds do not say the whole mask,
+    so no range is full."""
+    if op.schedule is None:
+        return (sympy.Integer(0), M, sympy.Integer(0), M if op.mask is sympy.true else sympy.Integer(0))
+    bounds = tuple(sympy.sympify(e) for e in op.schedule.expressions()[:4])
+    if op.schedule.residual is not sympy.true:
+        return (*bounds[:2], sympy.Integer(0), sympy.Integer(0))
+    return bounds
 
 
 def score_derivative(expr, variable=score):

@@ -463,6 +463,10 @@ def test_cpu_decode_kernel_takes_only_float32_steps_without_gradients(monkeypatc
     monkeypatch.setenv("ATTNCC_CPU_DECODE", "0")
     with torch.no_grad():
         assert not native.takes(q, k, v, None)
+    for careless in ("false", "off", "", " 1"):  # anything but 0 and 1 is a mistake, not a silent "on"
+        monkeypatch.setenv("ATTNCC_CPU_DECODE", careless)
+        with pytest.raises(attncc.InputError, match=r"ATTNCC_CPU_DECODE=.* is invalid; allowed: 1 .* or 0"):
+            attn(q.detach(), k, v)
 
 
 def test_cpu_decode_kernel_is_left_to_the_torch_path_for_captured_tensors_and_rope():
