@@ -209,7 +209,7 @@ class {cls}(torch.autograd.Function):
     BLOCK_M = {block_m}  # packed query rows per tile (GROUPS query heads share a KV head)
     BLOCK_N = {block_n}  # keys per tile
     GROUPS = {groups}
-
+{band_tiles}
     @staticmethod
     def scores(q_tile, k_tile, b, h, q_idx, kv_idx, N, M, masked{captured_params}, out=None):
         """One tile of {units} scores: the region's score expression, masked with -inf unless the tile is full.
@@ -222,9 +222,12 @@ class {cls}(torch.autograd.Function):
         """Keys [lo, hi) may be visible to queries q_first..q_last; keys [full_lo, full_hi) are visible to all."""
 {bounds_lines}{table_source}
     @classmethod
-    def tiles(cls, B, N, M, kv_heads, device, b{captured_params}):
-        """For each query tile: its rows, index grids, and the KV tiles it visits as (c0, c1, masked)."""
+    def tiles(cls, B, N, M, kv_heads, device, b{captured_params}, skip=(0, 0)):
+        """For each query tile but those of queries skip[0] .. skip[1] - 1: its rows, index grids, and the KV tiles
+        it visits as (c0, c1, masked)."""
 {table_lookup}        for index, (r0, r1, q_first, q_last) in enumerate(_row_tiles(N, cls.GROUPS, cls.BLOCK_M)):
+            if skip[0] <= q_first and q_last < skip[1]:
+                continue
             h, q_idx = _packed_rows(r0, r1, N, kv_heads, cls.GROUPS, device)
             lo, hi, full_lo, full_hi = cls.bounds(q_first, q_last, b, h, N, M{captured_args})
 {kv_tiles}            yield r0, r1, h, q_idx, kv_tiles
@@ -235,11 +238,11 @@ class {cls}(torch.autograd.Function):
         M, Dv = k.shape[2], v.shape[3]
 {platform_forward}        kv_heads, rows = k.shape[1], {cls}.GROUPS * N
 {load_forward}{captured_to_float}        b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
-        o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
+{band_forward}        o = torch.empty(B, kv_heads, rows, Dv, device=q.device)
         lse = torch.empty(B, kv_heads, rows, device=q.device)
         # one buffer for every tile's scores: fresh multi-MiB tensors per tile cost page faults
         scores_buffer = torch.empty(B * kv_heads * min(rows, {cls}.BLOCK_M) * min(M, {cls}.BLOCK_N), device=q.device)
-        for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b{captured_args}):
+        for r0, r1, h, q_idx, kv_tiles in {cls}.tiles(B, N, M, kv_heads, q.device, b{captured_args}{skip_arg}):
             q_tile = q_rows[:, :, r0:r1]{prescale}
             row_max = torch.full((B, kv_heads, r1 - r0), float("-inf"), device=q.device)
             row_sum = torch.zeros(B, kv_heads, r1 - r0, device=q.device)
@@ -265,7 +268,7 @@ class {cls}(torch.autograd.Function):
             lse[:, :, r0:r1] = (safe_max + torch.{log}(row_sum)){to_natural}
         o = o.view(B, H, N, Dv)
         lse = lse.view(B, H, N)
-        ctx.save_for_backward(q, k, v, o, lse{saved_captured})
+{band_store}        ctx.save_for_backward(q, k, v, o, lse{saved_captured})
         return o.to(q.dtype), lse
 
     @staticmethod
@@ -517,27 +520,116 @@ BIAS_TEMPLATE = """
     @classmethod
     def bias(cls, B, H, N, M, device{captured_params}):
         \"\"\"The mask and the score's terms other than scale * q . k, in natural units, -inf where masked:
-        the fused kernel's attn_mask [B or 1, H or 1, N, M] for a short sequence. Kept (up to 4 MiB each) while
-        the captured tensors are unchanged, compared as ``tile_table`` compares them.\"\"\"
+        the fused kernel's attn_mask [B or 1, H or 1, N, M] for a short sequence.\"\"\"
+        b = torch.arange(B, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(H, device=device).view(1, -1, 1, 1)
+        q_idx = torch.arange(N, device=device).view(1, 1, -1, 1)
+        kv_idx = torch.arange(M, device=device).view(1, 1, 1, -1)
+        bias = cls.grid_bias((B, H, N, M), b, h, q_idx, kv_idx, N, M, device{captured_args})
+        return bias.expand(bias.shape[0], bias.shape[1], N, M)
+
+    @classmethod
+    def grid_bias(cls, key, b, h, q_idx, kv_idx, N, M, device{captured_params}):
+        \"\"\"The mask and the terms (as ``bias``) over the index grids, as 4 dimensions. Kept (up to 4 MiB each) by
+        ``key`` while the captured tensors are unchanged, compared as ``tile_table`` compares them.\"\"\"
         tensors = ({captured_tuple})
-        key = (B, H, N, M, str(device), {ids})
+        key = (*key, str(device), {ids})
         cached = cls.biases.get(key)
         if cached is not None and all(
             old is new and torch.equal(copy, new) for old, copy, new in zip(cached[0], cached[1], tensors)
         ):
             return cached[2]
-{casts}        b = torch.arange(B, device=device).view(-1, 1, 1, 1)
-        h = torch.arange(H, device=device).view(1, -1, 1, 1)
-        q_idx = torch.arange(N, device=device).view(1, 1, -1, 1)
-        kv_idx = torch.arange(M, device=device).view(1, 1, 1, -1)
-        terms = torch.as_tensor({terms}, dtype=torch.float32, device=device){to_natural}
+{casts}        terms = torch.as_tensor({terms}, dtype=torch.float32, device=device){to_natural}
         bias = torch.where(torch.as_tensor({keep}, device=device), terms, float("-inf"))
         bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
         if bias.numel() <= 1 << 20:
             if len(cls.biases) >= 8:
                 cls.biases.clear()
             cls.biases[key] = (tensors, tuple(t.clone() for t in tensors), bias)
-        return bias.expand(bias.shape[0], bias.shape[1], N, M)
+        return bias
+"""
+
+# A band (sliding window, fused_kernel = "band"): the query tiles inside its edges see the same mask and terms
+# over a window of BLOCK_N keys that starts at the same distance from their first query, so one call of the fused
+# kernel computes them all, each tile a batch entry whose keys are a strided view of K and V; the loop does the rest.
+BAND_ROWS = 64  # query rows per tile of a band call: fewer keys per row than the loop's tiles, measured on CPU
+BAND_TILES = """\
+    BAND_M = {rows}  # query rows per tile of the band call (``band``)
+    BAND_N = {keys}  # keys per tile of the band call: BLOCK_N - BLOCK_M + BAND_M still hold a tile's band
+"""
+BAND_FORWARD = """\
+        skip = (0, 0)  # queries computed by the band call, which the loop leaves out
+        if q.device.type == "cpu":
+            band = {cls}.band(q_rows, k_f, v_f, N, M, b{captured_args})
+            if band is not None:
+                skip, band_o, band_lse = band
+"""
+BAND_STORE = """\
+        if skip[1] > skip[0]:
+            o[:, :, skip[0] : skip[1]] = band_o
+            lse[:, :, skip[0] : skip[1]] = band_lse
+"""
+BAND_TEMPLATE = """
+    @classmethod
+    def band(cls, q_rows, k_f, v_f, N, M, b{captured_params}):
+        \"\"\"The queries of a run of whole query tiles (BLOCK_M rows) in one call of the fused kernel: split into tiles
+        of BAND_M rows whose visible keys lie in a window of BAND_N keys inside [0, M) that starts the same distance
+        from their first query. The mask and the terms read q_idx and kv_idx only as kv_idx - q_idx (the tile pass
+        checked), so one bias serves every such tile. Returns ((q0, q1), o [B, H, q1 - q0, Dv], lse) for queries
+        q0 .. q1 - 1, or None (no such run, or an lse the kernel gets wrong: 0 or not finite).\"\"\"
+        rows, keys, groups = cls.BAND_M, cls.BAND_N, cls.GROUPS
+        B, kv_heads, D, Dv = k_f.shape[0], k_f.shape[1], k_f.shape[3], v_f.shape[3]
+        h = torch.arange(kv_heads * groups, device=q_rows.device).view(1, -1, 1, 1)
+
+        def shift(tile):  # the window's first key minus the tile's first query, if the window holds the tile's keys
+            lo, hi, _, _ = cls.bounds(tile * rows, tile * rows + rows - 1, b, h, N, M{captured_args})
+            return lo - tile * rows if 0 <= lo and hi <= lo + keys <= M else None
+
+        last = N // cls.BLOCK_M * cls.BLOCK_M // rows - 1  # the last band tile inside the last whole query tile
+        while last >= 0 and shift(last) is None:  # a window may reach past M near the end
+            last -= 1
+        if last < 0:
+            return None
+        first, offset = last, shift(last)
+        while first > 0 and shift(first - 1) == offset:
+            first -= 1
+        q0, q1 = -(-first * rows // cls.BLOCK_M) * cls.BLOCK_M, (last + 1) * rows // cls.BLOCK_M * cls.BLOCK_M
+        if q1 <= q0:
+            return None
+        count = (q1 - q0) // rows
+        # rows of a tile: the query tile of each head of a KV head's group (they share its window)
+        q_tiles = q_rows.view(B, kv_heads, groups, N, D)[:, :, :, q0:q1].unflatten(3, (count, rows))
+        q_tiles = q_tiles.transpose(2, 3).reshape(B * kv_heads, count, groups * rows, D)
+
+        def windows(x):  # [B x Hkv, count, keys, *]: tile t reads keys q0 + offset + t x rows onward, a view
+            x = x.contiguous()
+            width = x.shape[3]
+            return x.as_strided((B * kv_heads, count, keys, width), (M * width, rows * width, width, 1),
+                                x.storage_offset() + (q0 + offset) * width)
+
+        bias = cls.band_bias(B, kv_heads, N, M, q0, q0 + offset, q_rows.device{captured_args})
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_tiles, windows(k_f), windows(v_f), 0.0, False, attn_mask=bias, scale={scale!r})
+        if not _usual_lse(lse):
+            return None
+        o = o.view(B, kv_heads, count, groups, rows, Dv).transpose(2, 3).reshape(B, kv_heads * groups, q1 - q0, Dv)
+        lse = lse.view(B, kv_heads, count, groups, rows).transpose(2, 3).reshape(B, kv_heads * groups, q1 - q0)
+        return (q0, q1), o, lse
+
+    @classmethod
+    def band_bias(cls, B, kv_heads, N, M, q0, kv0, device{captured_params}):
+        \"\"\"The band call's attn_mask [B x Hkv or 1, 1, GROUPS x BAND_M, BAND_N]: the mask and terms (as ``bias``)
+        of the query tile at q0 (each head of a group in turn) over keys kv0 .. kv0 + BAND_N - 1.\"\"\"
+        rows, keys = cls.GROUPS * cls.BAND_M, cls.BAND_N
+        packed = torch.arange(rows, device=device)
+        b = torch.arange(B, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(kv_heads, device=device).view(1, -1, 1, 1) * cls.GROUPS + (packed // cls.BAND_M).view(1, 1, -1, 1)
+        q_idx = (q0 + packed % cls.BAND_M).view(1, 1, -1, 1)
+        kv_idx = (kv0 + torch.arange(keys, device=device)).view(1, 1, 1, -1)
+        bias = cls.grid_bias(("band", B, kv_heads, N, M, q0, kv0), b, h, q_idx, kv_idx, N, M, device{captured_args})
+        if bias.shape[0] * bias.shape[1] == 1:
+            return bias.expand(1, 1, rows, keys)
+        return bias.expand(B, kv_heads, rows, keys).reshape(B * kv_heads, 1, rows, keys)
 """
 
 
@@ -547,7 +639,7 @@ def _platform_lines(op, cls: str, captured: list[str]) -> tuple[str, str]:
         return "", ""
     coefficient, _ = split_linear(op.score)
     scale = coefficient * (math.log(2) if op.exp2 else 1.0)
-    if op.fused_kernel == "masked":
+    if op.fused_kernel in ("masked", "band"):
         fields = dict(cls=cls, scale=scale, short=FUSED_MASK_SCORES, captured="".join(f", {c}" for c in captured),
                       no_grads=" + (None,) * len(captured)" if captured else "")  # fmt: skip
         return MASKED_FORWARD.format(**fields), MASKED_BACKWARD.format(**fields)
@@ -558,12 +650,19 @@ def _platform_lines(op, cls: str, captured: list[str]) -> tuple[str, str]:
 
 
 def _bias_source(op, names: CapturedNames, captured: list[str]) -> str:
-    """The ``bias`` method of a region on the "masked" fused kernel: its mask and additive terms as attn_mask."""
-    if op.fused_kernel != "masked":
+    """The ``bias`` method of a region on the "masked" or "band" fused kernel: its mask and additive terms as
+    attn_mask; a band's ``band`` and ``band_bias`` too."""
+    if op.fused_kernel not in ("masked", "band"):
         return ""
-    _, terms = split_linear(op.score)
-    return BIAS_TEMPLATE.format(
-        captured_params="".join(f", {c}" for c in captured),
+    coefficient, terms = split_linear(op.score)
+    captured_params = "".join(f", {c}" for c in captured)
+    band = ""
+    if op.fused_kernel == "band":
+        scale = coefficient * (math.log(2) if op.exp2 else 1.0)
+        band = BAND_TEMPLATE.format(captured_params=captured_params, captured_args=captured_params, scale=scale)
+    return band + BIAS_TEMPLATE.format(
+        captured_params=captured_params,
+        captured_args=captured_params,
         captured_tuple=_tuple(captured),
         ids="(" + "".join(f"id({c}), " for c in captured) + ")",
         casts="".join(f"        {c} = _compute_dtype({c})\n" for c in captured),
@@ -646,9 +745,14 @@ def _region_source(node, cls: str, ir_line: str, names: CapturedNames) -> str:
         )
     platform_forward, platform_backward = _platform_lines(op, cls, captured)
     table_source += _bias_source(op, names, captured)
+    band, band_rows = op.fused_kernel == "band", min(BAND_ROWS, op.block_m)
     return REGION_TEMPLATE.format(
         platform_forward=platform_forward,
         platform_backward=platform_backward,
+        band_forward=BAND_FORWARD.format(cls=cls, captured_args=captured_params) if band else "",
+        band_store=BAND_STORE if band else "",
+        band_tiles=BAND_TILES.format(rows=band_rows, keys=op.block_n - op.block_m + band_rows) if band else "",
+        skip_arg=", skip=skip" if band else "",
         load_forward=load_forward,
         load_backward=load_backward,
         rope_source=rope_source,

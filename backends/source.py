@@ -15,7 +15,7 @@ from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from attncc.errors import BackendError
-from attncc.ir.expr import BITWISE, BitNot, FloorDiv, FMod, RoundHalfEven, Trunc, score
+from attncc.ir.expr import BITWISE, BitNot, FloorDiv, FMod, RoundHalfEven, Trunc, score, split_linear  # noqa: F401 (backends import it from here)
 from attncc.ir.types import M
 
 
@@ -244,15 +244,6 @@ def fold_numbers(expr):
             others = [a for a in args if not a.is_number]
             return sympy.Mul(*others) if coefficient == 1 else sympy.Mul(coefficient, *others)
     return expr.func(*args)
-
-
-def split_linear(expr) -> tuple[float | None, sympy.Expr]:
-    """(c, rest) when expr = c * score + rest with a constant c and rest free of score, else (None, expr)."""
-    coefficient = sympy.expand(expr).coeff(score)
-    rest = sympy.expand(expr - coefficient * score)
-    if coefficient.is_number and coefficient != 0 and not rest.has(score):
-        return float(coefficient), rest
-    return None, expr
 
 
 def decode_key_bounds(op) -> tuple:

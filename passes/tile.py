@@ -16,7 +16,7 @@ import sympy
 from attncc.errors import BackendError
 from attncc.ir import ops
 from attncc.ir.bounded import bounded
-from attncc.ir.expr import kv_idx, q_idx, score
+from attncc.ir.expr import kv_idx, q_idx, split_linear
 from attncc.ir.graph import Graph
 from attncc.ir.schedule import q_first, q_last
 from attncc.ir.types import M, N
@@ -50,21 +50,39 @@ def fused_kernel(node) -> str:
     the same kernel when N == M); RoPE rules it out (it takes q and k as they are). Any
     other score of the form scale * q . k + terms (ALiBi, a bias table, mods that read
     only indices and captured tensors) under any mask is "masked": short sequences run
-    the kernel with the mask and terms as one float bias of N x M (docs/passes.md).
+    the kernel with the mask and terms as one float bias of N x M (docs/passes.md). The
+    tile pass turns "masked" into "band" where the query tiles also share one bias.
     """
     op = node.op
     q, _, v = (operand.type for operand in node.inputs[:3])
     if op.rope is not None or q.shape[3] != v.shape[3]:
         return ""
-    coefficient = sympy.expand(op.score).coeff(score)
-    terms = sympy.expand(op.score - coefficient * score)
-    if not (coefficient.is_number and coefficient != 0) or terms.has(score):
+    coefficient, terms = split_linear(op.score)
+    if coefficient is None:
         return ""
     masks = {sympy.true: "dense", sympy.Le(kv_idx, q_idx): "causal_top_left",
              sympy.Le(kv_idx, M - N + q_idx): "causal_bottom_right"}  # fmt: skip
     if terms == 0 and len(node.inputs) == 3 and op.mask in masks:
         return masks[op.mask]
     return "masked"
+
+
+def shift_invariant(expr) -> bool:
+    """Whether expr reads q_idx and kv_idx only through kv_idx - q_idx (b, h, N, M and captured
+    tensors it may read freely): then the rows of every query tile see the same pattern of
+    masks and terms over keys that start at the same distance from the tile's first query."""
+    distance = sympy.Symbol("distance", integer=True)
+    shifted = expr.xreplace({kv_idx: q_idx + distance}).replace(
+        lambda e: isinstance(e, sympy.core.relational.Relational), lambda r: r.func(sympy.expand(r.lhs - r.rhs), 0)
+    )
+    return q_idx not in _expanded(shifted).free_symbols
+
+
+def _expanded(expr):
+    """expr with every arithmetic part expanded (so that q_idx - q_idx cancels in products), booleans kept."""
+    if isinstance(expr, sympy.Expr):
+        return sympy.expand(expr)
+    return expr.func(*map(_expanded, expr.args)) if expr.args else expr
 
 
 def band_width(schedule, on_fallback: Callable[[str], None] = lambda why: None) -> int | None:
@@ -128,7 +146,8 @@ class Tile(Pass):
             head_dim = max(int(node.inputs[0].type.shape[3]), int(node.inputs[2].type.shape[3]))
             block_m, block_n, warps, stages = self.choose(head_dim)
             band = band_width(node.op.schedule, on_fallback=lambda why: self.count(f"band_unknown_{why}"))
-            if self.target == "pytorch" and band is not None and band < BANDED_PYTORCH_LIMIT and not self.block_m:
+            banded = self.target == "pytorch" and band is not None and band < BANDED_PYTORCH_LIMIT and not self.block_m
+            if banded:
                 block_m, block_n = band_tiles(band)
                 self.count("banded_tiles")
             self.count("regions_tiled")
@@ -139,6 +158,9 @@ class Tile(Pass):
                 self.count("backward_tiles")
             explicit_tiles = self.block_m or self.block_n
             kernel = fused_kernel(node) if self.target == "pytorch" and self.fused_kernel and not explicit_tiles else ""
+            if kernel == "masked" and banded and not self.block_n and shift_invariant(op.mask):
+                if shift_invariant(split_linear(op.score)[1]):
+                    kernel = "band"  # the band's inner query tiles share one bias: one kernel call for them all
             if kernel:
                 op = replace(op, fused_kernel=kernel)
                 self.count("fused_kernel")

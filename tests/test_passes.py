@@ -217,6 +217,36 @@ def test_tile_follows_the_band_of_a_sliding_window():
     assert band_width(None) is None
 
 
+def test_shift_invariance_decides_the_band_kernel():
+    """A band's mask and terms must read q_idx and kv_idx only through kv_idx - q_idx (in any arrangement, inside
+    relations, products, captured-tensor indices) for its query tiles to share one bias: "band"; else "masked"."""
+    from attncc.ir.expr import b, captured_symbol, h, kv_idx, q_idx
+    from attncc.passes.sparsity import Sparsity
+    from attncc.passes.tile import shift_invariant
+
+    table = captured_symbol("table", "float32")
+    invariant = [
+        sympy.Le(kv_idx, M - N + q_idx) & sympy.Ge(kv_idx + 256, q_idx),
+        (b + 1) * (kv_idx - q_idx) / 20,  # sympy distributes: b*kv_idx/20 - b*q_idx/20 + ...
+        table[h, sympy.Mod(q_idx - kv_idx, 64)],
+        sympy.Piecewise((1.0, sympy.Lt(kv_idx + 3, q_idx)), (0.0, True)),
+        sympy.Integer(0),
+    ]
+    for expr in invariant:
+        assert shift_invariant(expr), expr
+    variant = [q_idx / 10, table[kv_idx], sympy.Eq(table[q_idx], table[kv_idx]), sympy.floor(kv_idx / 64) - sympy.floor(q_idx / 64)]
+    for expr in variant:
+        assert not shift_invariant(expr), expr
+
+    def kernel(**fields):
+        spec = attncc.AttentionSpec(num_heads=2, head_dim=64, causal=True, **fields)
+        return body(run(lower(spec), Canonicalize(), FoldScale(), OnlineSoftmax(), Sparsity(), Tile(target="pytorch")))[0]
+
+    assert "fused_kernel = band" in kernel(window=(255, 0), alibi=True)
+    assert "fused_kernel = masked" in kernel(window=(255, 0), score_mod=lambda score, b, h, q_idx, kv_idx: score + q_idx)
+    assert "fused_kernel = masked" in kernel(window=(4095, 0))  # wide bands keep the default tiles: no band call
+
+
 def test_pipeline_parsing():
     passes = pipeline(["canonicalize", "tile{target=triton,block_m=64}"])
     assert [str(p) for p in passes] == ["canonicalize", "tile{target=triton, block_m=64}"]

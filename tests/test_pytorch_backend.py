@@ -263,7 +263,8 @@ def test_short_masked_regions_run_on_the_fused_kernel_with_a_bias(case, dtype):
     other terms as a float attn_mask, forward and backward (rows that see no key take the loop); GQA 4/2."""
     fields, m = MASKED_CASES[case]
     attn = attncc.compile(attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, **fields))
-    assert "fused_kernel = masked" in str(attn.graph) and "attn_mask=FlashAttention.bias(" in attn.source
+    kernel = "band" if case == "window" else "masked"  # a window's inner query tiles share one bias
+    assert f"fused_kernel = {kernel}" in str(attn.graph) and "attn_mask=FlashAttention.bias(" in attn.source
     q, k, v = (t.requires_grad_() for t in random_qkv(2, 4, 2, 31, m, 16, dtype=dtype, seed=m))
     with torch.profiler.profile() as profile:
         o, lse = attn(q, k, v, return_lse=True)
@@ -304,6 +305,111 @@ def test_short_masked_region_trains_its_bias_and_long_ones_stream():
         o, lse = window(q, k, v, return_lse=True)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in {event.key for event in profile.key_averages()}
     assert_attention_matches(o, lse, *dense_attention(q, k, v, causal=True, window=(6, 0)), torch.float32)
+
+
+RELATIVE = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+BAND_CASES = {  # spec fields beyond the window, (B, H, Hkv, N, M), whether the band bias reads b or h
+    "window, N == M": ({}, (1, 4, 2, 611, 611), False),
+    "window, N < M": ({}, (2, 4, 4, 547, 733), False),
+    "window + alibi (per head)": ({"alibi": True}, (1, 4, 2, 600, 600), True),
+    "window + relative bias table": (
+        {"score_mod": lambda score, b, h, q_idx, kv_idx: score + RELATIVE[h, (q_idx - kv_idx) % 64]}, (1, 4, 2, 650, 650),
+        True),
+    "window + per-sequence term of the distance": (
+        {"score_mod": lambda score, b, h, q_idx, kv_idx: score - (b + 1) * 0.3 * ((q_idx - kv_idx) % 8)}, (2, 2, 1, 600, 640),
+        True),
+}  # fmt: skip
+
+
+def band_calls(attn):
+    """Replace the region's ``band`` with a spy; returns the list of what each call returned (None or its range)."""
+    region = attn.module.FlashAttention
+    band = region.band.__func__
+    calls = []
+
+    def spy(cls, *args):
+        result = band(cls, *args)
+        calls.append(None if result is None else result[0])
+        return result
+
+    region.band = classmethod(spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(BAND_CASES))
+def test_band_inner_tiles_run_in_one_fused_call(case, dtype):
+    """A sliding window whose mask and terms read q_idx and kv_idx only as kv_idx - q_idx (ALiBi, a relative bias,
+    terms of b): past FUSED_MASK_SCORES the query tiles inside the band's edges run in one call of the fused kernel
+    over strided windows of K and V (GROUPS query heads of a KV head as one tile's rows); edge tiles, the last
+    partial tile and the backward stream. Float64 reference, forward and backward, N not a multiple of any tile."""
+    fields, (batch, heads, kv_heads, n, m), reads_b_or_h = BAND_CASES[case]
+    window = (37, 0)
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=16, causal=True,
+                                               window=window, **fields))  # fmt: skip
+    assert "fused_kernel = band" in str(attn.graph)
+    region = attn.module.FlashAttention
+    calls = band_calls(attn)
+    q, k, v = (t.requires_grad_() for t in random_qkv(batch, heads, kv_heads, n, m, 16, dtype=dtype, seed=n))
+    o, lse = attn(q, k, v, return_lse=True)
+    (q0, q1), = calls
+    # whole query tiles, from where a window first fits in [0, M) to the last whole tile whose window fits
+    assert q0 % region.BLOCK_M == 0 and q1 % region.BLOCK_M == 0 and q1 - q0 >= 3 * region.BLOCK_M
+    assert q1 >= min(n // region.BLOCK_M * region.BLOCK_M, n - (m - n) - region.BAND_N)
+    assert q0 <= max(0, -(-(window[0] - (m - n)) // region.BLOCK_M) * region.BLOCK_M) + region.BLOCK_M
+    bias = region.band_bias(batch, kv_heads, n, m, q0, q0, q.device,
+                            *([RELATIVE] if "table" in case else []))  # fmt: skip
+    assert (bias.shape[0] > 1) is reads_b_or_h
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_o, reference_lse = dense_attention(*leaves, causal=True, window=window, alibi=fields.get("alibi", False),
+                                                 score_mod=fields.get("score_mod"))  # fmt: skip
+    assert_attention_matches(o, lse, reference_o.detach(), reference_lse.detach(), dtype)
+    grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(o, (q, k, v), grad_o)
+    reference_grads = torch.autograd.grad(reference_o, leaves, grad_o.double())
+    for grad, expected in zip(grads, reference_grads):
+        tolerance = 2e-5 if dtype == torch.float32 else 8 * 2.0**-9
+        torch.testing.assert_close(grad.double(), expected, atol=tolerance * float(expected.abs().max()), rtol=tolerance)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_band_call_with_a_non_finite_query_falls_back_to_the_loop(value):
+    """The fused kernel turns a query row holding NaN or inf into o = 0, lse = 0: the band call sees the lse and the
+    loop computes every tile, so that row is non-finite (NaN for a NaN) as in the reference, every other row exact."""
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True, window=(37, 0)))
+    calls = band_calls(attn)
+    q, k, v = random_qkv(1, 2, 2, 600, 600, 16, seed=11)
+    q[0, 1, 400, 3] = value
+    o, lse = attn(q, k, v, return_lse=True)
+    assert calls == [None]
+    assert not torch.isfinite(o[0, 1, 400]).any() and not torch.isfinite(lse[0, 1, 400])
+    if value != value:
+        assert torch.isnan(o[0, 1, 400]).all()
+    rows = torch.ones(2, 600, dtype=torch.bool)
+    rows[1, 400] = False
+    reference_o, reference_lse = dense_attention(q.double(), k.double(), v.double(), causal=True, window=(37, 0))
+    assert_attention_matches(o[0][rows], lse[0][rows], reference_o[0][rows], reference_lse[0][rows], torch.float32)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"mask_mod": lambda b, h, q_idx, kv_idx: DOCUMENTS[q_idx % 31] == DOCUMENTS[kv_idx % 31]},
+        {"score_mod": lambda score, b, h, q_idx, kv_idx: score + 0.01 * q_idx},
+        {"score_mod": lambda score, b, h, q_idx, kv_idx: score + RELATIVE[h, kv_idx % 64]},
+    ],
+    ids=["window & documents", "a term of q_idx", "a table read at kv_idx"],
+)
+def test_windows_whose_tiles_differ_stay_masked(fields):
+    """A mask or term that reads q_idx or kv_idx other than as kv_idx - q_idx gives each query tile its own pattern:
+    the region keeps fused_kernel = masked (no band call) and still matches the reference past the short length."""
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=4, head_dim=16, causal=True, window=(37, 0), **fields))
+    assert "fused_kernel = masked" in str(attn.graph) and "def band(" not in attn.source
+    q, k, v = random_qkv(1, 4, 4, 560, 560, 16, seed=2)
+    mask_mod = fields.get("mask_mod")
+    expected = dense_attention(q.double(), k.double(), v.double(), causal=True, window=(37, 0), mask_mod=mask_mod,
+                               score_mod=fields.get("score_mod"))  # fmt: skip
+    assert_attention_matches(*attn(q, k, v, return_lse=True), *expected, torch.float32)
 
 
 @pytest.mark.parametrize("update", ["copy_", "data.copy_", "inference tensor"])

@@ -175,6 +175,15 @@ def number(value: float | int) -> sympy.Expr:
     return sympy.Float(value, 17)
 
 
+def split_linear(expr) -> tuple[float | None, sympy.Expr]:
+    """(c, rest) when expr = c * score + rest with a constant c != 0 and rest free of score, else (None, expr)."""
+    coefficient = sympy.expand(expr).coeff(score)
+    rest = sympy.expand(expr - coefficient * score)
+    if coefficient.is_number and coefficient != 0 and not rest.has(score):
+        return float(coefficient), rest
+    return None, expr
+
+
 def captured_symbol(name: str, dtype: str) -> sympy.IndexedBase:
     """The symbol of a captured tensor; its elements are real for float dtypes, else integer.
 
