@@ -479,7 +479,7 @@ PLATFORM_FORWARD = """\
             # plain{causal_note} attention: torch's fused CPU kernel computes the region in float32, lse included
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q.float(), k.float(), v.float(), 0.0, {is_causal}, scale={scale!r})
-            if not bool((lse == 0).any()) or math.isfinite(q.sum(dtype=torch.float32)):
+            if int(lse.count_nonzero()) == lse.numel() or math.isfinite(q.sum(dtype=torch.float32)):
                 ctx.save_for_backward(q, k, v, o, lse)
                 return o.to(q.dtype), lse
 """
@@ -521,17 +521,18 @@ BIAS_TEMPLATE = """
     def bias(cls, B, H, N, M, device{captured_params}):
         \"\"\"The mask and the score's terms other than scale * q . k, in natural units, -inf where masked:
         the fused kernel's attn_mask [B or 1, H or 1, N, M] for a short sequence.\"\"\"
-        b = torch.arange(B, device=device).view(-1, 1, 1, 1)
-        h = torch.arange(H, device=device).view(1, -1, 1, 1)
-        q_idx = torch.arange(N, device=device).view(1, 1, -1, 1)
-        kv_idx = torch.arange(M, device=device).view(1, 1, 1, -1)
-        bias = cls.grid_bias((B, H, N, M), b, h, q_idx, kv_idx, N, M, device{captured_args})
+        def grids():
+            return (torch.arange(B, device=device).view(-1, 1, 1, 1), torch.arange(H, device=device).view(1, -1, 1, 1),
+                    torch.arange(N, device=device).view(1, 1, -1, 1), torch.arange(M, device=device).view(1, 1, 1, -1))
+
+        bias = cls.grid_bias((B, H, N, M), grids, N, M, device{captured_args})
         return bias.expand(bias.shape[0], bias.shape[1], N, M)
 
     @classmethod
-    def grid_bias(cls, key, b, h, q_idx, kv_idx, N, M, device{captured_params}):
-        \"\"\"The mask and the terms (as ``bias``) over the index grids, as 4 dimensions. Kept (up to 4 MiB each) by
-        ``key`` while the captured tensors are unchanged, compared as ``tile_table`` compares them.\"\"\"
+    def grid_bias(cls, key, grids, N, M, device{captured_params}):
+        \"\"\"The mask and the terms (as ``bias``) over the index grids ``grids()`` gives (b, h, q_idx, kv_idx), as
+        4 dimensions. Kept (up to 4 MiB each) by ``key`` while the captured tensors are unchanged, compared as
+        ``tile_table`` compares them.\"\"\"
         tensors = ({captured_tuple})
         key = (*key, str(device), {ids})
         cached = cls.biases.get(key)
@@ -539,6 +540,7 @@ BIAS_TEMPLATE = """
             old is new and torch.equal(copy, new) for old, copy, new in zip(cached[0], cached[1], tensors)
         ):
             return cached[2]
+        b, h, q_idx, kv_idx = grids()
 {casts}        terms = torch.as_tensor({terms}, dtype=torch.float32, device=device){to_natural}
         bias = torch.where(torch.as_tensor({keep}, device=device), terms, float("-inf"))
         bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
@@ -621,12 +623,14 @@ BAND_TEMPLATE = """
         \"\"\"The band call's attn_mask [B x Hkv or 1, 1, GROUPS x BAND_M, BAND_N]: the mask and terms (as ``bias``)
         of the query tile at q0 (each head of a group in turn) over keys kv0 .. kv0 + BAND_N - 1.\"\"\"
         rows, keys = cls.GROUPS * cls.BAND_M, cls.BAND_N
-        packed = torch.arange(rows, device=device)
-        b = torch.arange(B, device=device).view(-1, 1, 1, 1)
-        h = torch.arange(kv_heads, device=device).view(1, -1, 1, 1) * cls.GROUPS + (packed // cls.BAND_M).view(1, 1, -1, 1)
-        q_idx = (q0 + packed % cls.BAND_M).view(1, 1, -1, 1)
-        kv_idx = (kv0 + torch.arange(keys, device=device)).view(1, 1, 1, -1)
-        bias = cls.grid_bias(("band", B, kv_heads, N, M, q0, kv0), b, h, q_idx, kv_idx, N, M, device{captured_args})
+
+        def grids():
+            packed = torch.arange(rows, device=device)
+            head = torch.arange(kv_heads, device=device).view(1, -1, 1, 1) * cls.GROUPS + (packed // cls.BAND_M).view(1, 1, -1, 1)
+            return (torch.arange(B, device=device).view(-1, 1, 1, 1), head, (q0 + packed % cls.BAND_M).view(1, 1, -1, 1),
+                    (kv0 + torch.arange(keys, device=device)).view(1, 1, 1, -1))
+
+        bias = cls.grid_bias(("band", B, kv_heads, N, M, q0, kv0), grids, N, M, device{captured_args})
         if bias.shape[0] * bias.shape[1] == 1:
             return bias.expand(1, 1, rows, keys)
         return bias.expand(B, kv_heads, rows, keys).reshape(B * kv_heads, 1, rows, keys)
