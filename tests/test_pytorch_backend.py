@@ -298,13 +298,19 @@ def test_short_masked_region_trains_its_bias_and_long_ones_stream():
     (expected,) = torch.autograd.grad(expected_o.square().sum(), table)
     torch.testing.assert_close(table.grad.double(), expected.double(), atol=2e-5 * float(expected.abs().max()), rtol=2e-5)
 
-    window = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, causal=True, window=(6, 0)))
     n = int(FUSED_MASK_SCORES**0.5) + 1
+    documents = torch.arange(n) // 50
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return documents[q_idx] == documents[kv_idx]
+
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=1, head_dim=8, mask_mod=mask_mod))
+    assert "fused_kernel = masked" in str(attn.graph)
     q, k, v = random_qkv(1, 1, 1, n, n, 8, seed=5)
     with torch.profiler.profile() as profile:
-        o, lse = window(q, k, v, return_lse=True)
+        o, lse = attn(q, k, v, return_lse=True)
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in {event.key for event in profile.key_averages()}
-    assert_attention_matches(o, lse, *dense_attention(q, k, v, causal=True, window=(6, 0)), torch.float32)
+    assert_attention_matches(o, lse, *dense_attention(q, k, v, mask_mod=mask_mod), torch.float32)
 
 
 RELATIVE = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
