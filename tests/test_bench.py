@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -159,11 +160,28 @@ def test_every_baseline_computes_the_same_attention(name, tmp_path):
 
 def test_time_calls_counts_warmup_and_repeats():
     calls = []
-    first, times = bench.time_calls(lambda: calls.append(1), warmup=2, repeats=4, budget_s=1e9)
+    first, times = bench.time_calls(lambda: calls.append(1), warmup=2, repeats=4, budget_s=1e9, batch_s=0.0)
     assert len(calls) == 1 + 2 + 4 and len(times) == 4 and first >= 0
     calls.clear()
-    _, times = bench.time_calls(lambda: calls.append(1), warmup=0, repeats=10, budget_s=0.0)
+    _, times = bench.time_calls(lambda: calls.append(1), warmup=0, repeats=10, budget_s=0.0, batch_s=0.0)
     assert len(times) == 3 and len(calls) == 4  # over budget: three timed calls are enough for a median
+
+
+def test_time_calls_times_short_calls_in_batches():
+    """A call shorter than batch_s is timed as the mean of a batch lasting about batch_s; a longer one alone."""
+    calls = []
+
+    def short():
+        calls.append(1)
+        time.sleep(0.001)
+
+    _, times = bench.time_calls(short, warmup=1, repeats=3, budget_s=1e9, batch_s=0.02)
+    batch = (len(calls) - 2) // 3
+    assert len(calls) == 2 + 3 * batch and 5 <= batch <= 20 and len(times) == 3
+    assert all(0.001 <= t < 0.02 for t in times)  # per call, not per batch
+    calls.clear()
+    bench.time_calls(short, warmup=1, repeats=3, budget_s=1e9, batch_s=0.0005)
+    assert len(calls) == 2 + 3
 
 
 def test_rounds_alternate_and_merge_into_one_row_per_implementation(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -29,19 +30,34 @@ def synchronized(fn):
     return result
 
 
-def time_calls(run: Callable, warmup: int, repeats: int, budget_s: float) -> tuple[float, list[float]]:
+# Calls shorter than this are timed in batches of about this length: one sub-millisecond call's time is mostly the
+# timer's and the scheduler's noise, a batch's mean is not.
+BATCH_S = 0.02
+
+
+def time_calls(run: Callable, warmup: int, repeats: int, budget_s: float,
+               batch_s: float = BATCH_S) -> tuple[float, list[float]]:  # fmt: skip
     """Time ``run``: (seconds of the first call, seconds of each timed call).
 
     After the first call, ``warmup`` untimed calls, then ``repeats`` timed ones; once
-    three timed calls took longer than ``budget_s`` together, the rest are skipped.
+    three timed calls took longer than ``budget_s`` together, the rest are skipped. A call
+    that took less than ``batch_s`` (the last untimed one, or the first) is timed as the
+    mean of a batch of calls lasting about ``batch_s``.
     """
     _, first = timed(lambda: synchronized(run))
+    latest = first
     for _ in range(warmup):
-        synchronized(run)
+        latest = timed(lambda: synchronized(run))[1]
+    calls = max(1, math.ceil(batch_s / latest)) if 0 < latest < batch_s else 1
+
+    def batch():
+        for _ in range(calls):
+            synchronized(run)
+
     times = []
     while len(times) < repeats:
-        times.append(timed(lambda: synchronized(run))[1])
-        if len(times) >= 3 and sum(times) > budget_s:
+        times.append(timed(batch)[1] / calls)
+        if len(times) >= 3 and sum(times) * calls > budget_s:
             break
     return first, times
 
