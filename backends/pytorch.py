@@ -497,9 +497,9 @@ FUSED_MASK_SCORES = 1 << 18
 MASKED_FORWARD = """\
         if q.device.type == "cpu" and N * M <= {short}:
             # a short sequence: torch's fused CPU kernel with the mask and the score's other terms as a float bias
+            bias = {cls}.bias(B, H, N, M, q.device{captured})  # None: plain causal attention here
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.float(), k.float(), v.float(), 0.0, False, attn_mask={cls}.bias(B, H, N, M, q.device{captured}),
-                scale={scale!r})
+                q.float(), k.float(), v.float(), 0.0, bias is None, attn_mask=bias, scale={scale!r})
             # the kernel gives a row that sees no key, or reads NaN or inf, lse = 0 or a non-finite lse: the loop
             # computes such rows as the reference does
             if _usual_lse(lse):
@@ -509,9 +509,10 @@ MASKED_FORWARD = """\
 MASKED_BACKWARD = """\
         if (q.device.type == "cpu" and N * M <= {short} and not any(ctx.needs_input_grad[3:]) and _usual_lse(lse)
                 and math.isfinite(q.sum(dtype=torch.float32)) and (grad_lse is None or not grad_lse.any())):
+            bias = {cls}.bias(B, H, N, M, q.device, *captured)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_o.float(), q.float(), k.float(), v.float(), o.float(), lse, 0.0, False,
-                attn_mask={cls}.bias(B, H, N, M, q.device, *captured), scale={scale!r})
+                grad_o.float(), q.float(), k.float(), v.float(), o.float(), lse, 0.0, bias is None, attn_mask=bias,
+                scale={scale!r})
             return tuple(grad.to(q.dtype) for grad in grads){no_grads}
 """
 BIAS_TEMPLATE = """
@@ -520,19 +521,21 @@ BIAS_TEMPLATE = """
     @classmethod
     def bias(cls, B, H, N, M, device{captured_params}):
         \"\"\"The mask and the score's terms other than scale * q . k, in natural units, -inf where masked:
-        the fused kernel's attn_mask [B or 1, H or 1, N, M] for a short sequence.\"\"\"
+        the fused kernel's attn_mask [B or 1, H or 1, N, M] for a short sequence; None where that is the causal
+        mask of N == M and nothing else (a window wider than the sequence), which the kernel's is_causal computes
+        without reading a bias and skipping the hidden blocks.\"\"\"
         def grids():
             return (torch.arange(B, device=device).view(-1, 1, 1, 1), torch.arange(H, device=device).view(1, -1, 1, 1),
                     torch.arange(N, device=device).view(1, 1, -1, 1), torch.arange(M, device=device).view(1, 1, 1, -1))
 
-        bias = cls.grid_bias((B, H, N, M), grids, N, M, device{captured_args})
-        return bias.expand(bias.shape[0], bias.shape[1], N, M)
+        bias = cls.grid_bias((B, H, N, M), grids, N, M, device{captured_args}, causal=N == M)
+        return None if bias is None else bias.expand(bias.shape[0], bias.shape[1], N, M)
 
     @classmethod
-    def grid_bias(cls, key, grids, N, M, device{captured_params}):
+    def grid_bias(cls, key, grids, N, M, device{captured_params}, causal=False):
         \"\"\"The mask and the terms (as ``bias``) over the index grids ``grids()`` gives (b, h, q_idx, kv_idx), as
-        4 dimensions. Kept (up to 4 MiB each) by ``key`` while the captured tensors are unchanged, compared as
-        ``tile_table`` compares them.\"\"\"
+        4 dimensions; with ``causal``, None if they are the N x M causal mask and nothing else. Kept (up to 4 MiB
+        each) by ``key`` while the captured tensors are unchanged, compared as ``tile_table`` compares them.\"\"\"
         tensors = ({captured_tuple})
         key = (*key, str(device), {ids})
         cached = cls.biases.get(key)
@@ -544,7 +547,11 @@ BIAS_TEMPLATE = """
 {casts}        terms = torch.as_tensor({terms}, dtype=torch.float32, device=device){to_natural}
         bias = torch.where(torch.as_tensor({keep}, device=device), terms, float("-inf"))
         bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        if bias.numel() <= 1 << 20:
+        if causal and bias.shape == (1, 1, N, M):
+            hidden = torch.ones(N, M, dtype=torch.bool, device=device).triu_(1)
+            if torch.equal(bias[0, 0], torch.zeros(N, M, device=device).masked_fill_(hidden, float("-inf"))):
+                bias = None
+        if bias is None or bias.numel() <= 1 << 20:
             if len(cls.biases) >= 8:
                 cls.biases.clear()
             cls.biases[key] = (tensors, tuple(t.clone() for t in tensors), bias)

@@ -264,7 +264,7 @@ def test_short_masked_regions_run_on_the_fused_kernel_with_a_bias(case, dtype):
     fields, m = MASKED_CASES[case]
     attn = attncc.compile(attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, **fields))
     kernel = "band" if case == "window" else "masked"  # a window's inner query tiles share one bias
-    assert f"fused_kernel = {kernel}" in str(attn.graph) and "attn_mask=FlashAttention.bias(" in attn.source
+    assert f"fused_kernel = {kernel}" in str(attn.graph) and "bias = FlashAttention.bias(B, H, N, M, q.device" in attn.source
     q, k, v = (t.requires_grad_() for t in random_qkv(2, 4, 2, 31, m, 16, dtype=dtype, seed=m))
     with torch.profiler.profile() as profile:
         o, lse = attn(q, k, v, return_lse=True)
@@ -280,6 +280,33 @@ def test_short_masked_regions_run_on_the_fused_kernel_with_a_bias(case, dtype):
     assert_attention_matches(o, lse, reference_o.detach(), reference_lse.detach(), dtype)
     reference_grads = torch.autograd.grad(reference_o, leaves, grad_o.double())
     for grad, expected in zip(grads, reference_grads):
+        tolerance = 2e-5 if dtype == torch.float32 else 8 * 2.0**-9
+        torch.testing.assert_close(grad.double(), expected, atol=tolerance * float(expected.abs().max()), rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_short_window_wider_than_the_sequence_runs_as_causal(dtype):
+    """A causal window at least as wide as the sequence is the causal mask: the short path's bias is None and the
+    fused kernel runs with is_causal (no bias read, hidden blocks skipped), forward and backward; a narrower window,
+    a term, or N != M keep the bias."""
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True, window=(40, 0)))
+    region = attn.module.FlashAttention
+    assert region.bias(2, 4, 41, 41, "cpu") is None
+    assert region.bias(2, 4, 42, 42, "cpu") is not None and region.bias(2, 4, 30, 41, "cpu") is not None
+    alibi = attncc.compile(attncc.AttentionSpec(num_heads=4, head_dim=16, causal=True, window=(40, 0), alibi=True))
+    assert alibi.module.FlashAttention.bias(1, 4, 30, 30, "cpu") is not None
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 4, 2, 37, 37, 16, dtype=dtype, seed=37))
+    with torch.profiler.profile() as profile:
+        o, lse = attn(q, k, v, return_lse=True)
+        grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        grads = torch.autograd.grad(o, (q, k, v), grad_o)
+    ran = {event.key for event in profile.key_averages()}
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= ran  # fmt: skip
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_o, reference_lse = dense_attention(*leaves, causal=True, window=(40, 0))
+    assert_attention_matches(o, lse, reference_o.detach(), reference_lse.detach(), dtype)
+    for grad, expected in zip(grads, torch.autograd.grad(reference_o, leaves, grad_o.double())):
         tolerance = 2e-5 if dtype == torch.float32 else 8 * 2.0**-9
         torch.testing.assert_close(grad.double(), expected, atol=tolerance * float(expected.abs().max()), rtol=tolerance)
 

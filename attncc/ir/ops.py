@@ -297,7 +297,9 @@ class FlashAttention(Op):
     ``bwd_*`` fields give the backward kernels tiles, warps and stages of their own
     (0: the forward's). ``fused_kernel`` (pytorch target) names the platform's fused
     attention kernel that computes the region exactly ("dense", "causal_top_left", or
-    "causal_bottom_right", which holds when N == M); "" streams the tiles.
+    "causal_bottom_right", which holds when N == M), or how it serves other linear
+    scores ("masked": short sequences with the mask as a bias; "band": that, and a band's
+    inner query tiles in one call with one bias); "" streams the tiles.
     ``schedule`` (from the sparsity pass) bounds the KV tiles each query tile
     visits and marks those that need no mask (see ``attncc.ir.schedule``).
     With ``rope``, q and k are rotated first (as ``rope`` ops would), the query row
