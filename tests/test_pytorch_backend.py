@@ -34,6 +34,27 @@ def test_spec_features_with_many_tiles(case):
     assert_attention_matches(o, lse, *dense_attention(q, k, v, **options), torch.float32)
 
 
+SLOPES_FLEX = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+
+
+@pytest.mark.parametrize("n", [500, 3000], ids=["short, fused with a bias", "long, streamed"])
+def test_distance_terms_keep_their_integer_difference(n):
+    """FlexAttention's ALiBi mod, ``score + slope[h] * (kv_idx - q_idx)``, is printed as written: the distance is an
+    exact integer difference before the float product. Printing its expansion, slope * kv_idx - slope * q_idx, took
+    the difference of two float32 terms near 1500 and put 1e-4 into the scores (max |o - ref| 1.1e-4 at N=4096)."""
+    from attncc.ir.expr import split_linear
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + SLOPES_FLEX[h] * (kv_idx - q_idx)
+
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, causal=True, score_mod=score_mod))
+    region = attn.graph.nodes_of(attncc.ir.ops.FlashAttention)[0]
+    assert "kv_idx - q_idx" in str(split_linear(region.op.score)[1])
+    q, k, v = random_qkv(1, 4, 2, n, n, 16, seed=n)
+    expected = dense_attention(q.double(), k.double(), v.double(), causal=True, score_mod=score_mod)
+    assert_attention_matches(*attn(q, k, v, return_lse=True), *expected, torch.float32)
+
+
 @pytest.mark.parametrize("case", sorted(MOD_CASES))
 def test_mods_with_many_tiles(case):
     score_mod, mask_mod, (batch, heads, kv_heads, n, m, d) = MOD_CASES[case]

@@ -169,6 +169,22 @@ def test_head_dims_pad_to_powers_of_two(head_dim, v_head_dim):
 
 
 @requires_triton
+def test_distance_terms_keep_their_integer_difference():
+    """``score + slope[h] * (kv_idx - q_idx)`` computes the distance as an integer before the float product (as
+    tests/test_pytorch_backend.py checks for the pytorch backend): its expansion put 5e-5 into o at N=1500."""
+    slopes = torch.tensor([0.5, 0.25])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    attn = attncc.compile(attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True, score_mod=score_mod),
+                          backend="triton")  # fmt: skip
+    q, k, v = random_qkv(1, 2, 2, 1500, 1500, 16, seed=1)
+    expected = dense_attention(q.double(), k.double(), v.double(), causal=True, score_mod=score_mod)
+    assert_attention_matches(*attn(q, k, v, return_lse=True), *expected, torch.float32)
+
+
+@requires_triton
 @pytest.mark.parametrize("n, m", [(1, 1), (1, 40), (40, 1), (16, 16), (17, 33)])
 def test_any_lengths(n, m):
     spec = attncc.AttentionSpec(num_heads=2, head_dim=16, causal=True)
