@@ -559,7 +559,7 @@ BIAS_TEMPLATE = """
 """
 
 # A band (sliding window, fused_kernel = "band"): the query tiles inside its edges see the same mask and terms
-# over a window of BLOCK_N keys that starts at the same distance from their first query, so one call of the fused
+# over a window of BAND_N keys that starts at the same distance from their first query, so one call of the fused
 # kernel computes them all, each tile a batch entry whose keys are a strided view of K and V; the loop does the rest.
 BAND_ROWS = 64  # query rows per tile of a band call: fewer keys per row than the loop's tiles, measured on CPU
 BAND_TILES = """\
