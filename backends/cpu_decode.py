@@ -35,9 +35,9 @@ import torch
 
 from attncc.backends.cuda import CudaPrinter, ScalarExpressions, integer_helpers
 from attncc.backends.host_library import build_library, find_host_compiler
-from attncc.backends.source import decode_key_bounds, split_linear
+from attncc.backends.source import decode_key_bounds
 from attncc.errors import BackendError, InputError
-from attncc.ir.expr import FloorDiv, LeftShift, RightShift, b, h, kv_idx, q_idx, score
+from attncc.ir.expr import FloorDiv, LeftShift, RightShift, b, h, kv_idx, q_idx, score, split_linear
 from attncc.ir.schedule import q_first, q_last
 from attncc.ir.types import M, N
 

@@ -15,11 +15,10 @@ from attncc.backends.source import (
     GeneratedSource,
     SourceWriter,
     python_names,
-    split_linear,
     unique_names,
 )
 from attncc.ir import ops
-from attncc.ir.expr import INDEX_SYMBOLS, score
+from attncc.ir.expr import INDEX_SYMBOLS, score, split_linear
 from attncc.ir.graph import Graph
 from attncc.ir.printer import format_node, print_graph, value_names
 
@@ -644,12 +643,17 @@ BAND_TEMPLATE = """
 """
 
 
+def _fused_scale(op) -> float:
+    """The fused kernel's scale: the score's factor of q . k in natural units."""
+    coefficient, _ = split_linear(op.score)
+    return coefficient * (math.log(2) if op.exp2 else 1.0)
+
+
 def _platform_lines(op, cls: str, captured: list[str]) -> tuple[str, str]:
     """The forward's and backward's call of the fused kernel the tile pass chose (``op.fused_kernel``), if any."""
     if not op.fused_kernel:
         return "", ""
-    coefficient, _ = split_linear(op.score)
-    scale = coefficient * (math.log(2) if op.exp2 else 1.0)
+    scale = _fused_scale(op)
     if op.fused_kernel in ("masked", "band"):
         fields = dict(cls=cls, scale=scale, short=FUSED_MASK_SCORES, captured="".join(f", {c}" for c in captured),
                       no_grads=" + (None,) * len(captured)" if captured else "")  # fmt: skip
@@ -665,12 +669,11 @@ def _bias_source(op, names: CapturedNames, captured: list[str]) -> str:
     attn_mask; a band's ``band`` and ``band_bias`` too."""
     if op.fused_kernel not in ("masked", "band"):
         return ""
-    coefficient, terms = split_linear(op.score)
+    _, terms = split_linear(op.score)
     captured_params = "".join(f", {c}" for c in captured)
     band = ""
     if op.fused_kernel == "band":
-        scale = coefficient * (math.log(2) if op.exp2 else 1.0)
-        band = BAND_TEMPLATE.format(captured_params=captured_params, captured_args=captured_params, scale=scale)
+        band = BAND_TEMPLATE.format(captured_params=captured_params, captured_args=captured_params, scale=_fused_scale(op))
     return band + BIAS_TEMPLATE.format(
         captured_params=captured_params,
         captured_args=captured_params,

@@ -15,7 +15,7 @@ from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from attncc.errors import BackendError
-from attncc.ir.expr import BITWISE, BitNot, FloorDiv, FMod, RoundHalfEven, Trunc, score, split_linear  # noqa: F401 (backends import it from here)
+from attncc.ir.expr import BITWISE, BitNot, FloorDiv, FMod, RoundHalfEven, Trunc, score
 from attncc.ir.types import M
 
 

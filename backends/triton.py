@@ -49,11 +49,10 @@ from attncc.backends.source import (
     python_names,
     score_derivative,
     single_region,
-    split_linear,
 )
 from attncc.backends.triton_decode import DECODE_HOST, DECODE_KERNEL, decode_bounds
 from attncc.errors import BackendError
-from attncc.ir.expr import b, h, is_boolean, kv_idx, q_idx, score
+from attncc.ir.expr import b, h, is_boolean, kv_idx, q_idx, score, split_linear
 from attncc.ir.graph import Graph
 from attncc.ir.printer import format_node, print_graph, value_names
 from attncc.ir.schedule import q_first, q_last

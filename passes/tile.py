@@ -158,9 +158,8 @@ class Tile(Pass):
                 self.count("backward_tiles")
             explicit_tiles = self.block_m or self.block_n
             kernel = fused_kernel(node) if self.target == "pytorch" and self.fused_kernel and not explicit_tiles else ""
-            if kernel == "masked" and banded and not self.block_n and shift_invariant(op.mask):
-                if shift_invariant(split_linear(op.score)[1]):
-                    kernel = "band"  # the band's inner query tiles share one bias: one kernel call for them all
+            if kernel == "masked" and banded and all(shift_invariant(e) for e in (op.mask, split_linear(op.score)[1])):
+                kernel = "band"  # the band's inner query tiles share one bias: one kernel call for them all
             if kernel:
                 op = replace(op, fused_kernel=kernel)
                 self.count("fused_kernel")
